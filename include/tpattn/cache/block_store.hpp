@@ -1,0 +1,188 @@
+// tpattn/cache/block_store.hpp -- the memory behind both cache storages.
+//
+// A pool of equal blocks, each holding block_tokens tokens of every plane (plane-major inside the
+// block, so a plane's rows are contiguous), plus a block table per sequence. A contiguous cache is
+// this with one block of max_tokens per sequence; a paged cache with many small pages.
+// Invariant: sequence s holds exactly ceil(length_s / block_tokens) blocks.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "tpattn/cache/kv_cache.hpp"
+
+namespace tpattn {
+namespace detail {
+
+class BlockStore {
+ public:
+  // Frees memory from the aligned operator new used in the constructor.
+  struct AlignedDelete {
+    void operator()(std::byte* p) const { ::operator delete(p, std::align_val_t(kAlignment)); }
+  };
+  static constexpr std::size_t kAlignment = 64;
+
+  BlockStore(const CacheRecord& record, Index block_tokens, Index block_count,
+             Index max_sequences, Index max_blocks_per_sequence)
+      : block_tokens_(block_tokens),
+        block_count_(block_count),
+        max_blocks_per_sequence_(max_blocks_per_sequence),
+        plane_offsets_(static_cast<std::size_t>(record.plane_count())),
+        sequences_(static_cast<std::size_t>(max_sequences)) {
+    Index offset = 0;
+    for (Index p = 0; p < record.plane_count(); ++p) {
+      plane_offsets_[static_cast<std::size_t>(p)] = offset;
+      offset += block_tokens * record.plane(p).bytes_per_token();
+    }
+    block_bytes_ = offset;
+    memory_.reset(static_cast<std::byte*>(::operator new(
+        static_cast<std::size_t>(block_bytes_ * block_count_), std::align_val_t(kAlignment))));
+    free_blocks_.reserve(static_cast<std::size_t>(block_count_));
+    for (Index b = block_count_ - 1; b >= 0; --b) free_blocks_.push_back(b);
+    free_slots_.reserve(static_cast<std::size_t>(max_sequences));
+    for (Index s = max_sequences - 1; s >= 0; --s) free_slots_.push_back(s);
+  }
+
+  Index block_tokens() const { return block_tokens_; }
+  Index block_count() const { return block_count_; }
+  Index block_bytes() const { return block_bytes_; }
+  Index free_block_count() const { return static_cast<Index>(free_blocks_.size()); }
+  Index max_sequences() const { return static_cast<Index>(sequences_.size()); }
+  Index sequence_count() const { return max_sequences() - static_cast<Index>(free_slots_.size()); }
+  Index tokens_held() const { return tokens_held_; }
+
+  bool contains(SequenceId seq) const {
+    return seq >= 0 && seq < max_sequences() && sequences_[static_cast<std::size_t>(seq)].live;
+  }
+
+  void check_sequence(const char* call, SequenceId seq) const {
+    TPATTN_CHECK(contains(seq), call, "seq", "a live sequence id", seq);
+  }
+
+  SequenceId add_sequence(const char* call) {
+    TPATTN_CHECK(!free_slots_.empty(), call, "sequence count",
+                 "at most " + to_text(max_sequences()) + " live sequences",
+                 max_sequences() + 1);
+    const SequenceId seq = free_slots_.back();
+    Sequence& s = sequences_[static_cast<std::size_t>(seq)];
+    // Reserved once per slot, so appends never grow the table.
+    s.blocks.reserve(static_cast<std::size_t>(max_blocks_per_sequence_));
+    free_slots_.pop_back();
+    s.live = true;
+    s.length = 0;
+    return seq;
+  }
+
+  void remove_sequence(SequenceId seq) {
+    shrink(seq, 0);
+    sequences_[static_cast<std::size_t>(seq)].live = false;
+    free_slots_.push_back(seq);
+  }
+
+  Index length(SequenceId seq) const { return sequences_[static_cast<std::size_t>(seq)].length; }
+
+  Index blocks_needed(Index tokens) const { return (tokens + block_tokens_ - 1) / block_tokens_; }
+
+  // Tokens `seq` could still take: room in its last block plus the free blocks it may claim.
+  Index tokens_available(SequenceId seq) const {
+    const Sequence& s = sequences_[static_cast<std::size_t>(seq)];
+    const Index held = static_cast<Index>(s.blocks.size());
+    const Index claimable = std::min(free_block_count(), max_blocks_per_sequence_ - held);
+    return held * block_tokens_ - s.length + claimable * block_tokens_;
+  }
+
+  // Caller has validated everything; this cannot fail.
+  void append(const CacheRecord& record, SequenceId seq, Index n_tokens, const PlaneInput* planes) {
+    Sequence& s = sequences_[static_cast<std::size_t>(seq)];
+    const Index new_length = s.length + n_tokens;
+    while (static_cast<Index>(s.blocks.size()) < blocks_needed(new_length)) {
+      s.blocks.push_back(block_address(free_blocks_.back()));
+      free_blocks_.pop_back();
+    }
+    Index written = 0;
+    while (written < n_tokens) {
+      const Index position = s.length + written;
+      const Index block = position / block_tokens_;
+      const Index row = position % block_tokens_;
+      const Index run = std::min(n_tokens - written, block_tokens_ - row);
+      for (Index p = 0; p < record.plane_count(); ++p) {
+        const PlaneSpec& plane = record.plane(p);
+        const Index width = plane.elements_per_token();
+        std::byte* rows = s.blocks[static_cast<std::size_t>(block)] +
+                          plane_offsets_[static_cast<std::size_t>(p)] +
+                          row * plane.bytes_per_token();
+        store_as(plane.storage, planes[p].data + written * width, rows, run * width);
+      }
+      written += run;
+    }
+    s.length = new_length;
+    tokens_held_ += n_tokens;
+  }
+
+  // Cuts `seq` to new_length tokens and returns the blocks it no longer needs.
+  void shrink(SequenceId seq, Index new_length) {
+    Sequence& s = sequences_[static_cast<std::size_t>(seq)];
+    const Index keep = blocks_needed(new_length);
+    while (static_cast<Index>(s.blocks.size()) > keep) {
+      free_blocks_.push_back(block_number(s.blocks.back()));
+      s.blocks.pop_back();
+    }
+    tokens_held_ -= s.length - new_length;
+    s.length = new_length;
+  }
+
+  SequenceView view(const CacheRecord& record, SequenceId seq) const {
+    const Sequence& s = sequences_[static_cast<std::size_t>(seq)];
+    return SequenceView(&record, reinterpret_cast<const std::byte* const*>(s.blocks.data()),
+                        plane_offsets_.data(), block_tokens_, s.length);
+  }
+
+ private:
+  struct Sequence {
+    bool live = false;
+    Index length = 0;
+    std::vector<std::byte*> blocks;
+  };
+
+  std::byte* block_address(Index block) const { return memory_.get() + block * block_bytes_; }
+  Index block_number(const std::byte* address) const {
+    return (address - memory_.get()) / block_bytes_;
+  }
+
+  Index block_tokens_;
+  Index block_count_;
+  Index max_blocks_per_sequence_;
+  Index block_bytes_ = 0;
+  Index tokens_held_ = 0;
+  std::vector<Index> plane_offsets_;
+  std::unique_ptr<std::byte, AlignedDelete> memory_;
+  std::vector<Index> free_blocks_;
+  std::vector<SequenceId> free_slots_;
+  std::vector<Sequence> sequences_;
+};
+
+// Shared argument checks of append(); throws before anything changes.
+inline void check_append(const char* call, const CacheRecord& record, Index n_tokens,
+                         const PlaneInput* planes, Index plane_count) {
+  TPATTN_CHECK(n_tokens >= 1, call, "n_tokens", ">= 1", n_tokens);
+  TPATTN_CHECK(plane_count == record.plane_count(), call, "planes",
+               to_text(record.plane_count()) + " planes (one per record plane)", plane_count);
+  TPATTN_CHECK(planes != nullptr, call, "planes", "non-null", "null");
+  for (Index p = 0; p < plane_count; ++p) {
+    const PlaneSpec& spec = record.plane(p);
+    const std::string shape = to_text(spec.rows) + " x " + to_text(spec.cols);
+    TPATTN_CHECK(planes[p].rows == spec.rows && planes[p].cols == spec.cols, call,
+                 ("planes[" + to_text(p) + "] (" + spec.name + ") shape").c_str(), shape,
+                 to_text(planes[p].rows) + " x " + to_text(planes[p].cols));
+    TPATTN_CHECK(planes[p].data != nullptr, call,
+                 ("planes[" + to_text(p) + "] (" + spec.name + ") data").c_str(), "non-null",
+                 "null");
+  }
+}
+
+}  // namespace detail
+}  // namespace tpattn

@@ -1,0 +1,112 @@
+// tpattn/cache/record.hpp -- what one token of a KV cache holds.
+//
+// A record is a list of named planes; each plane holds a (rows x cols) matrix per token, stored
+// row-major in one storage type. The five operators' records (docs/attention.md §1-3):
+//   MHA/GQA/MQA  K: g x d_h, V: g x d_v                 -> g (d_h + d_v) elements per token
+//   MLA          latent: 1 x d_c, rope_key: 1 x d_R     -> d_c + d_R
+//   TPA          A_K: R_K x h, B_K: R_K x d_h, A_V: R_V x h, B_V: R_V x d_v
+//                                                       -> R_K (h + d_h) + R_V (h + d_v)
+#pragma once
+
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "tpattn/core/error.hpp"
+#include "tpattn/core/storage_type.hpp"
+
+namespace tpattn {
+
+struct PlaneSpec {
+  std::string name;
+  Index rows = 0;
+  Index cols = 0;
+  StorageType storage = StorageType::f32;
+
+  Index elements_per_token() const { return rows * cols; }
+  Index bytes_per_token() const { return rows * cols * element_bytes(storage); }
+};
+
+class CacheRecord {
+ public:
+  CacheRecord() = default;
+
+  // planes: at least one, each with rows >= 1 and cols >= 1 and a unique name.
+  explicit CacheRecord(std::vector<PlaneSpec> planes) : planes_(std::move(planes)) {
+    TPATTN_CHECK(!planes_.empty(), "CacheRecord", "planes", "at least one plane", 0);
+    for (std::size_t p = 0; p < planes_.size(); ++p) {
+      const PlaneSpec& plane = planes_[p];
+      TPATTN_CHECK(plane.rows >= 1, "CacheRecord", "rows", "plane '" + plane.name + "' rows >= 1",
+                   plane.rows);
+      TPATTN_CHECK(plane.cols >= 1, "CacheRecord", "cols", "plane '" + plane.name + "' cols >= 1",
+                   plane.cols);
+      for (std::size_t other = 0; other < p; ++other)
+        TPATTN_CHECK(planes_[other].name != plane.name, "CacheRecord", "name",
+                     "unique plane names", plane.name);
+    }
+  }
+
+  Index plane_count() const { return static_cast<Index>(planes_.size()); }
+  const PlaneSpec& plane(Index p) const { return planes_[static_cast<std::size_t>(p)]; }
+  const std::vector<PlaneSpec>& planes() const { return planes_; }
+
+  // Index of the plane called `name`; throws if there is none.
+  Index plane_index(const std::string& name) const {
+    for (std::size_t p = 0; p < planes_.size(); ++p)
+      if (planes_[p].name == name) return static_cast<Index>(p);
+    detail::fail("CacheRecord::plane_index", "name", "one of the record's planes", name);
+  }
+
+  Index elements_per_token() const {
+    Index total = 0;
+    for (const PlaneSpec& plane : planes_) total += plane.elements_per_token();
+    return total;
+  }
+  Index bytes_per_token() const {
+    Index total = 0;
+    for (const PlaneSpec& plane : planes_) total += plane.bytes_per_token();
+    return total;
+  }
+
+  friend bool operator==(const CacheRecord& a, const CacheRecord& b) {
+    if (a.planes_.size() != b.planes_.size()) return false;
+    for (std::size_t p = 0; p < a.planes_.size(); ++p) {
+      const PlaneSpec& x = a.planes_[p];
+      const PlaneSpec& y = b.planes_[p];
+      if (x.name != y.name || x.rows != y.rows || x.cols != y.cols || x.storage != y.storage)
+        return false;
+    }
+    return true;
+  }
+  friend bool operator!=(const CacheRecord& a, const CacheRecord& b) { return !(a == b); }
+
+ private:
+  std::vector<PlaneSpec> planes_;
+};
+
+// The records of the five operators. `storage` applies to every plane; build a CacheRecord by
+// hand for a per-plane choice.
+namespace records {
+
+// MHA (g = h), GQA, MQA (g = 1): K: g x d_h, V: g x d_v.
+inline CacheRecord gqa(Index kv_heads, Index head_dim, Index value_dim,
+                       StorageType storage = StorageType::f32) {
+  return CacheRecord({{"K", kv_heads, head_dim, storage}, {"V", kv_heads, value_dim, storage}});
+}
+
+// MLA: latent: 1 x d_c, rope_key: 1 x d_R.
+inline CacheRecord mla(Index latent_dim, Index rope_dim, StorageType storage = StorageType::f32) {
+  return CacheRecord({{"latent", 1, latent_dim, storage}, {"rope_key", 1, rope_dim, storage}});
+}
+
+// TPA and TPA-KVonly: A_K: R_K x h, B_K: R_K x d_h, A_V: R_V x h, B_V: R_V x d_v.
+inline CacheRecord tpa(Index heads, Index head_dim, Index value_dim, Index rank_k, Index rank_v,
+                       StorageType storage = StorageType::f32) {
+  return CacheRecord({{"A_K", rank_k, heads, storage},
+                      {"B_K", rank_k, head_dim, storage},
+                      {"A_V", rank_v, heads, storage},
+                      {"B_V", rank_v, value_dim, storage}});
+}
+
+}  // namespace records
+}  // namespace tpattn
