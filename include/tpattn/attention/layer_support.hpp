@@ -1,0 +1,101 @@
+// tpattn/attention/layer_support.hpp -- what every whole-layer operator does the same way:
+// argument checks, a workspace planned ahead, and an all-or-nothing batched cache append.
+#pragma once
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "tpattn/cache/kv_cache.hpp"
+#include "tpattn/core/matrix.hpp"
+
+namespace tpattn {
+namespace detail {
+
+// A float arena sized by the operator's plan; grows only when a call needs more than any call
+// before it, so a steady-state decode step never allocates.
+class Workspace {
+ public:
+  float* floats(Index count) {
+    if (static_cast<Index>(memory_.size()) < count) memory_.resize(static_cast<std::size_t>(count));
+    return memory_.data();
+  }
+  Index capacity() const { return static_cast<Index>(memory_.size()); }
+
+ private:
+  std::vector<float> memory_;
+};
+
+inline void check_weight(const char* call, const char* name, const RowMatrix& weight, Index rows,
+                         Index cols) {
+  TPATTN_CHECK(weight.rows() == rows && weight.cols() == cols, call, name,
+               to_text(rows) + " x " + to_text(cols),
+               to_text(weight.rows()) + " x " + to_text(weight.cols()));
+}
+
+inline void check_positive(const char* call, const char* name, Index value) {
+  TPATTN_CHECK(value >= 1, call, name, ">= 1", value);
+}
+
+inline void check_cache_record(const char* call, const KvCache& cache,
+                               const CacheRecord& expected) {
+  TPATTN_CHECK(cache.record() == expected, call, "cache",
+               "a cache built with this operator's cache_record() (" +
+                   to_text(expected.elements_per_token()) + " elements per token, storage " +
+                   to_text(expected.plane(0).storage) + ")",
+               "a cache with " + to_text(cache.record().elements_per_token()) +
+                   " elements per token, storage " + to_text(cache.record().plane(0).storage));
+}
+
+// seqs: [batch] distinct live sequences of `cache`, each with room for one more token.
+inline void check_decode_batch(const char* call, const KvCache& cache, const SequenceId* seqs,
+                               Index batch, const float* x, const float* y) {
+  TPATTN_CHECK(batch >= 1, call, "batch", ">= 1", batch);
+  TPATTN_CHECK(seqs != nullptr, call, "seqs", "non-null", "null");
+  TPATTN_CHECK(x != nullptr, call, "x", "non-null", "null");
+  TPATTN_CHECK(y != nullptr, call, "y", "non-null", "null");
+  for (Index b = 0; b < batch; ++b) {
+    TPATTN_CHECK(cache.contains(seqs[b]), call, "seqs", "live sequence ids",
+                 "seqs[" + to_text(b) + "] = " + to_text(seqs[b]));
+    for (Index other = 0; other < b; ++other)
+      TPATTN_CHECK(seqs[other] != seqs[b], call, "seqs", "distinct sequence ids",
+                   "seqs[" + to_text(other) + "] == seqs[" + to_text(b) + "] == " +
+                       to_text(seqs[b]));
+    TPATTN_CHECK(cache.tokens_available(seqs[b]) >= 1, call, "cache",
+                 "room for one more token in every sequence",
+                 "no room for seqs[" + to_text(b) + "] = " + to_text(seqs[b]));
+  }
+}
+
+inline void check_prefill(const char* call, const KvCache& cache, SequenceId seq, Index n,
+                          const float* x, const float* y) {
+  TPATTN_CHECK(cache.contains(seq), call, "seq", "a live sequence id", seq);
+  TPATTN_CHECK(n >= 1, call, "n_tokens", ">= 1", n);
+  TPATTN_CHECK(x != nullptr, call, "x", "non-null", "null");
+  TPATTN_CHECK(y != nullptr, call, "y", "non-null", "null");
+  TPATTN_CHECK(n <= cache.tokens_available(seq), call, "n_tokens",
+               "<= " + to_text(cache.tokens_available(seq)) + " (room left for the sequence)", n);
+}
+
+// Appends one token to each of seqs[0..batch): planes_of(b, PlaneInput* out) fills the record's
+// planes for row b. All or nothing: if any append throws (a shared page pool running dry midway),
+// the sequences already extended are cut back and the error is rethrown.
+template <class PlanesOf>
+void append_one_token_each(KvCache& cache, const SequenceId* seqs, Index batch,
+                           PlanesOf&& planes_of) {
+  PlaneInput planes[4];
+  const Index plane_count = cache.record().plane_count();
+  Index done = 0;
+  try {
+    for (; done < batch; ++done) {
+      planes_of(done, planes);
+      cache.append(seqs[done], 1, planes, plane_count);
+    }
+  } catch (...) {
+    for (Index b = 0; b < done; ++b) cache.truncate(seqs[b], cache.length(seqs[b]) - 1);
+    throw;
+  }
+}
+
+}  // namespace detail
+}  // namespace tpattn

@@ -1,0 +1,144 @@
+// tpattn/kernels/attention_core.hpp -- causal softmax attention over cached keys and values.
+//
+// One kernel serves MHA, GQA, MQA and absorbed MLA (docs/attention.md §1-2):
+//   - g KV heads; query head i reads KV head floor(i / (h / g)) (contiguous groups);
+//   - a key is the concatenation of one or two segments of cached planes (GQA: the K plane;
+//     absorbed MLA: latent then rope_key), head j's segment at columns [j w, (j + 1) w);
+//   - a value is a segment of a plane, possibly the key's own plane (MLA: V = the latent).
+// Query token t of a call sees the first `visible + t` cached tokens (decode: one token sees the
+// whole sequence; prefill: the new tokens are already cached and see up to themselves).
+// The work is blocked: each group's queries meet one tile of cached tokens at a time through a
+// GEMM, and an online-softmax state carries max, sum and output across tiles. No score matrix
+// over the whole context is ever formed.
+#pragma once
+
+#include <limits>
+
+#include "tpattn/kernels/cache_tiles.hpp"
+#include "tpattn/kernels/softmax_state.hpp"
+
+namespace tpattn {
+
+// Where keys and values of each KV head sit in a cached token.
+struct KeyValueLayout {
+  struct Segment {
+    Index plane = -1;  // record plane
+    Index width = 0;   // columns per KV head; head j starts at column j * width
+  };
+  Index kv_heads = 1;
+  Segment key[2];      // key[1].width == 0 when the key has one segment
+  Segment value;
+
+  Index key_width() const { return key[0].width + key[1].width; }
+  Index key_segments() const { return key[1].width > 0 ? 2 : 1; }
+};
+
+template <class Storage>
+class AttentionCore {
+ public:
+  static constexpr Index kTileTokens = 64;   // cached tokens per tile
+  static constexpr Index kQueryTokens = 16;  // query tokens per pass (bounds the workspace)
+
+  AttentionCore() = default;
+  // heads: query heads, a multiple of layout.kv_heads. scale: multiplies q . k.
+  AttentionCore(const KeyValueLayout& layout, Index heads, float scale)
+      : layout_(layout), heads_(heads), group_(heads / layout.kv_heads), scale_(scale) {}
+
+  const KeyValueLayout& layout() const { return layout_; }
+  Index heads() const { return heads_; }
+  float scale() const { return scale_; }
+
+  // Workspace floats one run() needs, whatever its number of query tokens.
+  Index workspace_floats() const {
+    const Index rows = kQueryTokens * group_;
+    return rows * layout_.key_width() + rows * kTileTokens +
+           kTileTokens * (layout_.key_width() + layout_.value.width) +
+           SoftmaxState::floats_needed(rows, layout_.value.width);
+  }
+
+  // q:   [query_tokens, heads, key_width], already rotated;
+  // out: [query_tokens, heads, value_width];  lse: [query_tokens, heads] or null (natural log).
+  // Query token t attends to cached tokens [0, visible + t); visible + query_tokens - 1 must not
+  // exceed view.length(). workspace: workspace_floats() floats.
+  void run(const float* q, Index query_tokens, const SequenceView& view, Index visible,
+           float* out, float* lse, float* workspace) const {
+    for (Index first = 0; first < query_tokens; first += kQueryTokens) {
+      const Index count = query_tokens - first < kQueryTokens ? query_tokens - first : kQueryTokens;
+      for (Index j = 0; j < layout_.kv_heads; ++j)
+        run_group(q + first * heads_ * layout_.key_width(), count, view, visible + first, j,
+                  out + first * heads_ * layout_.value.width,
+                  lse == nullptr ? nullptr : lse + first * heads_, workspace);
+    }
+  }
+
+ private:
+  // Query heads [j g, (j + 1) g) of `count` query tokens against KV head j.
+  void run_group(const float* q, Index count, const SequenceView& view, Index visible, Index j,
+                 float* out, float* lse, float* workspace) const {
+    const Index key_width = layout_.key_width();
+    const Index value_width = layout_.value.width;
+    const Index rows = count * group_;  // row t * group + i: query token t, head j * group + i
+
+    float* queries = workspace;
+    float* scores = queries + kQueryTokens * group_ * key_width;
+    float* key_scratch = scores + kQueryTokens * group_ * kTileTokens;
+    float* value_scratch = key_scratch + kTileTokens * key_width;
+    float* state_memory = value_scratch + kTileTokens * value_width;
+    SoftmaxState state(state_memory, state_memory + rows, state_memory + 2 * rows, rows,
+                       value_width);
+    state.reset();
+
+    // Gather this group's query rows, pre-scaled, so one GEMM per tile scores them all.
+    MatrixMap group_queries = map_matrix(queries, rows, key_width);
+    for (Index t = 0; t < count; ++t)
+      group_queries.middleRows(t * group_, group_) =
+          map_matrix(q + (t * heads_ + j * group_) * key_width, group_, key_width) * scale_;
+
+    const Index limit = visible + count - 1;  // the last query token sees this many tokens
+    for_each_tile(view, limit, kTileTokens, [&](const CacheTile& tile) {
+      MatrixMap tile_scores = map_matrix(scores, rows, tile.tokens);
+      Index column = 0;
+      for (Index s = 0; s < layout_.key_segments(); ++s) {
+        const KeyValueLayout::Segment& segment = layout_.key[s];
+        const ConstMatrixMap keys =
+            read_tile<Storage>(view, segment.plane, tile, j * segment.width, segment.width,
+                               key_scratch + column * kTileTokens);
+        if (s == 0)
+          tile_scores.noalias() = group_queries.leftCols(segment.width) * keys.transpose();
+        else
+          tile_scores.noalias() +=
+              group_queries.middleCols(column, segment.width) * keys.transpose();
+        column += segment.width;
+      }
+      mask_future(tile_scores, tile, visible);
+      state.absorb_scores(tile_scores);
+      const ConstMatrixMap values = read_tile<Storage>(
+          view, layout_.value.plane, tile, j * value_width, value_width, value_scratch);
+      state.acc().noalias() += tile_scores * values;
+    });
+
+    for (Index t = 0; t < count; ++t)
+      state.finish(t * group_, group_, out + (t * heads_ + j * group_) * value_width, value_width,
+                   lse == nullptr ? nullptr : lse + t * heads_ + j * group_);
+  }
+
+  // Row t * group + i may see tokens before visible + t only.
+  void mask_future(MatrixMap scores, const CacheTile& tile, Index visible) const {
+    if (tile.first + tile.tokens <= visible) return;  // the whole tile is visible to all rows
+    const Index count = scores.rows() / group_;
+    for (Index t = 0; t < count; ++t) {
+      Index start = visible + t - tile.first;  // first hidden column of this token's rows
+      if (start < 0) start = 0;
+      if (start >= tile.tokens) continue;
+      scores.block(t * group_, start, group_, tile.tokens - start)
+          .setConstant(-std::numeric_limits<float>::infinity());
+    }
+  }
+
+  KeyValueLayout layout_;
+  Index heads_ = 0;
+  Index group_ = 1;
+  float scale_ = 1.0f;
+};
+
+}  // namespace tpattn

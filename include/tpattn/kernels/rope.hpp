@@ -1,0 +1,90 @@
+// tpattn/kernels/rope.hpp -- rotary position embedding, one implementation for every operator.
+//
+// Features are rotated in pairs by angle position * theta_j, theta_j = base^(-2j / rotary_dim),
+// j in [0, rotary_dim / 2). Only the first rotary_dim features rotate (partial RoPE); the rest
+// pass through. Pairing (docs/attention.md §4):
+//   half_split  (GPT-NeoX, the TPA training code): feature j pairs with j + rotary_dim / 2;
+//   interleaved (GPT-J, Llama, DeepSeek):           features 2j and 2j + 1 pair.
+// Direction, for a pair (x1, x2):
+//   standard: y1 = x1 cos - x2 sin,  y2 = x1 sin + x2 cos;
+//   reversed: y1 = x1 cos + x2 sin,  y2 = -x1 sin + x2 cos   (the public T6 code's rotation).
+// Angles are computed in double from the absolute position, so long contexts keep precision.
+#pragma once
+
+#include <cmath>
+#include <vector>
+
+#include "tpattn/core/error.hpp"
+#include "tpattn/core/storage_type.hpp"
+
+namespace tpattn {
+
+enum class RopePairing : std::uint8_t { half_split, interleaved };
+enum class RopeDirection : std::uint8_t { standard, reversed };
+
+struct RopeConfig {
+  bool enabled = true;
+  Index rotary_dim = 0;  // 0 = the whole head; otherwise even and <= the head width
+  double base = 10000.0;
+  RopePairing pairing = RopePairing::half_split;
+  RopeDirection direction = RopeDirection::standard;
+};
+
+class Rope {
+ public:
+  Rope() = default;
+
+  // head_dim: width of the vectors this Rope rotates. `call` names the operator for errors.
+  Rope(const RopeConfig& config, Index head_dim, const char* call = "Rope")
+      : config_(config), head_dim_(head_dim) {
+    if (!config_.enabled) return;
+    if (config_.rotary_dim == 0) config_.rotary_dim = head_dim;
+    TPATTN_CHECK(config_.rotary_dim > 0 && config_.rotary_dim <= head_dim, call,
+                 "rope.rotary_dim", "in [1, " + detail::to_text(head_dim) + "]",
+                 config_.rotary_dim);
+    TPATTN_CHECK(config_.rotary_dim % 2 == 0, call, "rope.rotary_dim", "an even number",
+                 config_.rotary_dim);
+    TPATTN_CHECK(config_.base > 1.0, call, "rope.base", "> 1", config_.base);
+    const Index pairs = config_.rotary_dim / 2;
+    inverse_frequency_.resize(static_cast<std::size_t>(pairs));
+    for (Index j = 0; j < pairs; ++j)
+      inverse_frequency_[static_cast<std::size_t>(j)] =
+          std::pow(config_.base, -2.0 * static_cast<double>(j) /
+                                     static_cast<double>(config_.rotary_dim));
+  }
+
+  const RopeConfig& config() const { return config_; }
+  bool enabled() const { return config_.enabled; }
+  Index head_dim() const { return head_dim_; }
+
+  // Rotates `count` vectors at one position. vectors: [count, stride], first head_dim() rotate.
+  void apply(float* vectors, Index count, Index stride, Index position) const {
+    if (!config_.enabled) return;
+    const Index pairs = config_.rotary_dim / 2;
+    // Pair j's partner offsets: half-split (j, j + pairs), interleaved (2j, 2j + 1).
+    const bool half = config_.pairing == RopePairing::half_split;
+    const float sign = config_.direction == RopeDirection::standard ? 1.0f : -1.0f;
+    for (Index j = 0; j < pairs; ++j) {
+      const double angle =
+          static_cast<double>(position) * inverse_frequency_[static_cast<std::size_t>(j)];
+      const float c = static_cast<float>(std::cos(angle));
+      const float s = sign * static_cast<float>(std::sin(angle));
+      const Index first = half ? j : 2 * j;
+      const Index second = half ? j + pairs : 2 * j + 1;
+      for (Index v = 0; v < count; ++v) {
+        float* x = vectors + v * stride;
+        const float x1 = x[first];
+        const float x2 = x[second];
+        x[first] = x1 * c - x2 * s;
+        x[second] = x1 * s + x2 * c;
+      }
+    }
+  }
+
+ private:
+  RopeConfig config_;
+  Index head_dim_ = 0;
+  std::vector<double> inverse_frequency_;
+};
+
+}  // namespace tpattn

@@ -1,0 +1,112 @@
+// tpattn/kernels/softmax_state.hpp -- the online-softmax state and how two states merge.
+//
+// For each query row r over the keys seen so far:
+//   max[r] = max_s score[r][s],  sum[r] = sum_s exp(score[r][s] - max[r]),
+//   acc[r] = sum_s exp(score[r][s] - max[r]) v_s            (unnormalised output, [width])
+// so that out[r] = acc[r] / sum[r] and lse[r] = max[r] + log(sum[r]) (natural log).
+// The state lives in workspace memory owned by the caller; it never allocates.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "tpattn/core/matrix.hpp"
+
+namespace tpattn {
+
+class SoftmaxState {
+ public:
+  // max, sum: [rows]; acc: [rows, width]. All fp32, caller-owned.
+  SoftmaxState(float* max, float* sum, float* acc, Index rows, Index width)
+      : max_(max), sum_(sum), acc_(acc), rows_(rows), width_(width) {}
+
+  static Index floats_needed(Index rows, Index width) { return rows * (width + 2); }
+
+  Index rows() const { return rows_; }
+  Index width() const { return width_; }
+  MatrixMap acc() { return map_matrix(acc_, rows_, width_); }
+  float max(Index r) const { return max_[r]; }
+  float sum(Index r) const { return sum_[r]; }
+
+  void reset() {
+    for (Index r = 0; r < rows_; ++r) {
+      max_[r] = -std::numeric_limits<float>::infinity();
+      sum_[r] = 0.0f;
+    }
+    acc().setZero();
+  }
+
+  // Takes a block of scores [rows, n] (masked entries = -inf) and turns it, in place, into the
+  // weights exp(score - new_max), after rescaling sum and acc to the new maximum. The caller then
+  // adds weights x values to acc(): this split lets TPA add its factored values its own way.
+  void absorb_scores(MatrixMap scores) {
+    for (Index r = 0; r < rows_; ++r) {
+      auto row = scores.row(r).array();
+      const float block_max = row.maxCoeff();
+      const float new_max = block_max > max_[r] ? block_max : max_[r];
+      if (new_max == -std::numeric_limits<float>::infinity()) {
+        row.setZero();  // every key of this row is masked so far
+        continue;
+      }
+      const float rescale = std::exp(max_[r] - new_max);  // exp(-inf) = 0 on the first block
+      row = (row - new_max).exp();
+      sum_[r] = sum_[r] * rescale + row.sum();
+      if (rescale != 1.0f) acc().row(r) *= rescale;
+      max_[r] = new_max;
+    }
+  }
+
+  // Folds another state over a disjoint set of keys into this one (split-K / split-KV decode).
+  void merge(const SoftmaxState& other) {
+    TPATTN_ASSERT(other.rows_ == rows_ && other.width_ == width_);
+    for (Index r = 0; r < rows_; ++r) {
+      const float new_max = other.max_[r] > max_[r] ? other.max_[r] : max_[r];
+      if (new_max == -std::numeric_limits<float>::infinity()) continue;
+      const float mine = std::exp(max_[r] - new_max);
+      const float theirs = std::exp(other.max_[r] - new_max);
+      sum_[r] = sum_[r] * mine + other.sum_[r] * theirs;
+      for (Index c = 0; c < width_; ++c)
+        acc_[r * width_ + c] = acc_[r * width_ + c] * mine + other.acc_[r * width_ + c] * theirs;
+      max_[r] = new_max;
+    }
+  }
+
+  // Rows [first, first + count): row first + k goes to out + k * out_stride, [width] =
+  // acc / sum * out_scale; lse + k (optional) = max + log(sum). A row that saw no key gives
+  // out 0 and lse -inf.
+  void finish(Index first, Index count, float* out, Index out_stride, float* lse,
+              float out_scale = 1.0f) const {
+    for (Index k = 0; k < count; ++k) {
+      const Index r = first + k;
+      const float inverse = sum_[r] > 0.0f ? out_scale / sum_[r] : 0.0f;
+      for (Index c = 0; c < width_; ++c) out[k * out_stride + c] = acc_[r * width_ + c] * inverse;
+      if (lse != nullptr) lse[k] = max_[r] + std::log(sum_[r]);
+    }
+  }
+  void finish(float* out, Index out_stride, float* lse, float out_scale = 1.0f) const {
+    finish(0, rows_, out, out_stride, lse, out_scale);
+  }
+
+ private:
+  float* max_;
+  float* sum_;
+  float* acc_;
+  Index rows_;
+  Index width_;
+};
+
+// Merges normalised partial results over disjoint key sets: (out_a, lse_a) and (out_b, lse_b)
+// for one query row of `width` values, into (out_a, lse_a). The maximum LSE is subtracted
+// before exponentiating, so large scores cannot overflow.
+inline void merge_partial(float* out_a, float* lse_a, const float* out_b, float lse_b,
+                          Index width) {
+  const float top = *lse_a > lse_b ? *lse_a : lse_b;
+  if (top == -std::numeric_limits<float>::infinity()) return;
+  const float weight_a = std::exp(*lse_a - top);
+  const float weight_b = std::exp(lse_b - top);
+  const float total = weight_a + weight_b;
+  for (Index c = 0; c < width; ++c) out_a[c] = (out_a[c] * weight_a + out_b[c] * weight_b) / total;
+  *lse_a = top + std::log(total);
+}
+
+}  // namespace tpattn

@@ -1,0 +1,202 @@
+// tpattn/kernels/tpa_core.hpp -- attention straight from cached TPA factors (docs/attention.md §3).
+//
+// Cached per token s: A_K[s] (R_K x h), B_K[s] (R_K x d_h, rotated), A_V[s] (R_V x h),
+// B_V[s] (R_V x d_v). K and V are never materialised. For query head i of one query token:
+//   score[i][s] = c * sum_u A_K[s][u][i] * W[s][u][i],     c = 1 / (R_K sqrt(d_h))
+// where W[s][u][i] = q_i . B_K[s][u] is formed in one of two orders that give the same numbers:
+//   factor order (FlashTPA):  W[s] = (B_K[s] B_Q^T) A_Q / R_Q      R_K (R_Q d_h + R_Q h) per token
+//   query order:              W[s] = B_K[s] q^T,  q = A_Q^T B_Q / R_Q     R_K h d_h per token
+// and the output, with p = online softmax of the scores over s,
+//   O[i] = (1 / R_V) sum_s sum_v p[i][s] A_V[s][v][i] B_V[s][v].
+// The factor order is cheaper exactly when R_Q < h d_h / (h + d_h); TPA-KVonly has a plain q and
+// always uses the query order.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "tpattn/kernels/cache_tiles.hpp"
+#include "tpattn/kernels/softmax_state.hpp"
+
+namespace tpattn {
+
+struct TpaShape {
+  Index heads = 0;      // h
+  Index head_dim = 0;   // d_h
+  Index value_dim = 0;  // d_v
+  Index rank_q = 0;     // R_Q; 0 for TPA-KVonly (the query comes materialised)
+  Index rank_k = 0;     // R_K
+  Index rank_v = 0;     // R_V
+};
+
+enum class TpaOrder : std::uint8_t { automatic, factor, query };
+
+// The contraction order with fewer multiply-adds per cached token (ties: factor order).
+inline TpaOrder cheaper_tpa_order(const TpaShape& shape) {
+  if (shape.rank_q == 0) return TpaOrder::query;
+  const Index factor = shape.rank_q * (shape.head_dim + shape.heads);
+  const Index query = shape.heads * shape.head_dim;
+  return factor <= query ? TpaOrder::factor : TpaOrder::query;
+}
+
+template <class Storage>
+class TpaCore {
+ public:
+  static constexpr Index kTileTokens = 32;
+  static constexpr Index kQueryTokens = 8;
+
+  // Plane indices of the TPA record: A_K, B_K, A_V, B_V.
+  static constexpr Index kPlaneAK = 0, kPlaneBK = 1, kPlaneAV = 2, kPlaneBV = 3;
+
+  TpaCore() = default;
+  explicit TpaCore(const TpaShape& shape) : shape_(shape) {}
+
+  const TpaShape& shape() const { return shape_; }
+
+  Index workspace_floats() const {
+    const Index h = shape_.heads, dh = shape_.head_dim, dv = shape_.value_dim;
+    const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
+    const Index query = kQueryTokens * (h * dh + rq * h + rq * dh);  // q or scaled A_Q, B_Q
+    const Index tile = kTileTokens * (rk * h + rk * dh + rv * h + rv * dv);
+    const Index products = kTileTokens * rk * (rq + h) + kTileTokens * h;  // P, W, L^T
+    const Index weights = kTileTokens * rv * h;                             // Z
+    const Index scores = kQueryTokens * h * kTileTokens;
+    return query + tile + products + weights + scores +
+           SoftmaxState::floats_needed(kQueryTokens * h, dv);
+  }
+
+  // Factored query (TPA). a_q: [query_tokens, R_Q, h], b_q: [query_tokens, R_Q, d_h] (rotated).
+  // out: [query_tokens, h, d_v]; lse: [query_tokens, h] or null. Query token t sees cached tokens
+  // [0, visible + t). order: automatic picks cheaper_tpa_order().
+  void run(const float* a_q, const float* b_q, Index query_tokens, const SequenceView& view,
+           Index visible, float* out, float* lse, float* workspace,
+           TpaOrder order = TpaOrder::automatic) const {
+    if (order == TpaOrder::automatic) order = cheaper_tpa_order(shape_);
+    run_impl(a_q, b_q, nullptr, query_tokens, view, visible, out, lse, workspace, order);
+  }
+
+  // Materialised query (TPA-KVonly, or an engine that formed q itself). q: [query_tokens, h, d_h].
+  void run(const float* q, Index query_tokens, const SequenceView& view, Index visible,
+           float* out, float* lse, float* workspace) const {
+    run_impl(nullptr, nullptr, q, query_tokens, view, visible, out, lse, workspace,
+             TpaOrder::query);
+  }
+
+ private:
+  void run_impl(const float* a_q, const float* b_q, const float* q, Index query_tokens,
+                const SequenceView& view, Index visible, float* out, float* lse,
+                float* workspace, TpaOrder order) const {
+    const Index h = shape_.heads, dh = shape_.head_dim, dv = shape_.value_dim;
+    const Index rq = shape_.rank_q;
+    for (Index first = 0; first < query_tokens; first += kQueryTokens) {
+      const Index count = query_tokens - first < kQueryTokens ? query_tokens - first : kQueryTokens;
+      run_chunk(a_q == nullptr ? nullptr : a_q + first * rq * h,
+                b_q == nullptr ? nullptr : b_q + first * rq * dh,
+                q == nullptr ? nullptr : q + first * h * dh, count, view, visible + first,
+                out + first * h * dv, lse == nullptr ? nullptr : lse + first * h, workspace,
+                order);
+    }
+  }
+
+  void run_chunk(const float* a_q, const float* b_q, const float* q, Index count,
+                 const SequenceView& view, Index visible, float* out, float* lse,
+                 float* workspace, TpaOrder order) const {
+    const Index h = shape_.heads, dh = shape_.head_dim, dv = shape_.value_dim;
+    const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
+    const float score_scale = 1.0f / (static_cast<float>(rk) * std::sqrt(static_cast<float>(dh)));
+
+    // Workspace carving, in the order of workspace_floats().
+    float* query = workspace;                                // [count, h, d_h]
+    float* factor_a = query + kQueryTokens * h * dh;         // [count, R_Q, h]  (scaled)
+    float* factor_b = factor_a + kQueryTokens * rq * h;      // [count, R_Q, d_h]
+    float* tile_ak = factor_b + kQueryTokens * rq * dh;      // [tile R_K, h]
+    float* tile_bk = tile_ak + kTileTokens * rk * h;         // [tile R_K, d_h]
+    float* tile_av = tile_bk + kTileTokens * rk * dh;        // [tile R_V, h]
+    float* tile_bv = tile_av + kTileTokens * rv * h;         // [tile R_V, d_v]
+    float* products = tile_bv + kTileTokens * rv * dv;       // P: [tile R_K, R_Q]
+    float* weights_w = products + kTileTokens * rk * rq;     // W: [tile R_K, h]
+    float* logits_t = weights_w + kTileTokens * rk * h;      // L^T: [tile, h]
+    float* values_z = logits_t + kTileTokens * h;            // Z: [tile R_V, h]
+    float* scores = values_z + kTileTokens * rv * h;         // [count h, tile]
+    float* state_memory = scores + kQueryTokens * h * kTileTokens;
+    const Index rows = count * h;  // row t * h + i: query token t, head i
+    SoftmaxState state(state_memory, state_memory + rows, state_memory + 2 * rows, rows, dv);
+    state.reset();
+
+    // Fold every constant of the score into the query side, once per step.
+    if (order == TpaOrder::query) {
+      MatrixMap queries = map_matrix(query, count * h, dh);
+      if (q != nullptr) {
+        queries = map_matrix(q, count * h, dh) * score_scale;
+      } else {
+        for (Index t = 0; t < count; ++t)  // q_t = A_Q^T B_Q / R_Q
+          queries.middleRows(t * h, h).noalias() =
+              (score_scale / static_cast<float>(rq)) *
+              (map_matrix(a_q + t * rq * h, rq, h).transpose() *
+               map_matrix(b_q + t * rq * dh, rq, dh));
+      }
+    } else {
+      map_matrix(factor_a, count * rq, h) =
+          map_matrix(a_q, count * rq, h) * (score_scale / static_cast<float>(rq));
+      map_matrix(factor_b, count * rq, dh) = map_matrix(b_q, count * rq, dh);
+    }
+
+    const Index limit = visible + count - 1;
+    for_each_tile(view, limit, kTileTokens, [&](const CacheTile& tile) {
+      const Index n = tile.tokens;
+      const ConstMatrixMap a_k = read_tile_rows(view, kPlaneAK, tile, rk * h, tile_ak, n * rk, h);
+      const ConstMatrixMap b_k = read_tile_rows(view, kPlaneBK, tile, rk * dh, tile_bk, n * rk, dh);
+      MatrixMap tile_scores = map_matrix(scores, rows, n);
+      MatrixMap w = map_matrix(weights_w, n * rk, h);
+      MatrixMap logits = map_matrix(logits_t, n, h);
+      for (Index t = 0; t < count; ++t) {
+        if (order == TpaOrder::query) {
+          w.noalias() = b_k * map_matrix(query + t * h * dh, h, dh).transpose();
+        } else {
+          MatrixMap p = map_matrix(products, n * rk, rq);
+          p.noalias() = b_k * map_matrix(factor_b + t * rq * dh, rq, dh).transpose();
+          w.noalias() = p * map_matrix(factor_a + t * rq * h, rq, h);
+        }
+        // L[s][i] = sum_u A_K[s][u][i] W[s][u][i]
+        for (Index s = 0; s < n; ++s) {
+          logits.row(s) = a_k.row(s * rk).cwiseProduct(w.row(s * rk));
+          for (Index u = 1; u < rk; ++u)
+            logits.row(s) += a_k.row(s * rk + u).cwiseProduct(w.row(s * rk + u));
+        }
+        tile_scores.middleRows(t * h, h) = logits.transpose();
+        // Query token t sees tokens before visible + t only.
+        Index start = visible + t - tile.first;
+        if (start < 0) start = 0;
+        if (start < n)
+          tile_scores.block(t * h, start, h, n - start)
+              .setConstant(-std::numeric_limits<float>::infinity());
+      }
+      state.absorb_scores(tile_scores);
+
+      const ConstMatrixMap a_v = read_tile_rows(view, kPlaneAV, tile, rv * h, tile_av, n * rv, h);
+      const ConstMatrixMap b_v = read_tile_rows(view, kPlaneBV, tile, rv * dv, tile_bv, n * rv, dv);
+      MatrixMap z = map_matrix(values_z, n * rv, h);
+      for (Index t = 0; t < count; ++t) {
+        // Z[s][v][i] = p[i][s] A_V[s][v][i];  O_t += Z^T B_V
+        for (Index s = 0; s < n; ++s)
+          for (Index v = 0; v < rv; ++v)
+            z.row(s * rv + v) =
+                a_v.row(s * rv + v).cwiseProduct(tile_scores.col(s).segment(t * h, h).transpose());
+        state.acc().middleRows(t * h, h).noalias() += z.transpose() * b_v;
+      }
+    });
+
+    state.finish(0, rows, out, dv, lse, 1.0f / static_cast<float>(rv));
+  }
+
+  // A tile's rows of a whole plane as an fp32 [rows, cols] matrix (R rows per token).
+  ConstMatrixMap read_tile_rows(const SequenceView& view, Index plane, const CacheTile& tile,
+                                Index width, float* scratch, Index rows, Index cols) const {
+    const ConstMatrixMap flat = read_tile<Storage>(view, plane, tile, 0, width, scratch);
+    return map_matrix(flat.data(), rows, cols, cols);
+  }
+
+  TpaShape shape_;
+};
+
+}  // namespace tpattn
