@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The main job: builds the `bench` preset (-O3 -march=native, benchmarks only) and runs the
+# benchmarks named in TPATTN_BENCHES (default: cache_memory_bench). Extra arguments go to each
+# benchmark, e.g. ./scripts/bench.sh --benchmark_filter=TPA
+# Installs the Debian packages it needs when they are missing.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/deps.sh
+
+tpattn_install_deps cmake ninja-build g++ libeigen3-dev libbenchmark-dev
+tpattn_check_cmake
+
+cmake --preset bench
+cmake --build --preset bench
+
+status=0
+for name in ${TPATTN_BENCHES:-cache_memory_bench}; do
+  exe="build/bench/bench/$name"
+  if [[ -x "$exe" ]]; then
+    echo "== $name"
+    "$exe" "$@"
+  else
+    echo "tpattn: benchmark '$name' is not built: bench/$name.cpp does not exist yet" >&2
+    status=1
+  fi
+done
+exit "$status"
