@@ -1,0 +1,297 @@
+// tpattn/attention/mla.hpp -- multi-head latent attention (DeepSeek-V2), decoded with absorbed
+// weights on the same kernel as MQA.
+//
+// Per new token x_t (docs/attention.md §2):
+//   c'_t = RMSNorm(W_DQ x_t)        (d'_c; optional: without it the query comes from x_t)
+//   [qC_i | qR_i] = W_UQ c'_t        per head i: qC_i (d_h), qR_i (d_R) <- RoPE
+//   [c_t | kR_t] = W_DKV x_t;  c_t <- RMSNorm(c_t) (optional);  kR_t <- RoPE      cached
+//   score_i(s) = (qC_i . W_UK_i c_s + qR_i . kR_s) / sqrt(d_h + d_R)
+//   o_i = W_UV_i sum_s p_i(s) c_s;   y_t = W_O [o_1 .. o_h]
+// Absorbed: q^_i = W_UK_i^T qC_i (d_c), so score_i(s) = ([q^_i | qR_i] . [c_s | kR_s]) * scale:
+// MQA with one KV head of key width d_c + d_R whose value is the latent c_s itself.
+// Cache record: latent: d_c, rope_key: d_R  -> d_c + d_R elements per token.
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <utility>
+
+#include "tpattn/attention/layer_support.hpp"
+#include "tpattn/cache/record.hpp"
+#include "tpattn/kernels/attention_core.hpp"
+#include "tpattn/kernels/rms_norm.hpp"
+#include "tpattn/kernels/rope.hpp"
+
+namespace tpattn {
+
+struct MlaConfig {
+  Index d_model = 0;
+  Index heads = 0;          // h
+  Index head_dim = 0;       // d_h: the non-rotary ("nope") part of each query/key head
+  Index rope_dim = 0;       // d_R: the decoupled rotary part, one key per token for all heads
+  Index value_dim = 0;      // d_v; 0 means d_h
+  Index kv_latent_dim = 0;  // d_c
+  Index q_latent_dim = 0;   // d'_c; 0 = no query compression (w_uq then maps x_t directly)
+  bool normalize_q_latent = true;   // RMSNorm with gain on c'_t (needs q_latent_dim > 0)
+  bool normalize_kv_latent = true;  // RMSNorm with gain on c_t before caching
+  float norm_eps = 1e-6f;
+  RopeConfig rope;  // on qR and kR (rotary_dim <= d_R). DeepSeek pairs interleaved.
+};
+
+// Weights, row-major `out x in`, in the layout of DeepSeek-V2 and the public T6 MLA baseline
+// (q_a_proj, q_a_layernorm, q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj):
+struct MlaWeights {
+  RowMatrix w_dq;   // d'_c x d_model                        (only if q_latent_dim > 0)
+  Vector q_norm;    // d'_c gain                             (only if normalize_q_latent)
+  RowMatrix w_uq;   // (h (d_h + d_R)) x d'_c (or x d_model); head i rows: [qC (d_h) | qR (d_R)]
+  RowMatrix w_dkv;  // (d_c + d_R) x d_model; rows [c (d_c) | kR (d_R)]
+  Vector kv_norm;   // d_c gain                              (only if normalize_kv_latent)
+  RowMatrix w_ukv;  // (h (d_h + d_v)) x d_c; head i rows: [W_UK_i (d_h) | W_UV_i (d_v)]
+  RowMatrix w_o;    // d_model x (h d_v)
+};
+
+// The bare absorbed kernel: MQA over [latent | rope_key] with the latent as value.
+template <class Storage = float>
+class MlaKernel {
+ public:
+  MlaKernel() = default;
+  // scale: 1 / sqrt(d_h + d_R) of the model (never derived from the cached width).
+  MlaKernel(Index heads, Index kv_latent_dim, Index rope_dim, float scale,
+            const char* call = "MlaKernel") {
+    detail::check_positive(call, "heads", heads);
+    detail::check_positive(call, "kv_latent_dim", kv_latent_dim);
+    detail::check_positive(call, "rope_dim", rope_dim);
+    KeyValueLayout layout;
+    layout.kv_heads = 1;
+    layout.key[0] = {0, kv_latent_dim};  // plane latent
+    layout.key[1] = {1, rope_dim};       // plane rope_key
+    layout.value = {0, kv_latent_dim};   // the latent again
+    core_ = AttentionCore<Storage>(layout, heads, scale);
+    record_ = records::mla(kv_latent_dim, rope_dim, storage_type_of<Storage>);
+  }
+
+  const CacheRecord& cache_record() const { return record_; }
+  Index workspace_floats() const { return core_.workspace_floats(); }
+
+  // q: [n, h, d_c + d_R] absorbed queries [q^_i | qR_i] (qR rotated) for the last n tokens of
+  // `view`; out: [n, h, d_c] latent outputs sum_s p_i(s) c_s; lse: [n, h] or null. Causal.
+  void attend(const float* q, Index n, const SequenceView& view, float* out, float* lse,
+              float* workspace) const {
+    TPATTN_ASSERT(n >= 1 && n <= view.length());
+    core_.run(q, n, view, view.length() - n + 1, out, lse, workspace);
+  }
+
+ private:
+  AttentionCore<Storage> core_;
+  CacheRecord record_;
+};
+
+template <class Storage = float>
+class MultiHeadLatentAttention {
+ public:
+  using storage_type = Storage;
+
+  MultiHeadLatentAttention(MlaConfig config, MlaWeights weights)
+      : config_(validated(std::move(config))),
+        weights_(std::move(weights)),
+        kernel_(config_.heads, config_.kv_latent_dim, config_.rope_dim,
+                1.0f / std::sqrt(static_cast<float>(config_.head_dim + config_.rope_dim)),
+                kName),
+        rope_(config_.rope, config_.rope_dim, kName) {
+    const Index d = config_.d_model, h = config_.heads, dc = config_.kv_latent_dim;
+    const Index query_in = config_.q_latent_dim > 0 ? config_.q_latent_dim : d;
+    if (config_.q_latent_dim > 0) {
+      detail::check_weight(kName, "w_dq", weights_.w_dq, config_.q_latent_dim, d);
+      if (config_.normalize_q_latent)
+        TPATTN_CHECK(weights_.q_norm.size() == config_.q_latent_dim, kName, "q_norm",
+                     "a gain of q_latent_dim entries", weights_.q_norm.size());
+    }
+    detail::check_weight(kName, "w_uq", weights_.w_uq, h * query_width(), query_in);
+    detail::check_weight(kName, "w_dkv", weights_.w_dkv, dc + config_.rope_dim, d);
+    if (config_.normalize_kv_latent)
+      TPATTN_CHECK(weights_.kv_norm.size() == dc, kName, "kv_norm",
+                   "a gain of kv_latent_dim entries", weights_.kv_norm.size());
+    detail::check_weight(kName, "w_ukv", weights_.w_ukv, h * (config_.head_dim + config_.value_dim),
+                         dc);
+    detail::check_weight(kName, "w_o", weights_.w_o, d, h * config_.value_dim);
+  }
+
+  const MlaConfig& config() const { return config_; }
+  const MlaWeights& weights() const { return weights_; }
+  const MlaKernel<Storage>& kernel() const { return kernel_; }
+  const CacheRecord& cache_record() const { return kernel_.cache_record(); }
+
+  void reserve(Index max_batch, Index max_tokens = 1) {
+    workspace_.floats(workspace_floats(max_batch > max_tokens ? max_batch : max_tokens));
+  }
+
+  // x: [batch, d_model], row b the new token of seqs[b]; y: [batch, d_model]. All or nothing.
+  void decode(KvCache& cache, const SequenceId* seqs, Index batch, const float* x, float* y) {
+    static constexpr const char* call = "MultiHeadLatentAttention::decode";
+    detail::check_cache_record(call, cache, cache_record());
+    detail::check_decode_batch(call, cache, seqs, batch, x, y);
+    Buffers buffers = plan(batch);
+    project(x, batch, buffers);
+    for (Index b = 0; b < batch; ++b) rotate(buffers, b, 1, cache.length(seqs[b]));
+    detail::append_one_token_each(cache, seqs, batch, [&](Index b, PlaneInput* planes) {
+      planes[0] = {buffers.kv + b * kv_width(), 1, config_.kv_latent_dim};
+      planes[1] = {buffers.kv + b * kv_width() + config_.kv_latent_dim, 1, config_.rope_dim};
+    });
+    absorb_queries(buffers, batch);
+    for (Index b = 0; b < batch; ++b)
+      kernel_.attend(buffers.absorbed + b * absorbed_width(), 1, cache.view(seqs[b]),
+                     buffers.latent_out + b * config_.heads * config_.kv_latent_dim, nullptr,
+                     buffers.kernel);
+    output(buffers, batch, y);
+  }
+
+  // Causal prefill of the next n tokens of `seq`. x: [n, d_model]; y: [n, d_model].
+  void prefill(KvCache& cache, SequenceId seq, Index n, const float* x, float* y) {
+    static constexpr const char* call = "MultiHeadLatentAttention::prefill";
+    detail::check_cache_record(call, cache, cache_record());
+    detail::check_prefill(call, cache, seq, n, x, y);
+    Buffers buffers = plan(n);
+    project(x, n, buffers);
+    rotate(buffers, 0, n, cache.length(seq));
+    // append() takes each plane as contiguous rows; [c | kR] rows interleave the two.
+    split_latent(buffers, n);
+    cache.append(seq, n,
+                 {{buffers.latent, 1, config_.kv_latent_dim}, {buffers.rope_key, 1, config_.rope_dim}});
+    absorb_queries(buffers, n);
+    kernel_.attend(buffers.absorbed, n, cache.view(seq), buffers.latent_out, nullptr,
+                   buffers.kernel);
+    output(buffers, n, y);
+  }
+
+ private:
+  static constexpr const char* kName = "MultiHeadLatentAttention";
+
+  struct Buffers {
+    float* q_latent;    // [rows, d'_c]
+    float* q;           // [rows, h (d_h + d_R)]
+    float* kv;          // [rows, d_c + d_R]
+    float* latent;      // [rows, d_c]   (prefill only: contiguous planes for append)
+    float* rope_key;    // [rows, d_R]
+    float* absorbed;    // [rows, h (d_c + d_R)]
+    float* latent_out;  // [rows, h d_c]
+    float* o;           // [rows, h d_v]
+    float* kernel;
+  };
+
+  static MlaConfig validated(MlaConfig config) {
+    detail::check_positive(kName, "d_model", config.d_model);
+    detail::check_positive(kName, "heads", config.heads);
+    detail::check_positive(kName, "head_dim", config.head_dim);
+    detail::check_positive(kName, "rope_dim", config.rope_dim);
+    detail::check_positive(kName, "kv_latent_dim", config.kv_latent_dim);
+    if (config.value_dim == 0) config.value_dim = config.head_dim;
+    detail::check_positive(kName, "value_dim", config.value_dim);
+    TPATTN_CHECK(config.q_latent_dim >= 0, kName, "q_latent_dim", ">= 0 (0 = no compression)",
+                 config.q_latent_dim);
+    if (config.q_latent_dim == 0) config.normalize_q_latent = false;
+    TPATTN_CHECK(config.norm_eps > 0.0f, kName, "norm_eps", "> 0", config.norm_eps);
+    return config;
+  }
+
+  Index query_width() const { return config_.head_dim + config_.rope_dim; }
+  Index kv_width() const { return config_.kv_latent_dim + config_.rope_dim; }
+  Index absorbed_width() const { return config_.kv_latent_dim + config_.rope_dim; }
+
+  Index workspace_floats(Index rows) const {
+    const Index h = config_.heads;
+    return rows * (config_.q_latent_dim + h * query_width() + 2 * kv_width() +
+                   h * absorbed_width() + h * config_.kv_latent_dim + h * config_.value_dim) +
+           kernel_.workspace_floats();
+  }
+
+  Buffers plan(Index rows) {
+    const Index h = config_.heads;
+    Buffers b;
+    b.q_latent = workspace_.floats(workspace_floats(rows));
+    b.q = b.q_latent + rows * config_.q_latent_dim;
+    b.kv = b.q + rows * h * query_width();
+    b.latent = b.kv + rows * kv_width();
+    b.rope_key = b.latent + rows * config_.kv_latent_dim;
+    b.absorbed = b.rope_key + rows * config_.rope_dim;
+    b.latent_out = b.absorbed + rows * h * absorbed_width();
+    b.o = b.latent_out + rows * h * config_.kv_latent_dim;
+    b.kernel = b.o + rows * h * config_.value_dim;
+    return b;
+  }
+
+  void project(const float* x, Index rows, const Buffers& b) const {
+    const ConstMatrixMap input = map_matrix(x, rows, config_.d_model);
+    const Index h = config_.heads;
+    if (config_.q_latent_dim > 0) {
+      map_matrix(b.q_latent, rows, config_.q_latent_dim).noalias() =
+          input * weights_.w_dq.transpose();
+      if (config_.normalize_q_latent)
+        rms_norm(b.q_latent, rows, config_.q_latent_dim, config_.q_latent_dim,
+                 weights_.q_norm.data(), config_.norm_eps);
+      map_matrix(b.q, rows, h * query_width()).noalias() =
+          map_matrix(static_cast<const float*>(b.q_latent), rows, config_.q_latent_dim) *
+          weights_.w_uq.transpose();
+    } else {
+      map_matrix(b.q, rows, h * query_width()).noalias() = input * weights_.w_uq.transpose();
+    }
+    map_matrix(b.kv, rows, kv_width()).noalias() = input * weights_.w_dkv.transpose();
+    if (config_.normalize_kv_latent)
+      rms_norm(b.kv, rows, config_.kv_latent_dim, kv_width(), weights_.kv_norm.data(),
+               config_.norm_eps);
+  }
+
+  // RoPE on every head's qR and on kR; rows [first, first + count) at positions from `position`.
+  void rotate(const Buffers& b, Index first, Index count, Index position) const {
+    for (Index t = 0; t < count; ++t) {
+      const Index row = first + t;
+      rope_.apply(b.q + row * config_.heads * query_width() + config_.head_dim, config_.heads,
+                  query_width(), position + t);
+      rope_.apply(b.kv + row * kv_width() + config_.kv_latent_dim, 1, kv_width(), position + t);
+    }
+  }
+
+  void split_latent(const Buffers& b, Index rows) const {
+    const ConstMatrixMap kv = map_matrix(static_cast<const float*>(b.kv), rows, kv_width());
+    map_matrix(b.latent, rows, config_.kv_latent_dim) = kv.leftCols(config_.kv_latent_dim);
+    map_matrix(b.rope_key, rows, config_.rope_dim) = kv.rightCols(config_.rope_dim);
+  }
+
+  // absorbed[row][i] = [W_UK_i^T qC_i | qR_i]: one GEMM per head over all rows.
+  void absorb_queries(const Buffers& b, Index rows) const {
+    const Index h = config_.heads, dh = config_.head_dim, dc = config_.kv_latent_dim;
+    const Index head_rows = dh + config_.value_dim;  // rows of w_ukv per head
+    for (Index i = 0; i < h; ++i) {
+      const ConstMatrixMap q_nope = map_matrix(static_cast<const float*>(b.q) + i * query_width(),
+                                               rows, dh, h * query_width());
+      MatrixMap absorbed = map_matrix(b.absorbed + i * absorbed_width(), rows, absorbed_width(),
+                                      h * absorbed_width());
+      absorbed.leftCols(dc).noalias() = q_nope * weights_.w_ukv.middleRows(i * head_rows, dh);
+      absorbed.rightCols(config_.rope_dim) =
+          map_matrix(static_cast<const float*>(b.q) + i * query_width() + dh, rows,
+                     config_.rope_dim, h * query_width());
+    }
+  }
+
+  // o_i = W_UV_i latent_out_i per head, then y = W_O o.
+  void output(const Buffers& b, Index rows, float* y) const {
+    const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
+    const Index dc = config_.kv_latent_dim;
+    const Index head_rows = dh + dv;
+    for (Index i = 0; i < h; ++i) {
+      const ConstMatrixMap latent = map_matrix(static_cast<const float*>(b.latent_out) + i * dc,
+                                               rows, dc, h * dc);
+      map_matrix(b.o + i * dv, rows, dv, h * dv).noalias() =
+          latent * weights_.w_ukv.middleRows(i * head_rows + dh, dv).transpose();
+    }
+    map_matrix(y, rows, config_.d_model).noalias() =
+        map_matrix(static_cast<const float*>(b.o), rows, h * dv) * weights_.w_o.transpose();
+  }
+
+  MlaConfig config_;
+  MlaWeights weights_;
+  MlaKernel<Storage> kernel_;
+  Rope rope_;
+  detail::Workspace workspace_;
+};
+
+}  // namespace tpattn

@@ -1,0 +1,320 @@
+// tpattn/attention/tpa.hpp -- Tensor Product Attention (Zhang et al., 2025) and TPA-KVonly.
+//
+// Per new token x_t, six contextual factors, each a bias-free linear map of x_t
+// (docs/attention.md §3):
+//   A_Q = W_AQ x_t (R_Q x h)   B_Q = W_BQ x_t (R_Q x d_h)
+//   A_K = W_AK x_t (R_K x h)   B_K = W_BK x_t (R_K x d_h)
+//   A_V = W_AV x_t (R_V x h)   B_V = W_BV x_t (R_V x d_v)
+//   Q_t = A_Q^T B_Q / R_Q,  K_t = A_K^T B_K / R_K,  V_t = A_V^T B_V / R_V     (h x d_h, h x d_v)
+// RoPE acts on the feature axis only: on the rows of B_Q and B_K, never on A or B_V; B_K is
+// rotated once, when it is written to the cache. Attention is then causal softmax attention
+// over Q, K, V with scale 1 / sqrt(d_h), followed by y_t = W_O [o_1 .. o_h].
+// The cache keeps the factors A_K, B_K, A_V, B_V: R_K (h + d_h) + R_V (h + d_v) elements per
+// token, and decode reads them directly (kernels/tpa_core.hpp), never forming K or V.
+// TPA-KVonly: the query is a plain q_t = W_Q x_t (h x d_h); K and V are factorised as above.
+#pragma once
+
+#include <cmath>
+#include <string>
+#include <utility>
+
+#include "tpattn/attention/layer_support.hpp"
+#include "tpattn/cache/record.hpp"
+#include "tpattn/kernels/rope.hpp"
+#include "tpattn/kernels/tpa_core.hpp"
+
+namespace tpattn {
+
+struct TpaConfig {
+  Index d_model = 0;
+  Index heads = 0;      // h
+  Index head_dim = 0;   // d_h
+  Index value_dim = 0;  // d_v; 0 means d_h
+  Index rank_q = 0;     // R_Q; 0 = TPA-KVonly (query from w_q)
+  Index rank_k = 0;     // R_K
+  Index rank_v = 0;     // R_V
+  RopeConfig rope;      // on B_Q and B_K rows (the public T6 code: half-split, reversed)
+  TpaOrder order = TpaOrder::automatic;  // decode contraction order (both give the same numbers)
+};
+
+// Weights, row-major `out x in`, exactly as the public T6 code (model/T6.py, CPLinear) stores
+// them: the A outputs head-major ([head][rank], row i R + r), the B outputs rank-major
+// ([rank][feature], row r d + j). The constructor reorders the A rows to rank-major once, so
+// a projection lands directly in the cached R x h layout.
+struct TpaWeights {
+  RowMatrix w_a_q;  // (h R_Q) x d_model      (TPA)
+  RowMatrix w_b_q;  // (R_Q d_h) x d_model    (TPA)
+  RowMatrix w_q;    // (h d_h) x d_model      (TPA-KVonly)
+  RowMatrix w_a_k;  // (h R_K) x d_model
+  RowMatrix w_b_k;  // (R_K d_h) x d_model
+  RowMatrix w_a_v;  // (h R_V) x d_model
+  RowMatrix w_b_v;  // (R_V d_v) x d_model
+  RowMatrix w_o;    // d_model x (h d_v)
+};
+
+// The bare kernel: attention from cached factors, for engines that own their projections.
+template <class Storage = float>
+class TpaKernel {
+ public:
+  TpaKernel() = default;
+  // shape.rank_q = 0 for a kernel that only takes materialised queries (TPA-KVonly).
+  explicit TpaKernel(const TpaShape& shape, const char* call = "TpaKernel") : core_(shape) {
+    detail::check_positive(call, "heads", shape.heads);
+    detail::check_positive(call, "head_dim", shape.head_dim);
+    detail::check_positive(call, "value_dim", shape.value_dim);
+    TPATTN_CHECK(shape.rank_q >= 0, call, "rank_q", ">= 0 (0 = KV-only)", shape.rank_q);
+    detail::check_positive(call, "rank_k", shape.rank_k);
+    detail::check_positive(call, "rank_v", shape.rank_v);
+    record_ = records::tpa(shape.heads, shape.head_dim, shape.value_dim, shape.rank_k,
+                           shape.rank_v, storage_type_of<Storage>);
+  }
+
+  const TpaShape& shape() const { return core_.shape(); }
+  const CacheRecord& cache_record() const { return record_; }
+  Index workspace_floats() const { return core_.workspace_floats(); }
+
+  // Factored queries for the last n tokens of `view`: a_q: [n, R_Q, h], b_q: [n, R_Q, d_h]
+  // (rotated). out: [n, h, d_v]; lse: [n, h] or null. Causal.
+  void attend(const float* a_q, const float* b_q, Index n, const SequenceView& view, float* out,
+              float* lse, float* workspace, TpaOrder order = TpaOrder::automatic) const {
+    TPATTN_ASSERT(shape().rank_q > 0 && n >= 1 && n <= view.length());
+    core_.run(a_q, b_q, n, view, view.length() - n + 1, out, lse, workspace, order);
+  }
+
+  // Materialised queries q: [n, h, d_h] (rotated), e.g. TPA-KVonly.
+  void attend(const float* q, Index n, const SequenceView& view, float* out, float* lse,
+              float* workspace) const {
+    TPATTN_ASSERT(n >= 1 && n <= view.length());
+    core_.run(q, n, view, view.length() - n + 1, out, lse, workspace);
+  }
+
+ private:
+  TpaCore<Storage> core_;
+  CacheRecord record_;
+};
+
+template <class Storage = float>
+class TensorProductAttention {
+ public:
+  using storage_type = Storage;
+
+  TensorProductAttention(TpaConfig config, TpaWeights weights,
+                         const char* name = "TensorProductAttention")
+      : config_(validated(std::move(config), name)),
+        weights_(std::move(weights)),
+        decode_call_(std::string(name) + "::decode"),
+        prefill_call_(std::string(name) + "::prefill"),
+        kernel_(TpaShape{config_.heads, config_.head_dim, config_.value_dim, config_.rank_q,
+                         config_.rank_k, config_.rank_v},
+                name),
+        rope_(config_.rope, config_.head_dim, name) {
+    const Index d = config_.d_model, h = config_.heads, dh = config_.head_dim;
+    const Index dv = config_.value_dim;
+    if (kv_only()) {
+      detail::check_weight(name, "w_q", weights_.w_q, h * dh, d);
+    } else {
+      detail::check_weight(name, "w_a_q", weights_.w_a_q, h * config_.rank_q, d);
+      detail::check_weight(name, "w_b_q", weights_.w_b_q, config_.rank_q * dh, d);
+      weights_.w_a_q = head_major_to_rank_major(weights_.w_a_q, h, config_.rank_q);
+    }
+    detail::check_weight(name, "w_a_k", weights_.w_a_k, h * config_.rank_k, d);
+    detail::check_weight(name, "w_b_k", weights_.w_b_k, config_.rank_k * dh, d);
+    detail::check_weight(name, "w_a_v", weights_.w_a_v, h * config_.rank_v, d);
+    detail::check_weight(name, "w_b_v", weights_.w_b_v, config_.rank_v * dv, d);
+    detail::check_weight(name, "w_o", weights_.w_o, d, h * dv);
+    weights_.w_a_k = head_major_to_rank_major(weights_.w_a_k, h, config_.rank_k);
+    weights_.w_a_v = head_major_to_rank_major(weights_.w_a_v, h, config_.rank_v);
+  }
+
+  const TpaConfig& config() const { return config_; }
+  bool kv_only() const { return config_.rank_q == 0; }
+  const TpaKernel<Storage>& kernel() const { return kernel_; }
+  const CacheRecord& cache_record() const { return kernel_.cache_record(); }
+  // The contraction order decode uses (automatic resolved by cost).
+  TpaOrder order() const {
+    if (kv_only()) return TpaOrder::query;
+    return config_.order == TpaOrder::automatic ? cheaper_tpa_order(kernel_.shape())
+                                                : config_.order;
+  }
+
+  void reserve(Index max_batch, Index max_tokens = 1) {
+    workspace_.floats(workspace_floats(max_batch > max_tokens ? max_batch : max_tokens));
+  }
+
+  // x: [batch, d_model], row b the new token of seqs[b]; y: [batch, d_model]. All or nothing.
+  void decode(KvCache& cache, const SequenceId* seqs, Index batch, const float* x, float* y) {
+    const char* call = decode_call_.c_str();
+    detail::check_cache_record(call, cache, cache_record());
+    detail::check_decode_batch(call, cache, seqs, batch, x, y);
+    Buffers b = plan(batch);
+    project(x, batch, b);
+    for (Index row = 0; row < batch; ++row) rotate(b, row, 1, cache.length(seqs[row]));
+    detail::append_one_token_each(cache, seqs, batch, [&](Index row, PlaneInput* planes) {
+      factor_planes(b, row, planes);
+    });
+    for (Index row = 0; row < batch; ++row) attend(b, row, 1, cache.view(seqs[row]));
+    output(b, batch, y);
+  }
+
+  // Causal prefill of the next n tokens of `seq`. x: [n, d_model]; y: [n, d_model].
+  void prefill(KvCache& cache, SequenceId seq, Index n, const float* x, float* y) {
+    const char* call = prefill_call_.c_str();
+    detail::check_cache_record(call, cache, cache_record());
+    detail::check_prefill(call, cache, seq, n, x, y);
+    Buffers b = plan(n);
+    project(x, n, b);
+    rotate(b, 0, n, cache.length(seq));
+    PlaneInput planes[4];
+    factor_planes(b, 0, planes);
+    cache.append(seq, n, planes, 4);
+    attend(b, 0, n, cache.view(seq));
+    output(b, n, y);
+  }
+
+ private:
+  struct Buffers {
+    float* a_q;  // [rows, R_Q h]   (rank-major)      TPA
+    float* b_q;  // [rows, R_Q d_h]                   TPA
+    float* q;    // [rows, h d_h]                     KV-only
+    float* a_k;  // [rows, R_K h]
+    float* b_k;  // [rows, R_K d_h]
+    float* a_v;  // [rows, R_V h]
+    float* b_v;  // [rows, R_V d_v]
+    float* o;    // [rows, h d_v]
+    float* kernel;
+  };
+
+  static TpaConfig validated(TpaConfig config, const char* name) {
+    detail::check_positive(name, "d_model", config.d_model);
+    detail::check_positive(name, "heads", config.heads);
+    detail::check_positive(name, "head_dim", config.head_dim);
+    if (config.value_dim == 0) config.value_dim = config.head_dim;
+    detail::check_positive(name, "value_dim", config.value_dim);
+    TPATTN_CHECK(config.rank_q >= 0, name, "rank_q", ">= 0 (0 = TPA-KVonly)", config.rank_q);
+    detail::check_positive(name, "rank_k", config.rank_k);
+    detail::check_positive(name, "rank_v", config.rank_v);
+    TPATTN_CHECK(config.rank_q > 0 || config.order != TpaOrder::factor, name, "order",
+                 "query or automatic for TPA-KVonly (it has no query factors)", "factor");
+    return config;
+  }
+
+  // Row i R + r (head-major) -> row r h + i (rank-major).
+  static RowMatrix head_major_to_rank_major(const RowMatrix& weight, Index heads, Index rank) {
+    RowMatrix reordered(weight.rows(), weight.cols());
+    for (Index i = 0; i < heads; ++i)
+      for (Index r = 0; r < rank; ++r) reordered.row(r * heads + i) = weight.row(i * rank + r);
+    return reordered;
+  }
+
+  Index widths(Index rows) const {
+    const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
+    const Index query = kv_only() ? h * dh : config_.rank_q * (h + dh);
+    return rows * (query + config_.rank_k * (h + dh) + config_.rank_v * (h + dv) + h * dv);
+  }
+  Index workspace_floats(Index rows) const { return widths(rows) + kernel_.workspace_floats(); }
+
+  Buffers plan(Index rows) {
+    const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
+    const Index rq = config_.rank_q, rk = config_.rank_k, rv = config_.rank_v;
+    Buffers b;
+    float* next = workspace_.floats(workspace_floats(rows));
+    auto take = [&](Index width) {
+      float* start = next;
+      next += rows * width;
+      return start;
+    };
+    b.a_q = take(rq * h);
+    b.b_q = take(rq * dh);
+    b.q = take(kv_only() ? h * dh : 0);
+    b.a_k = take(rk * h);
+    b.b_k = take(rk * dh);
+    b.a_v = take(rv * h);
+    b.b_v = take(rv * dv);
+    b.o = take(h * dv);
+    b.kernel = next;
+    return b;
+  }
+
+  void project(const float* x, Index rows, const Buffers& b) const {
+    const ConstMatrixMap input = map_matrix(x, rows, config_.d_model);
+    auto apply = [&](const RowMatrix& weight, float* out) {
+      map_matrix(out, rows, weight.rows()).noalias() = input * weight.transpose();
+    };
+    if (kv_only()) {
+      apply(weights_.w_q, b.q);
+    } else {
+      apply(weights_.w_a_q, b.a_q);
+      apply(weights_.w_b_q, b.b_q);
+    }
+    apply(weights_.w_a_k, b.a_k);
+    apply(weights_.w_b_k, b.b_k);
+    apply(weights_.w_a_v, b.a_v);
+    apply(weights_.w_b_v, b.b_v);
+  }
+
+  // RoPE on the rows of B_Q (or q, KV-only) and B_K; rows [first, first + count) from `position`.
+  void rotate(const Buffers& b, Index first, Index count, Index position) const {
+    const Index h = config_.heads, dh = config_.head_dim;
+    for (Index t = 0; t < count; ++t) {
+      const Index row = first + t;
+      if (kv_only())
+        rope_.apply(b.q + row * h * dh, h, dh, position + t);
+      else
+        rope_.apply(b.b_q + row * config_.rank_q * dh, config_.rank_q, dh, position + t);
+      rope_.apply(b.b_k + row * config_.rank_k * dh, config_.rank_k, dh, position + t);
+    }
+  }
+
+  // The cached planes A_K, B_K, A_V, B_V of rows starting at `row`.
+  void factor_planes(const Buffers& b, Index row, PlaneInput* planes) const {
+    const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
+    const Index rk = config_.rank_k, rv = config_.rank_v;
+    planes[0] = {b.a_k + row * rk * h, rk, h};
+    planes[1] = {b.b_k + row * rk * dh, rk, dh};
+    planes[2] = {b.a_v + row * rv * h, rv, h};
+    planes[3] = {b.b_v + row * rv * dv, rv, dv};
+  }
+
+  // Attention of rows [row, row + n), the last n tokens of `view`.
+  void attend(const Buffers& b, Index row, Index n, const SequenceView& view) const {
+    const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
+    float* out = b.o + row * h * dv;
+    if (kv_only())
+      kernel_.attend(b.q + row * h * dh, n, view, out, nullptr, b.kernel);
+    else
+      kernel_.attend(b.a_q + row * config_.rank_q * h, b.b_q + row * config_.rank_q * dh, n, view,
+                     out, nullptr, b.kernel, order());
+  }
+
+  void output(const Buffers& b, Index rows, float* y) const {
+    map_matrix(y, rows, config_.d_model).noalias() =
+        map_matrix(static_cast<const float*>(b.o), rows, config_.heads * config_.value_dim) *
+        weights_.w_o.transpose();
+  }
+
+  TpaConfig config_;
+  TpaWeights weights_;  // A rows reordered to rank-major
+  std::string decode_call_;
+  std::string prefill_call_;
+  TpaKernel<Storage> kernel_;
+  Rope rope_;
+  detail::Workspace workspace_;
+};
+
+// TPA-KVonly: a plain query W_Q x_t; rank_q must be 0 (or is set to 0).
+template <class Storage = float>
+class TensorProductAttentionKvOnly : public TensorProductAttention<Storage> {
+ public:
+  TensorProductAttentionKvOnly(TpaConfig config, TpaWeights weights)
+      : TensorProductAttention<Storage>(without_query_rank(config), std::move(weights),
+                                        "TensorProductAttentionKvOnly") {}
+
+ private:
+  static TpaConfig without_query_rank(TpaConfig config) {
+    TPATTN_CHECK(config.rank_q == 0, "TensorProductAttentionKvOnly", "rank_q",
+                 "0 (the query is not factorised)", config.rank_q);
+    return config;
+  }
+};
+
+}  // namespace tpattn
