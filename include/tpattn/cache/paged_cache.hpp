@@ -13,9 +13,17 @@ namespace tpattn {
 class PagedKvCache final : public KvCache {
  public:
   // page_tokens >= 1 tokens per page, page_count >= 1 pages, max_sequences >= 1.
-  PagedKvCache(CacheRecord record, Index page_tokens, Index page_count, Index max_sequences)
-      : KvCache(checked(std::move(record), page_tokens, page_count, max_sequences)),
-        store_(this->record(), page_tokens, page_count, max_sequences, page_count) {}
+  // max_tokens_per_sequence (0 = the whole pool) caps one sequence's length; each sequence's
+  // page table is reserved for that many tokens when it is added, so appends never allocate.
+  PagedKvCache(CacheRecord record, Index page_tokens, Index page_count, Index max_sequences,
+               Index max_tokens_per_sequence = 0)
+      : KvCache(checked(std::move(record), page_tokens, page_count, max_sequences,
+                        max_tokens_per_sequence)),
+        store_(this->record(), page_tokens, page_count, max_sequences,
+               max_tokens_per_sequence == 0
+                   ? page_count
+                   : std::min(page_count,
+                              (max_tokens_per_sequence + page_tokens - 1) / page_tokens)) {}
 
   Index page_tokens() const { return store_.block_tokens(); }
   Index page_count() const { return store_.block_count(); }
@@ -43,8 +51,9 @@ class PagedKvCache final : public KvCache {
     detail::check_append(call, record(), n_tokens, planes, plane_count);
     TPATTN_CHECK(n_tokens <= store_.tokens_available(seq), call, "n_tokens",
                  "<= " + detail::to_text(store_.tokens_available(seq)) +
-                     " (room in the last page plus " + detail::to_text(free_page_count()) +
-                     " free pages of " + detail::to_text(page_tokens()) + " tokens)",
+                     " (room in the sequence's last page plus the free pages it may take: " +
+                     detail::to_text(free_page_count()) + " free pages of " +
+                     detail::to_text(page_tokens()) + " tokens)",
                  n_tokens);
     store_.append(record(), seq, n_tokens, planes);
   }
@@ -75,10 +84,12 @@ class PagedKvCache final : public KvCache {
 
  private:
   static CacheRecord checked(CacheRecord record, Index page_tokens, Index page_count,
-                             Index max_sequences) {
+                             Index max_sequences, Index max_tokens_per_sequence) {
     TPATTN_CHECK(page_tokens >= 1, "PagedKvCache", "page_tokens", ">= 1", page_tokens);
     TPATTN_CHECK(page_count >= 1, "PagedKvCache", "page_count", ">= 1", page_count);
     TPATTN_CHECK(max_sequences >= 1, "PagedKvCache", "max_sequences", ">= 1", max_sequences);
+    TPATTN_CHECK(max_tokens_per_sequence >= 0, "PagedKvCache", "max_tokens_per_sequence",
+                 ">= 0 (0 = the whole pool)", max_tokens_per_sequence);
     return record;
   }
 
