@@ -68,7 +68,7 @@ class GqaKernel {
   // n = 1 is a decode step. workspace: workspace_floats() floats.
   void attend(const float* q, Index n, const SequenceView& view, float* out, float* lse,
               float* workspace) const {
-    TPATTN_ASSERT(n >= 1 && n <= view.length());
+    detail::check_attend("GqaKernel::attend", record_, view, n, q, out, workspace);
     core_.run(q, n, view, view.length() - n + 1, out, lse, workspace);
   }
 

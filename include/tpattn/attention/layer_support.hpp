@@ -47,6 +47,21 @@ inline void check_cache_record(const char* call, const KvCache& cache,
                    " elements per token, storage " + to_text(cache.record().plane(0).storage));
 }
 
+// The always-on checks of a bare kernel's attend(): the view comes from a cache with the
+// kernel's record and holds the n query tokens; the buffers exist.
+inline void check_attend(const char* call, const CacheRecord& record, const SequenceView& view,
+                         Index n, const void* query, const void* out, const void* workspace) {
+  TPATTN_CHECK(view.valid() && view.record() == record, call, "view",
+               "a view of a cache built with this kernel's cache_record()",
+               view.valid() ? "a view with another record" : "an empty view");
+  TPATTN_CHECK(n >= 1 && n <= view.length(), call, "n",
+               "in [1, view.length() = " + to_text(view.length()) + "]", n);
+  TPATTN_CHECK(query != nullptr, call, "q", "non-null", "null");
+  TPATTN_CHECK(out != nullptr, call, "out", "non-null", "null");
+  TPATTN_CHECK(workspace != nullptr, call, "workspace", "non-null (workspace_floats() floats)",
+               "null");
+}
+
 // seqs: [batch] distinct live sequences of `cache`, each with room for one more token.
 inline void check_decode_batch(const char* call, const KvCache& cache, const SequenceId* seqs,
                                Index batch, const float* x, const float* y) {

@@ -77,7 +77,7 @@ class MlaKernel {
   // `view`; out: [n, h, d_c] latent outputs sum_s p_i(s) c_s; lse: [n, h] or null. Causal.
   void attend(const float* q, Index n, const SequenceView& view, float* out, float* lse,
               float* workspace) const {
-    TPATTN_ASSERT(n >= 1 && n <= view.length());
+    detail::check_attend("MlaKernel::attend", record_, view, n, q, out, workspace);
     core_.run(q, n, view, view.length() - n + 1, out, lse, workspace);
   }
 
@@ -139,7 +139,7 @@ class MultiHeadLatentAttention {
     });
     absorb_queries(buffers, batch);
     for (Index b = 0; b < batch; ++b)
-      kernel_.attend(buffers.absorbed + b * absorbed_width(), 1, cache.view(seqs[b]),
+      kernel_.attend(buffers.absorbed + b * config_.heads * absorbed_width(), 1, cache.view(seqs[b]),
                      buffers.latent_out + b * config_.heads * config_.kv_latent_dim, nullptr,
                      buffers.kernel);
     output(buffers, batch, y);

@@ -77,14 +77,18 @@ class TpaKernel {
   // (rotated). out: [n, h, d_v]; lse: [n, h] or null. Causal.
   void attend(const float* a_q, const float* b_q, Index n, const SequenceView& view, float* out,
               float* lse, float* workspace, TpaOrder order = TpaOrder::automatic) const {
-    TPATTN_ASSERT(shape().rank_q > 0 && n >= 1 && n <= view.length());
+    detail::check_attend("TpaKernel::attend", record_, view, n, a_q, out, workspace);
+    TPATTN_CHECK(shape().rank_q > 0, "TpaKernel::attend", "a_q, b_q",
+                 "a kernel with rank_q >= 1 (this one takes materialised queries only)",
+                 "rank_q = 0");
+    TPATTN_CHECK(b_q != nullptr, "TpaKernel::attend", "b_q", "non-null", "null");
     core_.run(a_q, b_q, n, view, view.length() - n + 1, out, lse, workspace, order);
   }
 
   // Materialised queries q: [n, h, d_h] (rotated), e.g. TPA-KVonly.
   void attend(const float* q, Index n, const SequenceView& view, float* out, float* lse,
               float* workspace) const {
-    TPATTN_ASSERT(n >= 1 && n <= view.length());
+    detail::check_attend("TpaKernel::attend", record_, view, n, q, out, workspace);
     core_.run(q, n, view, view.length() - n + 1, out, lse, workspace);
   }
 
@@ -301,7 +305,7 @@ class TensorProductAttention {
   detail::Workspace workspace_;
 };
 
-// TPA-KVonly: a plain query W_Q x_t; rank_q must be 0 (or is set to 0).
+// TPA-KVonly: a plain query W_Q x_t; config.rank_q must be 0.
 template <class Storage = float>
 class TensorProductAttentionKvOnly : public TensorProductAttention<Storage> {
  public:

@@ -33,11 +33,18 @@ class BlockStore {
         max_blocks_per_sequence_(max_blocks_per_sequence),
         plane_offsets_(static_cast<std::size_t>(record.plane_count())),
         sequences_(static_cast<std::size_t>(max_sequences)) {
+    // Planes follow each other inside a block; an offset is rounded up to its plane's element
+    // size so mixed-storage records stay aligned (records of one storage type need no padding).
     Index offset = 0;
+    Index widest = 1;
     for (Index p = 0; p < record.plane_count(); ++p) {
+      const Index align = element_bytes(record.plane(p).storage);
+      widest = std::max(widest, align);
+      offset = (offset + align - 1) / align * align;
       plane_offsets_[static_cast<std::size_t>(p)] = offset;
       offset += block_tokens * record.plane(p).bytes_per_token();
     }
+    offset = (offset + widest - 1) / widest * widest;  // so every block starts aligned too
     block_bytes_ = offset;
     memory_.reset(static_cast<std::byte*>(::operator new(
         static_cast<std::size_t>(block_bytes_ * block_count_), std::align_val_t(kAlignment))));
@@ -174,9 +181,9 @@ inline void check_append(const char* call, const CacheRecord& record, Index n_to
   TPATTN_CHECK(planes != nullptr, call, "planes", "non-null", "null");
   for (Index p = 0; p < plane_count; ++p) {
     const PlaneSpec& spec = record.plane(p);
-    const std::string shape = to_text(spec.rows) + " x " + to_text(spec.cols);
     TPATTN_CHECK(planes[p].rows == spec.rows && planes[p].cols == spec.cols, call,
-                 ("planes[" + to_text(p) + "] (" + spec.name + ") shape").c_str(), shape,
+                 ("planes[" + to_text(p) + "] (" + spec.name + ") shape").c_str(),
+                 to_text(spec.rows) + " x " + to_text(spec.cols),
                  to_text(planes[p].rows) + " x " + to_text(planes[p].cols));
     TPATTN_CHECK(planes[p].data != nullptr, call,
                  ("planes[" + to_text(p) + "] (" + spec.name + ") data").c_str(), "non-null",

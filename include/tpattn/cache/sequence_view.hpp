@@ -27,6 +27,8 @@ class SequenceView {
         block_tokens_(block_tokens),
         length_(length) {}
 
+  // False for a default-constructed view, which belongs to no cache.
+  bool valid() const { return record_ != nullptr; }
   const CacheRecord& record() const { return *record_; }
   Index length() const { return length_; }
   Index block_tokens() const { return block_tokens_; }
