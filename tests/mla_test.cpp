@@ -1,0 +1,1284 @@
+// tests/mla_test.cpp -- MultiHeadLatentAttention and the bare MlaKernel against a plain
+// double-precision reference (tests/support/mla_reference.hpp) that builds EXPLICIT per-head keys
+// and values (docs/attention.md §2, §6.4), plus cache sizes (§5), misuse, and allocation.
+//
+// Tolerances (all relative to the largest reference entry, i.e. max|got - ref| / max|ref|):
+//  - kLayerTolerance = 1e-5. The operator computes in fp32 (unit roundoff 6e-8). Its longest
+//    dot products have d_model, d_c + d_R or h d_v terms (<= 768 here); random-sign rounding
+//    errors grow like sqrt(terms), so each stage is off by ~1e-6 relative at worst, and the
+//    scores (O(1), see random_mla_weights) carry that into the softmax weights unamplified.
+//    Measured (g++ 12 -O2 -march=native, AVX-512): at most 7e-7 over every layer case. 1e-5
+//    keeps a >10x margin while a wrong option (a dropped gain, the other RoPE pairing or
+//    direction, the wrong scale) is off by > 1e-3 (100 tolerances), as the contrast checks below
+//    show for every option.
+//  - bfloat16 / half caches use the same 1e-5: the reference rounds its own cached latent (after
+//    the norm) and rope key (after the rotation) through the storage type (round_like_cache),
+//    so both sides attend over the same keys and values and only fp32 arithmetic differs. A value
+//    within fp32 error of a rounding midpoint may round the other way in the operator; the
+//    reference adopts the cache's rounding there (and only there, see round_like_cache). Without
+//    that, 6 of the bf16/f16 cases would miss by up to 2.8e-5 from one-ulp flips alone.
+//  - kKernelTolerance = 1e-5 for the bare kernel's latent output and its LSE (absolute on LSE
+//    values of O(1) .. O(10), i.e. ~1e-6 relative): its inputs are read back from the cache
+//    exactly, so only the fp32 score dot products (d_c + d_R <= 576 terms) and the online
+//    softmax differ from the double reference. Measured: at most 9e-7 for both.
+#include "support/counting_new.hpp"  // this executable's one copy of the counting operator new
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <ostream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "support/allocation_counter.hpp"
+#include "support/mla_reference.hpp"
+#include "support/reference.hpp"
+#include "tpattn/attention/mla.hpp"
+#include "tpattn/cache/contiguous_cache.hpp"
+#include "tpattn/cache/paged_cache.hpp"
+
+namespace {
+
+using tpattn::CacheRecord;
+using tpattn::ContiguousKvCache;
+using tpattn::Index;
+using tpattn::KvCache;
+using tpattn::MlaConfig;
+using tpattn::MlaKernel;
+using tpattn::MlaWeights;
+using tpattn::MultiHeadLatentAttention;
+using tpattn::PagedKvCache;
+using tpattn::RopeDirection;
+using tpattn::RopePairing;
+using tpattn::RowMatrix;
+using tpattn::SequenceId;
+using tpattn::SequenceView;
+using tpattn::StorageType;
+using tpattn_test::AttentionResult;
+using tpattn_test::Tensor3;
+
+constexpr double kLayerTolerance = 1e-5;
+constexpr double kKernelTolerance = 1e-5;
+// A wrong option must miss the reference by this many tolerances for its contrast check to count.
+constexpr double kContrastFactor = 100.0;
+// fp32 error allowed on a cached value before its storage rounding, relative to the plane's
+// largest value (see round_like_cache): the latent is a d_model-term dot product and an RMSNorm.
+constexpr double kCachedValueSlack = 1e-5;
+constexpr Index kPageTokens = 16;
+
+// ---- storage types and caches -------------------------------------------------------------------
+
+template <class T>
+struct StorageTag {
+  using type = T;
+};
+
+// Calls f(StorageTag<T>{}) with the C++ type of `storage`.
+template <class F>
+void with_storage(StorageType storage, F&& f) {
+  switch (storage) {
+    case StorageType::f32: f(StorageTag<float>{}); return;
+    case StorageType::bf16: f(StorageTag<Eigen::bfloat16>{}); return;
+    case StorageType::f16: f(StorageTag<Eigen::half>{}); return;
+  }
+}
+
+const StorageType kAllStorage[] = {StorageType::f32, StorageType::bf16, StorageType::f16};
+
+enum class CacheKind { contiguous, paged };
+const CacheKind kAllCaches[] = {CacheKind::contiguous, CacheKind::paged};
+
+const char* name_of(CacheKind kind) {
+  return kind == CacheKind::contiguous ? "Contiguous" : "Paged";
+}
+std::ostream& operator<<(std::ostream& out, CacheKind kind) { return out << name_of(kind); }
+
+// Room for `sequences` sequences of `tokens` tokens each, exactly: a contiguous region of
+// `tokens`, or ceil(tokens / 16) pages of 16 tokens per sequence in one shared pool.
+std::unique_ptr<KvCache> make_cache(CacheKind kind, const CacheRecord& record, Index sequences,
+                                    Index tokens) {
+  if (kind == CacheKind::contiguous)
+    return std::make_unique<ContiguousKvCache>(record, sequences, tokens);
+  const Index pages = sequences * ((tokens + kPageTokens - 1) / kPageTokens);
+  return std::make_unique<PagedKvCache>(record, kPageTokens, pages, sequences);
+}
+
+// Token t's bytes of plane `plane` in the view (whatever the plane's storage type).
+const std::byte* token_bytes(const SequenceView& view, Index plane, Index t) {
+  const Index block = t / view.block_tokens(), row = t % view.block_tokens();
+  const Index offset = row * view.elements_per_token(plane);
+  const std::byte* bytes = nullptr;
+  with_storage(view.record().plane(plane).storage, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    bytes = reinterpret_cast<const std::byte*>(view.plane_block<S>(plane, block) + offset);
+  });
+  return bytes;
+}
+
+// The cached values of one plane of a sequence, as doubles [L, 1, width]: exactly what the
+// kernel reads back.
+Tensor3 read_plane(const SequenceView& view, Index plane) {
+  const Index width = view.elements_per_token(plane);
+  Tensor3 values(view.length(), 1, width);
+  with_storage(view.record().plane(plane).storage, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    for (Index t = 0; t < view.length(); ++t) {
+      const S* row = reinterpret_cast<const S*>(token_bytes(view, plane, t));
+      for (Index c = 0; c < width; ++c) values.at(t, 0, c) = static_cast<float>(row[c]);
+    }
+  });
+  return values;
+}
+
+// Everything misuse must leave alone: lengths, byte counts, free pages and every cached byte.
+struct CacheSnapshot {
+  std::vector<Index> lengths;
+  Index bytes_used = 0;
+  Index sequence_count = 0;
+  Index free_pages = -1;
+  std::vector<std::vector<std::byte>> data;  // per sequence, every token's planes
+
+  bool operator==(const CacheSnapshot& other) const {
+    return lengths == other.lengths && bytes_used == other.bytes_used &&
+           sequence_count == other.sequence_count && free_pages == other.free_pages &&
+           data == other.data;
+  }
+};
+
+CacheSnapshot snapshot(const KvCache& cache, const std::vector<SequenceId>& seqs) {
+  CacheSnapshot s;
+  s.bytes_used = cache.bytes_used();
+  s.sequence_count = cache.sequence_count();
+  if (const auto* paged = dynamic_cast<const PagedKvCache*>(&cache))
+    s.free_pages = paged->free_page_count();
+  for (SequenceId seq : seqs) {
+    s.lengths.push_back(cache.length(seq));
+    const SequenceView view = cache.view(seq);
+    std::vector<std::byte> bytes;
+    for (Index t = 0; t < view.length(); ++t)
+      for (Index p = 0; p < cache.record().plane_count(); ++p) {
+        const std::byte* row = token_bytes(view, p, t);
+        bytes.insert(bytes.end(), row, row + cache.record().plane(p).bytes_per_token());
+      }
+    s.data.push_back(std::move(bytes));
+  }
+  return s;
+}
+
+// ---- comparisons --------------------------------------------------------------------------------
+
+// max|actual - expected| / max|expected|; NaN gives +inf.
+double relative_error(const RowMatrix& actual, const Eigen::MatrixXd& expected) {
+  if (actual.rows() != expected.rows() || actual.cols() != expected.cols())
+    return std::numeric_limits<double>::infinity();
+  double worst = 0.0, scale = 0.0;
+  for (Index r = 0; r < actual.rows(); ++r)
+    for (Index c = 0; c < actual.cols(); ++c) {
+      const double error = std::abs(static_cast<double>(actual(r, c)) - expected(r, c));
+      if (std::isnan(error)) return std::numeric_limits<double>::infinity();
+      worst = std::max(worst, error);
+      scale = std::max(scale, std::abs(expected(r, c)));
+    }
+  return worst / std::max(scale, 1e-30);
+}
+
+Eigen::MatrixXd rows_of(const Eigen::MatrixXd& m, Index first, Index count) {
+  return m.middleRows(first, count);
+}
+
+// Checks the cached latent and rope key of `seq` against the reference's (and rounds the
+// reference like the cache, see round_like_cache), then the outputs y of the last y.rows() of the
+// sequence's tokens against the explicit-K/V reference. x: the sequence's inputs from token 0.
+::testing::AssertionResult matches_explicit_reference(const MlaConfig& config,
+                                                      const MlaWeights& weights, const RowMatrix& x,
+                                                      const RowMatrix& y, const KvCache& cache,
+                                                      SequenceId seq, double tolerance,
+                                                      double* error_out = nullptr) {
+  const Eigen::MatrixXd xd = tpattn_test::to_double(x);
+  tpattn_test::MlaProjections p = tpattn_test::mla_projections(config, weights, xd);
+  const SequenceView view = cache.view(seq);
+  if (view.length() != x.rows())
+    return ::testing::AssertionFailure()
+           << "cache holds " << view.length() << " tokens, inputs " << x.rows();
+  const StorageType storage = cache.record().plane(0).storage;
+  const auto round = [&](Tensor3& reference, Index plane, const char* name) {
+    const double slack = kCachedValueSlack * tpattn_test::max_abs(reference);
+    return tpattn_test::round_like_cache(storage, reference, read_plane(view, plane), slack, name);
+  };
+  const tpattn_test::RoundingReport latent = round(p.latent, 0, "latent");
+  const tpattn_test::RoundingReport rope_key = round(p.rope_key, 1, "rope_key");
+  if (latent.wrong_values + rope_key.wrong_values > 0)
+    return ::testing::AssertionFailure()
+           << "cached values are no rounding of the reference: " << latent.wrong_values
+           << " latent, " << rope_key.wrong_values << " rope_key; " << latent.problem
+           << rope_key.problem;
+
+  const Index first = x.rows() - y.rows();
+  const Eigen::MatrixXd expected =
+      tpattn_test::mla_layer_reference(config, weights, rows_of(xd, first, y.rows()), p.latent,
+                                       p.rope_key, tpattn_test::mla_scale(config));
+  const double error = relative_error(y, expected);
+  if (error_out != nullptr) *error_out = error;
+  if (error <= tolerance)
+    return ::testing::AssertionSuccess()
+           << "relative error " << error
+           << " (near-ties adopted: " << latent.near_ties + rope_key.near_ties << ")";
+  return ::testing::AssertionFailure()
+         << "relative error " << error << " > " << tolerance << " (" << y.rows() << " x "
+         << y.cols() << " outputs; near-ties adopted: " << latent.near_ties + rope_key.near_ties
+         << ")";
+}
+
+// ---- configs ------------------------------------------------------------------------------------
+
+MlaConfig small_config() {
+  MlaConfig c;
+  c.d_model = 40;
+  c.heads = 3;
+  c.head_dim = 16;
+  c.rope_dim = 8;
+  c.value_dim = 16;
+  c.kv_latent_dim = 32;
+  c.q_latent_dim = 24;
+  c.norm_eps = 1e-6f;
+  c.rope.pairing = RopePairing::interleaved;  // DeepSeek
+  return c;
+}
+
+// DeepSeek-V2's MLA widths (d_c 512, d_R 64, d_h 128; its d'_c is 1536), fewer heads, smaller
+// d_model, interleaved RoPE.
+MlaConfig deepseek_like_config() {
+  MlaConfig c;
+  c.d_model = 256;
+  c.heads = 4;
+  c.head_dim = 128;
+  c.rope_dim = 64;
+  c.value_dim = 128;
+  c.kv_latent_dim = 512;
+  c.q_latent_dim = 192;
+  c.rope.pairing = RopePairing::interleaved;
+  return c;
+}
+
+// The T6 paper's small MLA (d_c 256, d_R 32, d_h 64), its half-split reversed RoPE.
+MlaConfig t6_small_config() {
+  MlaConfig c;
+  c.d_model = 192;
+  c.heads = 6;
+  c.head_dim = 64;
+  c.rope_dim = 32;
+  c.value_dim = 64;
+  c.kv_latent_dim = 256;
+  c.q_latent_dim = 96;
+  c.rope.pairing = RopePairing::half_split;
+  c.rope.direction = RopeDirection::reversed;
+  return c;
+}
+
+// ---- running a sequence through the operator ----------------------------------------------------
+
+struct Step {
+  bool decode;  // decode() one token, else prefill() `tokens`
+  Index tokens;
+};
+
+enum class Schedule { decode, prefill, chunked };
+const Schedule kAllSchedules[] = {Schedule::decode, Schedule::prefill, Schedule::chunked};
+
+const char* name_of(Schedule s) {
+  switch (s) {
+    case Schedule::decode: return "Decode";
+    case Schedule::prefill: return "Prefill";
+    case Schedule::chunked: return "Chunked";
+  }
+  return "?";
+}
+
+// decode: one decode() per token; prefill: one prefill() of everything; chunked: prefills of
+// 5, 16, 1, 3, 17, 31, 2 tokens (across page and 16-query-block boundaries) mixed with decodes.
+std::vector<Step> steps_for(Schedule schedule, Index length) {
+  std::vector<Step> steps;
+  if (schedule == Schedule::decode) {
+    for (Index t = 0; t < length; ++t) steps.push_back({true, 1});
+    return steps;
+  }
+  if (schedule == Schedule::prefill) return {{false, length}};
+  const Step pattern[] = {{false, 5}, {true, 1},   {false, 16}, {false, 1},  {true, 1},
+                          {false, 3}, {false, 17}, {true, 1},   {false, 31}, {false, 2}};
+  Index done = 0;
+  for (std::size_t k = 0; done < length; k = (k + 1) % (sizeof(pattern) / sizeof(pattern[0]))) {
+    Step step = pattern[k];
+    step.tokens = std::min(step.tokens, length - done);
+    steps.push_back(step);
+    done += step.tokens;
+  }
+  return steps;
+}
+
+// Feeds rows [first, first + sum of steps) of x to `seq`; returns their outputs.
+template <class S>
+RowMatrix run_steps(MultiHeadLatentAttention<S>& op, KvCache& cache, SequenceId seq,
+                    const RowMatrix& x, const std::vector<Step>& steps, Index first = 0) {
+  Index total = 0;
+  for (const Step& step : steps) total += step.tokens;
+  RowMatrix y = RowMatrix::Constant(total, x.cols(), std::numeric_limits<float>::quiet_NaN());
+  Index row = 0;
+  for (const Step& step : steps) {
+    if (step.decode)
+      op.decode(cache, &seq, 1, x.row(first + row).data(), y.row(row).data());
+    else
+      op.prefill(cache, seq, step.tokens, x.row(first + row).data(), y.row(row).data());
+    row += step.tokens;
+  }
+  return y;
+}
+
+// ---- §6.4: the absorbed layer equals explicit per-head keys and values --------------------------
+
+struct LayerCase {
+  std::string name;
+  MlaConfig config;
+  StorageType storage;
+  Schedule schedule;
+  CacheKind cache;
+  Index length;
+};
+
+std::string case_name(const std::string& prefix, StorageType storage, Schedule schedule,
+                      CacheKind cache, Index length) {
+  return prefix + tpattn::name_of(storage) + "_" + name_of(schedule) + "_" + name_of(cache) + "_T" +
+         std::to_string(length);
+}
+
+void PrintTo(const LayerCase& c, std::ostream* out) { *out << c.name; }
+
+class MlaLayer : public ::testing::TestWithParam<LayerCase> {};
+
+TEST_P(MlaLayer, AbsorbedLayerEqualsExplicitPerHeadKeysAndValues) {
+  const LayerCase& c = GetParam();
+  with_storage(c.storage, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    const MlaWeights weights = tpattn_test::random_mla_weights(c.config, 1000u + c.length);
+    MultiHeadLatentAttention<S> op(c.config, weights);
+    auto cache = make_cache(c.cache, op.cache_record(), 1, c.length);  // exactly full at the end
+    const SequenceId seq = cache->add_sequence();
+    const RowMatrix x = tpattn_test::random_inputs(c.length, c.config.d_model, 7u + c.length);
+    const RowMatrix y = run_steps(op, *cache, seq, x, steps_for(c.schedule, c.length));
+    EXPECT_EQ(cache->length(seq), c.length);
+    EXPECT_TRUE(matches_explicit_reference(c.config, weights, x, y, *cache, seq, kLayerTolerance));
+  });
+}
+
+std::vector<LayerCase> grid_cases() {
+  std::vector<LayerCase> cases;
+  for (StorageType storage : kAllStorage)
+    for (Schedule schedule : kAllSchedules)
+      for (CacheKind cache : kAllCaches)
+        for (Index length :
+             {Index(1), Index(2), kPageTokens - 1, kPageTokens, kPageTokens + 1, Index(113)})
+          cases.push_back({case_name("", storage, schedule, cache, length), small_config(), storage,
+                           schedule, cache, length});
+  return cases;
+}
+
+std::vector<LayerCase> head_cases() {
+  std::vector<LayerCase> cases;
+  for (Index heads : {1, 3, 17})
+    for (StorageType storage : kAllStorage)
+      for (Schedule schedule : {Schedule::decode, Schedule::chunked}) {
+        MlaConfig config = small_config();
+        config.heads = heads;
+        cases.push_back(
+            {case_name("H" + std::to_string(heads) + "_", storage, schedule, CacheKind::paged, 33),
+             config, storage, schedule, CacheKind::paged, 33});
+      }
+  return cases;
+}
+
+std::vector<LayerCase> shape_cases() {
+  std::vector<LayerCase> cases;
+  for (StorageType storage : kAllStorage) {
+    cases.push_back({case_name("DeepSeekLike_", storage, Schedule::chunked, CacheKind::paged, 24),
+                     deepseek_like_config(), storage, Schedule::chunked, CacheKind::paged, 24});
+    cases.push_back({case_name("T6Small_", storage, Schedule::chunked, CacheKind::contiguous, 40),
+                     t6_small_config(), storage, Schedule::chunked, CacheKind::contiguous, 40});
+  }
+  MlaConfig t6_medium = t6_small_config();  // d_c 512, d_R 32: 544 cached elements per token
+  t6_medium.kv_latent_dim = 512;
+  cases.push_back(
+      {case_name("T6Medium_", StorageType::bf16, Schedule::decode, CacheKind::paged, 18), t6_medium,
+       StorageType::bf16, Schedule::decode, CacheKind::paged, 18});
+  return cases;
+}
+
+std::string layer_case_name(const ::testing::TestParamInfo<LayerCase>& info) {
+  return info.param.name;
+}
+
+INSTANTIATE_TEST_SUITE_P(Lengths, MlaLayer, ::testing::ValuesIn(grid_cases()), layer_case_name);
+INSTANTIATE_TEST_SUITE_P(Heads, MlaLayer, ::testing::ValuesIn(head_cases()), layer_case_name);
+INSTANTIATE_TEST_SUITE_P(Shapes, MlaLayer, ::testing::ValuesIn(shape_cases()), layer_case_name);
+
+// ---- options: each one honoured, and each one mattering ----------------------------------------
+
+// A config option, and how to change it (in config and/or weights) for a contrast reference that
+// the operator must NOT match: proof that the test would catch the option being ignored.
+struct OptionCase {
+  std::string name;
+  MlaConfig config;
+  std::function<void(MlaConfig&, MlaWeights&)> contrast;  // empty: no contrast
+};
+
+struct OptionParam {
+  OptionCase option;
+  StorageType storage;
+};
+
+void PrintTo(const OptionParam& p, std::ostream* out) { *out << p.option.name << " " << p.storage; }
+
+class MlaOption : public ::testing::TestWithParam<OptionParam> {};
+
+TEST_P(MlaOption, AbsorbedLayerHonoursTheOption) {
+  const OptionCase& c = GetParam().option;
+  const Index length = 37;  // crosses two pages and two 16-query blocks
+  with_storage(GetParam().storage, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    const MlaWeights weights = tpattn_test::random_mla_weights(c.config, 77u);
+    MultiHeadLatentAttention<S> op(c.config, weights);
+    auto cache = make_cache(CacheKind::paged, op.cache_record(), 1, length);
+    const SequenceId seq = cache->add_sequence();
+    const RowMatrix x = tpattn_test::random_inputs(length, c.config.d_model, 78u);
+    const RowMatrix y = run_steps(op, *cache, seq, x, steps_for(Schedule::chunked, length));
+    EXPECT_TRUE(matches_explicit_reference(c.config, weights, x, y, *cache, seq, kLayerTolerance));
+
+    if (c.contrast) {
+      MlaConfig other_config = c.config;
+      MlaWeights other_weights = weights;
+      c.contrast(other_config, other_weights);
+      const Eigen::MatrixXd other =
+          tpattn_test::mla_layer_reference(other_config, other_weights, tpattn_test::to_double(x));
+      EXPECT_GT(relative_error(y, other), kContrastFactor * kLayerTolerance)
+          << "the operator's output does not depend on this option";
+    }
+  });
+}
+
+std::vector<OptionCase> option_cases() {
+  const MlaConfig base = small_config();
+  std::vector<OptionCase> cases;
+  const auto add = [&](std::string name, std::function<void(MlaConfig&)> change,
+                       std::function<void(MlaConfig&, MlaWeights&)> contrast) {
+    MlaConfig config = base;
+    if (change) change(config);
+    cases.push_back({std::move(name), config, std::move(contrast)});
+  };
+  const auto ones = [](tpattn::Vector& gain) { gain.setOnes(); };
+
+  // Norms and gains.
+  add("BothNormsQueryNormMatters", nullptr,
+      [](MlaConfig& c, MlaWeights&) { c.normalize_q_latent = false; });
+  add("BothNormsKvNormMatters", nullptr,
+      [](MlaConfig& c, MlaWeights&) { c.normalize_kv_latent = false; });
+  add("QueryGainMatters", nullptr, [ones](MlaConfig&, MlaWeights& w) { ones(w.q_norm); });
+  add("KvGainMatters", nullptr, [ones](MlaConfig&, MlaWeights& w) { ones(w.kv_norm); });
+  add(
+      "NoQueryNorm", [](MlaConfig& c) { c.normalize_q_latent = false; },
+      [](MlaConfig& c, MlaWeights&) { c.normalize_q_latent = true; });
+  add(
+      "NoKvNorm", [](MlaConfig& c) { c.normalize_kv_latent = false; },
+      [](MlaConfig& c, MlaWeights&) { c.normalize_kv_latent = true; });
+  add(
+      "NoNorms",
+      [](MlaConfig& c) {
+        c.normalize_q_latent = false;
+        c.normalize_kv_latent = false;
+      },
+      [](MlaConfig& c, MlaWeights&) { c.normalize_kv_latent = true; });
+  add(
+      "NormEpsFromConfig", [](MlaConfig& c) { c.norm_eps = 0.5f; },
+      [](MlaConfig& c, MlaWeights&) { c.norm_eps = 1e-6f; });
+  // Query compression off: w_uq maps x directly (and normalize_q_latent is moot).
+  add(
+      "NoQueryCompression", [](MlaConfig& c) { c.q_latent_dim = 0; }, nullptr);
+  add(
+      "NoQueryCompressionNoKvNorm",
+      [](MlaConfig& c) {
+        c.q_latent_dim = 0;
+        c.normalize_kv_latent = false;
+      },
+      [](MlaConfig& c, MlaWeights&) { c.normalize_kv_latent = true; });
+  // Value width.
+  add(
+      "ValueDimLargerThanHeadDim", [](MlaConfig& c) { c.value_dim = 24; }, nullptr);
+  add(
+      "ValueDimSmallerThanHeadDim", [](MlaConfig& c) { c.value_dim = 6; }, nullptr);
+  add(
+      "ValueDimZeroMeansHeadDim", [](MlaConfig& c) { c.value_dim = 0; }, nullptr);
+  // RoPE pairing and direction: each of the four matches its own reference and not the others.
+  const auto rope = [](RopePairing pairing, RopeDirection direction) {
+    return [pairing, direction](MlaConfig& c) {
+      c.rope.pairing = pairing;
+      c.rope.direction = direction;
+    };
+  };
+  const auto flip_pairing = [](MlaConfig& c, MlaWeights&) {
+    c.rope.pairing = c.rope.pairing == RopePairing::interleaved ? RopePairing::half_split
+                                                                : RopePairing::interleaved;
+  };
+  const auto flip_direction = [](MlaConfig& c, MlaWeights&) {
+    c.rope.direction = c.rope.direction == RopeDirection::standard ? RopeDirection::reversed
+                                                                   : RopeDirection::standard;
+  };
+  add("RopeInterleavedStandardDeepSeekPairingMatters",
+      rope(RopePairing::interleaved, RopeDirection::standard), flip_pairing);
+  add("RopeInterleavedStandardDeepSeekDirectionMatters",
+      rope(RopePairing::interleaved, RopeDirection::standard), flip_direction);
+  add("RopeHalfSplitReversedT6PairingMatters",
+      rope(RopePairing::half_split, RopeDirection::reversed), flip_pairing);
+  add("RopeHalfSplitReversedT6DirectionMatters",
+      rope(RopePairing::half_split, RopeDirection::reversed), flip_direction);
+  add("RopeHalfSplitStandard", rope(RopePairing::half_split, RopeDirection::standard),
+      flip_direction);
+  add("RopeInterleavedReversed", rope(RopePairing::interleaved, RopeDirection::reversed),
+      flip_pairing);
+  // Partial rotary over d_R (the rest of kR and qR passes through).
+  const auto full_rotary = [](MlaConfig& c, MlaWeights&) { c.rope.rotary_dim = 0; };
+  add(
+      "PartialRotaryInterleaved", [](MlaConfig& c) { c.rope.rotary_dim = 4; }, full_rotary);
+  add(
+      "PartialRotaryHalfSplitReversed",
+      [](MlaConfig& c) {
+        c.rope.rotary_dim = 4;
+        c.rope.pairing = RopePairing::half_split;
+        c.rope.direction = RopeDirection::reversed;
+      },
+      full_rotary);
+  add(
+      "PartialRotaryOnePair", [](MlaConfig& c) { c.rope.rotary_dim = 2; }, full_rotary);
+  add(
+      "RotaryDimEqualToRopeDim", [](MlaConfig& c) { c.rope.rotary_dim = 8; }, nullptr);
+  add(
+      "RopeBaseFromConfig", [](MlaConfig& c) { c.rope.base = 50.0; },
+      [](MlaConfig& c, MlaWeights&) { c.rope.base = 10000.0; });
+  add(
+      "RopeDisabled", [](MlaConfig& c) { c.rope.enabled = false; },
+      [](MlaConfig& c, MlaWeights&) { c.rope.enabled = true; });
+  return cases;
+}
+
+std::vector<OptionParam> option_params() {
+  std::vector<OptionParam> params;
+  for (StorageType storage : {StorageType::f32, StorageType::bf16})
+    for (const OptionCase& option : option_cases()) params.push_back({option, storage});
+  return params;
+}
+
+INSTANTIATE_TEST_SUITE_P(Options, MlaOption, ::testing::ValuesIn(option_params()),
+                         [](const ::testing::TestParamInfo<OptionParam>& info) {
+                           return info.param.option.name + "_" +
+                                  tpattn::name_of(info.param.storage);
+                         });
+
+// ---- the scale ----------------------------------------------------------------------------------
+
+// d_h + d_R = 16 but d_c + d_R = 72: a scale taken from the cached width would be 2.1x too small,
+// flattening every softmax; the reference with that scale misses the output by far.
+TEST(MlaScale, ScoresAreScaledByHeadDimPlusRopeDimNotByTheCachedWidth) {
+  MlaConfig config = small_config();
+  config.head_dim = 8;
+  config.value_dim = 8;
+  config.rope_dim = 8;
+  config.kv_latent_dim = 64;
+  const Index length = 29;
+  const MlaWeights weights = tpattn_test::random_mla_weights(config, 5u);
+  MultiHeadLatentAttention<float> op(config, weights);
+  auto cache = make_cache(CacheKind::contiguous, op.cache_record(), 1, length);
+  const SequenceId seq = cache->add_sequence();
+  const RowMatrix x = tpattn_test::random_inputs(length, config.d_model, 6u);
+  const RowMatrix y = run_steps(op, *cache, seq, x, steps_for(Schedule::chunked, length));
+
+  EXPECT_TRUE(matches_explicit_reference(config, weights, x, y, *cache, seq, kLayerTolerance));
+  const Eigen::MatrixXd xd = tpattn_test::to_double(x);
+  const tpattn_test::MlaProjections p = tpattn_test::mla_projections(config, weights, xd);
+  const double cached_width_scale =
+      1.0 / std::sqrt(static_cast<double>(config.kv_latent_dim + config.rope_dim));
+  const Eigen::MatrixXd wrong = tpattn_test::mla_layer_reference(config, weights, xd, p.latent,
+                                                                 p.rope_key, cached_width_scale);
+  EXPECT_GT(relative_error(y, wrong), kContrastFactor * kLayerTolerance);
+}
+
+// ---- the bare kernel, in latent space -----------------------------------------------------------
+
+struct KernelCase {
+  std::string name;
+  StorageType storage;
+  CacheKind cache;
+  Index heads;
+  Index latent_dim;  // d_c
+  Index rope_dim;    // d_R
+  Index length;      // cached tokens L
+  Index queries;     // n: the last n tokens query
+};
+
+void PrintTo(const KernelCase& c, std::ostream* out) { *out << c.name; }
+
+class MlaKernelLatent : public ::testing::TestWithParam<KernelCase> {};
+
+TEST_P(MlaKernelLatent, LatentOutputAndLseEqualLatentSpaceReference) {
+  const KernelCase& c = GetParam();
+  const Index dc = c.latent_dim, dr = c.rope_dim, h = c.heads;
+  // An arbitrary scale: the kernel must use the one it is given.
+  const float scale = 1.5f / std::sqrt(static_cast<float>(dc + dr));
+  with_storage(c.storage, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    const MlaKernel<S> kernel(h, dc, dr, scale);
+    ASSERT_EQ(kernel.cache_record(), tpattn::records::mla(dc, dr, c.storage));
+    // Two sequences filled in alternating chunks, so a paged sequence's pages are not adjacent.
+    auto cache = make_cache(c.cache, kernel.cache_record(), 2, c.length);
+    const SequenceId other = cache->add_sequence();
+    const SequenceId seq = cache->add_sequence();
+    tpattn_test::Random random(static_cast<std::uint32_t>(c.length * 31 + h));
+    for (Index done = 0; done < c.length;) {
+      const Index n = std::min<Index>(7, c.length - done);
+      for (SequenceId s : {other, seq}) {
+        const std::vector<float> latent = random.floats(n * dc);
+        const std::vector<float> rope_key = random.floats(n * dr);
+        cache->append(s, n, {{latent.data(), 1, dc}, {rope_key.data(), 1, dr}});
+      }
+      done += n;
+    }
+    const std::vector<float> q = random.floats(c.queries * h * (dc + dr));
+    std::vector<float> out(static_cast<std::size_t>(c.queries * h * dc),
+                           std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> lse(static_cast<std::size_t>(c.queries * h),
+                           std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> workspace(static_cast<std::size_t>(kernel.workspace_floats()));
+    kernel.attend(q.data(), c.queries, cache->view(seq), out.data(), lse.data(), workspace.data());
+
+    const SequenceView view = cache->view(seq);
+    const AttentionResult expected = tpattn_test::mla_latent_reference(
+        Tensor3::from_floats(q.data(), c.queries, h, dc + dr), read_plane(view, 0),
+        read_plane(view, 1), static_cast<double>(scale));
+    const double out_error =
+        tpattn_test::max_abs_error(out.data(), expected.out.data.data(), expected.out.size()) /
+        tpattn_test::max_abs(expected.out);
+    EXPECT_LE(out_error, kKernelTolerance) << "latent output, relative";
+    const double lse_error = tpattn_test::max_abs_error(lse.data(), expected.lse.data(),
+                                                        static_cast<Index>(expected.lse.size()));
+    EXPECT_LE(lse_error, kKernelTolerance) << "LSE (natural log), absolute";
+  });
+}
+
+std::vector<KernelCase> kernel_cases() {
+  struct Shape {
+    const char* name;
+    Index heads, dc, dr, length, queries;
+  };
+  const Shape shapes[] = {
+      {"H1_L1_N1", 1, 32, 8, 1, 1},       {"H3_L2_N1", 3, 32, 8, 2, 1},
+      {"H3_L17_N1", 3, 32, 8, 17, 1},     {"H17_L15_N15", 17, 32, 8, 15, 15},
+      {"H3_L16_N16", 3, 32, 8, 16, 16},   {"H3_L113_N113", 3, 32, 8, 113, 113},
+      {"H17_L65_N20", 17, 24, 8, 65, 20}, {"DeepSeek_H4_L40_N3", 4, 512, 64, 40, 3},
+      {"T6_H2_L70_N1", 2, 256, 32, 70, 1}};
+  std::vector<KernelCase> cases;
+  for (StorageType storage : kAllStorage)
+    for (CacheKind cache : kAllCaches)
+      for (const Shape& s : shapes)
+        cases.push_back(
+            {std::string(tpattn::name_of(storage)) + "_" + name_of(cache) + "_" + s.name, storage,
+             cache, s.heads, s.dc, s.dr, s.length, s.queries});
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, MlaKernelLatent, ::testing::ValuesIn(kernel_cases()),
+                         [](const ::testing::TestParamInfo<KernelCase>& info) {
+                           return info.param.name;
+                         });
+
+// ---- batched decode -----------------------------------------------------------------------------
+
+// Sequences of lengths 1, 5 and 300 take three decode steps, in one batch (seqs in a shuffled
+// order) and one by one in a second cache of the same kind. Both must match each other (fp32
+// level: the batch only changes how many rows each projection GEMM has) and the reference.
+class MlaBatchedDecode : public ::testing::TestWithParam<std::tuple<StorageType, CacheKind>> {};
+
+TEST_P(MlaBatchedDecode, BatchedDecodeEqualsDecodingEachSequenceAlone) {
+  const StorageType storage = std::get<0>(GetParam());
+  const CacheKind kind = std::get<1>(GetParam());
+  const MlaConfig config = small_config();
+  const Index lengths[] = {1, 5, 300};
+  const Index steps = 3, batch = 3;
+  with_storage(storage, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    const MlaWeights weights = tpattn_test::random_mla_weights(config, 21u);
+    MultiHeadLatentAttention<S> op(config, weights);
+    auto batched = make_cache(kind, op.cache_record(), batch, 300 + steps);
+    auto alone = make_cache(kind, op.cache_record(), batch, 300 + steps);
+    std::vector<RowMatrix> x, y_batched, y_alone;
+    std::vector<SequenceId> seqs_batched, seqs_alone;
+    for (Index b = 0; b < batch; ++b) {
+      const Index length = lengths[b];
+      x.push_back(tpattn_test::random_inputs(length + steps, config.d_model,
+                                             static_cast<std::uint32_t>(40 + b)));
+      seqs_batched.push_back(batched->add_sequence());
+      seqs_alone.push_back(alone->add_sequence());
+      const std::vector<Step> prefill = steps_for(Schedule::chunked, length);
+      run_steps(op, *batched, seqs_batched.back(), x.back(), prefill);
+      run_steps(op, *alone, seqs_alone.back(), x.back(), prefill);
+      y_batched.emplace_back(steps, config.d_model);
+      y_alone.emplace_back(steps, config.d_model);
+    }
+    const Index order[] = {2, 0, 1};  // batch rows in another order than the sequences
+    for (Index step = 0; step < steps; ++step) {
+      RowMatrix xb(batch, config.d_model), yb(batch, config.d_model);
+      SequenceId ids[3];
+      for (Index r = 0; r < batch; ++r) {
+        const Index b = order[r];
+        ids[r] = seqs_batched[static_cast<std::size_t>(b)];
+        xb.row(r) = x[static_cast<std::size_t>(b)].row(lengths[b] + step);
+      }
+      op.decode(*batched, ids, batch, xb.data(), yb.data());
+      for (Index r = 0; r < batch; ++r)
+        y_batched[static_cast<std::size_t>(order[r])].row(step) = yb.row(r);
+      for (Index b = 0; b < batch; ++b) {
+        const std::size_t k = static_cast<std::size_t>(b);
+        op.decode(*alone, &seqs_alone[k], 1, x[k].row(lengths[b] + step).data(),
+                  y_alone[k].row(step).data());
+      }
+    }
+    for (Index b = 0; b < batch; ++b) {
+      const std::size_t k = static_cast<std::size_t>(b);
+      SCOPED_TRACE("sequence of length " + std::to_string(lengths[b]));
+      EXPECT_EQ(batched->length(seqs_batched[k]), lengths[b] + steps);
+      EXPECT_LE(relative_error(y_batched[k], y_alone[k].cast<double>()), kLayerTolerance);
+      EXPECT_TRUE(matches_explicit_reference(config, weights, x[k], y_batched[k], *batched,
+                                             seqs_batched[k], kLayerTolerance));
+      EXPECT_TRUE(matches_explicit_reference(config, weights, x[k], y_alone[k], *alone,
+                                             seqs_alone[k], kLayerTolerance));
+    }
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    StorageAndCache, MlaBatchedDecode,
+    ::testing::Combine(::testing::ValuesIn(kAllStorage), ::testing::ValuesIn(kAllCaches)),
+    [](const ::testing::TestParamInfo<std::tuple<StorageType, CacheKind>>& info) {
+      return std::string(tpattn::name_of(std::get<0>(info.param))) + "_" +
+             name_of(std::get<1>(info.param));
+    });
+
+// The same sequence through a contiguous and a paged cache: the tiles differ (pages cut them at
+// 16 tokens), the numbers agree to fp32 level.
+TEST(MlaCaches, ContiguousAndPagedCachesGiveTheSameOutputs) {
+  const MlaConfig config = small_config();
+  const Index length = 90;
+  const MlaWeights weights = tpattn_test::random_mla_weights(config, 31u);
+  MultiHeadLatentAttention<float> op(config, weights);
+  const RowMatrix x = tpattn_test::random_inputs(length, config.d_model, 32u);
+  RowMatrix y[2];
+  for (CacheKind kind : kAllCaches) {
+    auto cache = make_cache(kind, op.cache_record(), 1, length);
+    const SequenceId seq = cache->add_sequence();
+    y[kind == CacheKind::paged] =
+        run_steps(op, *cache, seq, x, steps_for(Schedule::chunked, length));
+  }
+  EXPECT_LE(relative_error(y[1], y[0].cast<double>()), kLayerTolerance);
+}
+
+// ---- cache sizes (§5) ---------------------------------------------------------------------------
+
+// One attention layer whose cache record has the given widths, small everywhere else.
+MlaConfig config_with_cache(Index latent_dim, Index rope_dim) {
+  MlaConfig c = small_config();
+  c.kv_latent_dim = latent_dim;
+  c.rope_dim = rope_dim;
+  c.heads = 2;
+  return c;
+}
+
+TEST(MlaCacheBytes, RecordHoldsLatentPlusRopeKeyElementsPerToken) {
+  struct Case {
+    Index latent_dim, rope_dim, elements;
+  };
+  // DeepSeek-V2 512 + 64; the TPA paper's MLA baselines 256 + 32 (small), 512 + 32 (medium+).
+  const Case cases[] = {{512, 64, 576}, {256, 32, 288}, {512, 32, 544}};
+  const Index element_bytes[] = {4, 2, 2};  // f32, bf16, f16
+  for (const Case& c : cases)
+    for (int s = 0; s < 3; ++s) {
+      const StorageType storage = kAllStorage[s];
+      SCOPED_TRACE(std::to_string(c.latent_dim) + " + " + std::to_string(c.rope_dim) + " " +
+                   tpattn::name_of(storage));
+      with_storage(storage, [&](auto tag) {
+        using S = typename decltype(tag)::type;
+        const MlaConfig config = config_with_cache(c.latent_dim, c.rope_dim);
+        const MultiHeadLatentAttention<S> op(config, tpattn_test::random_mla_weights(config, 3u));
+        const CacheRecord& record = op.cache_record();
+        ASSERT_EQ(record.plane_count(), 2);
+        EXPECT_EQ(record.plane(0).name, "latent");
+        EXPECT_EQ(record.plane(0).rows, 1);
+        EXPECT_EQ(record.plane(0).cols, c.latent_dim);
+        EXPECT_EQ(record.plane(1).name, "rope_key");
+        EXPECT_EQ(record.plane(1).rows, 1);
+        EXPECT_EQ(record.plane(1).cols, c.rope_dim);
+        for (Index p = 0; p < 2; ++p) EXPECT_EQ(record.plane(p).storage, storage);
+        EXPECT_EQ(record.elements_per_token(), c.elements);
+        EXPECT_EQ(record.bytes_per_token(), c.elements * element_bytes[s]);
+        EXPECT_EQ(record, op.kernel().cache_record());
+        EXPECT_EQ(record, MlaKernel<S>(7, c.latent_dim, c.rope_dim, 0.1f).cache_record());
+        EXPECT_EQ(record, tpattn::records::mla(c.latent_dim, c.rope_dim, storage));
+      });
+    }
+}
+
+TEST(MlaCacheBytes, BytesUsedIsTokensHeldTimesLatentPlusRopeKeyBytes) {
+  const MlaConfig config = config_with_cache(256, 32);
+  const Index element_bytes[] = {4, 2, 2};
+  for (int s = 0; s < 3; ++s)
+    for (CacheKind kind : kAllCaches) {
+      const StorageType storage = kAllStorage[s];
+      SCOPED_TRACE(std::string(tpattn::name_of(storage)) + " " + name_of(kind));
+      with_storage(storage, [&](auto tag) {
+        using S = typename decltype(tag)::type;
+        MultiHeadLatentAttention<S> op(config, tpattn_test::random_mla_weights(config, 4u));
+        auto cache = make_cache(kind, op.cache_record(), 2, 40);
+        const SequenceId a = cache->add_sequence();
+        const SequenceId b = cache->add_sequence();
+        const Index bytes_per_token = 288 * element_bytes[s];
+        EXPECT_EQ(cache->bytes_per_token(), bytes_per_token);
+        EXPECT_EQ(cache->bytes_used(), 0);
+        const RowMatrix x = tpattn_test::random_inputs(40, config.d_model, 5u);
+        run_steps(op, *cache, a, x, steps_for(Schedule::prefill, 17));
+        EXPECT_EQ(cache->bytes_used(), 17 * bytes_per_token);
+        run_steps(op, *cache, b, x, steps_for(Schedule::decode, 3));
+        EXPECT_EQ(cache->bytes_used(), 20 * bytes_per_token);
+        run_steps(op, *cache, a, x, steps_for(Schedule::chunked, 23), 17);
+        EXPECT_EQ(cache->bytes_used(), 43 * bytes_per_token);
+        if (const auto* paged = dynamic_cast<const PagedKvCache*>(cache.get())) {
+          // Pages of 16 tokens: a holds 40 tokens in 3 pages, b 3 tokens in 1.
+          EXPECT_EQ(paged->page_bytes(), kPageTokens * bytes_per_token);
+          EXPECT_EQ(paged->bytes_in_pages(), 4 * kPageTokens * bytes_per_token);
+        }
+      });
+    }
+}
+
+// ---- misuse -------------------------------------------------------------------------------------
+
+// Runs f; success iff it throws tpattn::Error naming exactly `call` and `argument`.
+template <class F>
+::testing::AssertionResult throws_error(F&& f, const std::string& call,
+                                        const std::string& argument) {
+  try {
+    f();
+  } catch (const tpattn::Error& e) {
+    if (e.call() == call && e.argument() == argument)
+      return ::testing::AssertionSuccess() << e.what();
+    return ::testing::AssertionFailure()
+           << "expected " << call << " / " << argument << ", threw: " << e.what();
+  } catch (const std::exception& e) {
+    return ::testing::AssertionFailure() << "threw a non-tpattn exception: " << e.what();
+  }
+  return ::testing::AssertionFailure()
+         << "did not throw (expected " << call << " / " << argument << ")";
+}
+
+constexpr const char* kOperator = "MultiHeadLatentAttention";
+constexpr const char* kDecode = "MultiHeadLatentAttention::decode";
+constexpr const char* kPrefill = "MultiHeadLatentAttention::prefill";
+
+// value_dim != head_dim, so a weight sized with the wrong one of the two is caught.
+MlaConfig misuse_config() {
+  MlaConfig c = small_config();
+  c.value_dim = 12;
+  return c;
+}
+
+TEST(MlaMisuse, InvalidConfigThrowsNamingTheArgument) {
+  const MlaConfig base = misuse_config();
+  const MlaWeights weights = tpattn_test::random_mla_weights(base, 9u);
+  struct Case {
+    const char* argument;
+    std::function<void(MlaConfig&)> change;
+  };
+  const Case cases[] = {
+      {"d_model", [](MlaConfig& c) { c.d_model = 0; }},
+      {"heads", [](MlaConfig& c) { c.heads = 0; }},
+      {"heads", [](MlaConfig& c) { c.heads = -3; }},
+      {"head_dim", [](MlaConfig& c) { c.head_dim = 0; }},
+      {"rope_dim", [](MlaConfig& c) { c.rope_dim = 0; }},
+      {"kv_latent_dim", [](MlaConfig& c) { c.kv_latent_dim = 0; }},
+      {"value_dim", [](MlaConfig& c) { c.value_dim = -1; }},
+      {"q_latent_dim", [](MlaConfig& c) { c.q_latent_dim = -1; }},
+      {"norm_eps", [](MlaConfig& c) { c.norm_eps = 0.0f; }},
+      {"norm_eps", [](MlaConfig& c) { c.norm_eps = -1e-6f; }},
+      {"norm_eps", [](MlaConfig& c) { c.norm_eps = std::numeric_limits<float>::quiet_NaN(); }},
+      {"rope.rotary_dim", [](MlaConfig& c) { c.rope.rotary_dim = 3; }},   // odd
+      {"rope.rotary_dim", [](MlaConfig& c) { c.rope.rotary_dim = 10; }},  // > d_R = 8
+      {"rope.rotary_dim", [](MlaConfig& c) { c.rope.rotary_dim = -2; }},
+      {"rope.base", [](MlaConfig& c) { c.rope.base = 1.0; }},
+  };
+  for (const Case& c : cases) {
+    MlaConfig config = base;
+    c.change(config);
+    SCOPED_TRACE(c.argument);
+    EXPECT_TRUE(throws_error([&] { MultiHeadLatentAttention<float> op(config, weights); },
+                             kOperator, c.argument));
+  }
+}
+
+TEST(MlaMisuse, BareKernelRejectsNonPositiveSizes) {
+  EXPECT_TRUE(throws_error([] { MlaKernel<float> k(0, 512, 64, 0.1f); }, "MlaKernel", "heads"));
+  EXPECT_TRUE(
+      throws_error([] { MlaKernel<float> k(4, 0, 64, 0.1f); }, "MlaKernel", "kv_latent_dim"));
+  EXPECT_TRUE(throws_error([] { MlaKernel<float> k(4, 512, -1, 0.1f); }, "MlaKernel", "rope_dim"));
+}
+
+TEST(MlaMisuse, EveryWeightShapeMismatchThrowsNamingTheWeight) {
+  struct Case {
+    const char* argument;
+    bool compressed_query;  // false: q_latent_dim 0
+    std::function<void(MlaWeights&, const MlaConfig&)> change;
+  };
+  const auto resize = [](RowMatrix& m, Index rows, Index cols) { m = RowMatrix::Zero(rows, cols); };
+  const Case cases[] = {
+      {"w_dq", true,
+       [&](MlaWeights& w, const MlaConfig&) { resize(w.w_dq, w.w_dq.rows() + 1, w.w_dq.cols()); }},
+      {"w_dq", true,
+       [&](MlaWeights& w, const MlaConfig&) { resize(w.w_dq, w.w_dq.rows(), w.w_dq.cols() - 1); }},
+      {"w_dq", true, [](MlaWeights& w, const MlaConfig&) { w.w_dq = RowMatrix(); }},
+      {"q_norm", true,
+       [](MlaWeights& w, const MlaConfig&) {
+         w.q_norm = tpattn::Vector::Ones(w.q_norm.size() - 1);
+       }},
+      {"q_norm", true, [](MlaWeights& w, const MlaConfig&) { w.q_norm = tpattn::Vector(); }},
+      // head rows [qC | qR] sized with d_v instead of d_h
+      {"w_uq", true,
+       [&](MlaWeights& w, const MlaConfig& c) {
+         resize(w.w_uq, c.heads * (c.value_dim + c.rope_dim), c.q_latent_dim);
+       }},
+      {"w_uq", true,
+       [&](MlaWeights& w, const MlaConfig& c) { resize(w.w_uq, w.w_uq.rows(), c.d_model); }},
+      // without query compression w_uq must take x (d_model), not a latent
+      {"w_uq", false,
+       [&](MlaWeights& w, const MlaConfig& c) {
+         resize(w.w_uq, w.w_uq.rows(), 24);
+         (void)c;
+       }},
+      {"w_dkv", true,
+       [&](MlaWeights& w, const MlaConfig& c) {
+         resize(w.w_dkv, c.kv_latent_dim, c.d_model);
+       }},  // no kR rows
+      {"w_dkv", true,
+       [&](MlaWeights& w, const MlaConfig& c) { resize(w.w_dkv, w.w_dkv.rows(), c.d_model + 1); }},
+      {"kv_norm", true,
+       [](MlaWeights& w, const MlaConfig& c) {
+         w.kv_norm = tpattn::Vector::Ones(c.kv_latent_dim + c.rope_dim);
+       }},
+      {"kv_norm", false, [](MlaWeights& w, const MlaConfig&) { w.kv_norm = tpattn::Vector(); }},
+      {"w_ukv", true,
+       [&](MlaWeights& w, const MlaConfig& c) {
+         resize(w.w_ukv, c.heads * 2 * c.head_dim, c.kv_latent_dim);
+       }},
+      {"w_ukv", true,
+       [&](MlaWeights& w, const MlaConfig& c) {
+         resize(w.w_ukv, w.w_ukv.rows(), c.kv_latent_dim + c.rope_dim);
+       }},
+      {"w_o", true,
+       [&](MlaWeights& w, const MlaConfig& c) { resize(w.w_o, c.d_model, c.heads * c.head_dim); }},
+      {"w_o", true,
+       [&](MlaWeights& w, const MlaConfig& c) { resize(w.w_o, c.d_model + 1, w.w_o.cols()); }},
+  };
+  for (const Case& c : cases) {
+    MlaConfig config = misuse_config();
+    if (!c.compressed_query) config.q_latent_dim = 0;
+    MlaWeights weights = tpattn_test::random_mla_weights(config, 10u);
+    ASSERT_NO_THROW((MultiHeadLatentAttention<float>(config, weights)));
+    c.change(weights, config);
+    SCOPED_TRACE(c.argument);
+    EXPECT_TRUE(throws_error([&] { MultiHeadLatentAttention<float> op(config, weights); },
+                             kOperator, c.argument));
+  }
+  // Gains of switched-off norms are not looked at.
+  MlaConfig no_norms = misuse_config();
+  no_norms.normalize_q_latent = false;
+  no_norms.normalize_kv_latent = false;
+  MlaWeights weights = tpattn_test::random_mla_weights(no_norms, 11u);
+  weights.q_norm = tpattn::Vector();
+  weights.kv_norm = tpattn::Vector();
+  EXPECT_NO_THROW((MultiHeadLatentAttention<float>(no_norms, weights)));
+}
+
+// A float operator with two sequences of 5 and 17 tokens in its cache, for the misuse tests.
+struct MisuseFixture {
+  MlaConfig config = misuse_config();
+  MlaWeights weights = tpattn_test::random_mla_weights(config, 12u);
+  MultiHeadLatentAttention<float> op{config, weights};
+  RowMatrix x = tpattn_test::random_inputs(100, config.d_model, 13u);
+  RowMatrix y = RowMatrix::Zero(100, config.d_model);
+  std::unique_ptr<KvCache> cache;
+  std::vector<SequenceId> seqs;
+
+  MisuseFixture(CacheKind kind, Index capacity) {
+    cache = make_cache(kind, op.cache_record(), 3, capacity);
+    for (Index length : {5, 17}) {
+      seqs.push_back(cache->add_sequence());
+      run_steps(op, *cache, seqs.back(), x, steps_for(Schedule::chunked, length));
+    }
+  }
+  CacheSnapshot state() const { return snapshot(*cache, seqs); }
+  // The cache and operator still work: one more token for every sequence, checked end to end.
+  ::testing::AssertionResult still_works() {
+    for (SequenceId seq : seqs) {
+      const Index length = cache->length(seq);
+      RowMatrix out(1, config.d_model);
+      op.decode(*cache, &seq, 1, x.row(length).data(), out.data());
+      // The sequence's inputs were x's first rows, token for token.
+      RowMatrix inputs = x.topRows(length + 1);
+      auto result =
+          matches_explicit_reference(config, weights, inputs, out, *cache, seq, kLayerTolerance);
+      if (!result) return result;
+    }
+    return ::testing::AssertionSuccess();
+  }
+};
+
+TEST(MlaMisuse, WrongCacheRecordOrStorageThrowsAndLeavesTheCacheUnchanged) {
+  const MlaConfig config = misuse_config();
+  const Index dc = config.kv_latent_dim, dr = config.rope_dim;
+  const CacheRecord wrong[] = {
+      tpattn::records::mla(dc + 1, dr),
+      tpattn::records::mla(dc, dr + 2),
+      tpattn::records::mla(dr, dc),                     // widths swapped
+      tpattn::records::mla(dc, dr, StorageType::bf16),  // float operator, bf16 cache
+      tpattn::records::mla(dc, dr, StorageType::f16),
+      tpattn::records::gqa(1, dc, dr),  // same widths, other planes
+  };
+  MultiHeadLatentAttention<float> op(config, tpattn_test::random_mla_weights(config, 14u));
+  const RowMatrix x = tpattn_test::random_inputs(4, config.d_model, 15u);
+  RowMatrix y(4, config.d_model);
+  for (const CacheRecord& record : wrong) {
+    for (CacheKind kind : kAllCaches) {
+      SCOPED_TRACE(std::string(name_of(kind)) + " cache of " +
+                   std::to_string(record.elements_per_token()) + " elements, " +
+                   tpattn::name_of(record.plane(0).storage));
+      auto cache = make_cache(kind, record, 2, 20);
+      const SequenceId seq = cache->add_sequence();
+      // Two tokens of data, written directly.
+      tpattn_test::Random random(16u);
+      const std::vector<float> a = random.floats(2 * record.plane(0).elements_per_token());
+      const std::vector<float> b = random.floats(2 * record.plane(1).elements_per_token());
+      cache->append(seq, 2,
+                    {{a.data(), record.plane(0).rows, record.plane(0).cols},
+                     {b.data(), record.plane(1).rows, record.plane(1).cols}});
+      const CacheSnapshot before = snapshot(*cache, {seq});
+      EXPECT_TRUE(
+          throws_error([&] { op.decode(*cache, &seq, 1, x.data(), y.data()); }, kDecode, "cache"));
+      EXPECT_TRUE(
+          throws_error([&] { op.prefill(*cache, seq, 3, x.data(), y.data()); }, kPrefill, "cache"));
+      EXPECT_TRUE(snapshot(*cache, {seq}) == before);
+    }
+  }
+  // And the other way round: a bf16 operator on a float cache.
+  MultiHeadLatentAttention<Eigen::bfloat16> bf16_op(config,
+                                                    tpattn_test::random_mla_weights(config, 14u));
+  auto cache = make_cache(CacheKind::paged, tpattn::records::mla(dc, dr), 1, 20);
+  const SequenceId seq = cache->add_sequence();
+  EXPECT_TRUE(
+      throws_error([&] { bf16_op.decode(*cache, &seq, 1, x.data(), y.data()); }, kDecode, "cache"));
+  EXPECT_TRUE(throws_error([&] { bf16_op.prefill(*cache, seq, 2, x.data(), y.data()); }, kPrefill,
+                           "cache"));
+  EXPECT_EQ(cache->length(seq), 0);
+  EXPECT_EQ(cache->bytes_used(), 0);
+}
+
+TEST(MlaMisuse, UnknownOrDuplicateSequencesAndBadArgumentsThrowAndLeaveTheCacheUnchanged) {
+  for (CacheKind kind : kAllCaches) {
+    SCOPED_TRACE(name_of(kind));
+    MisuseFixture f(kind, 40);
+    // A removed sequence is unknown too.
+    const SequenceId removed = f.cache->add_sequence();
+    run_steps(f.op, *f.cache, removed, f.x, steps_for(Schedule::prefill, 3));
+    f.cache->remove_sequence(removed);
+    const CacheSnapshot before = f.state();
+    const SequenceId a = f.seqs[0], b = f.seqs[1];
+    float* y = f.y.data();
+    const float* x = f.x.data();
+
+    const SequenceId unknown_first[] = {99, a};
+    const SequenceId unknown_last[] = {a, b, removed};
+    const SequenceId negative[] = {-1};
+    const SequenceId duplicate[] = {a, b, a};
+    const SequenceId same_twice[] = {b, b};
+    EXPECT_TRUE(
+        throws_error([&] { f.op.decode(*f.cache, unknown_first, 2, x, y); }, kDecode, "seqs"));
+    EXPECT_TRUE(
+        throws_error([&] { f.op.decode(*f.cache, unknown_last, 3, x, y); }, kDecode, "seqs"));
+    EXPECT_TRUE(throws_error([&] { f.op.decode(*f.cache, negative, 1, x, y); }, kDecode, "seqs"));
+    EXPECT_TRUE(throws_error([&] { f.op.decode(*f.cache, duplicate, 3, x, y); }, kDecode, "seqs"));
+    EXPECT_TRUE(throws_error([&] { f.op.decode(*f.cache, same_twice, 2, x, y); }, kDecode, "seqs"));
+    EXPECT_TRUE(throws_error([&] { f.op.decode(*f.cache, nullptr, 1, x, y); }, kDecode, "seqs"));
+    EXPECT_TRUE(throws_error([&] { f.op.decode(*f.cache, &a, 0, x, y); }, kDecode, "batch"));
+    EXPECT_TRUE(throws_error([&] { f.op.decode(*f.cache, &a, -1, x, y); }, kDecode, "batch"));
+    EXPECT_TRUE(throws_error([&] { f.op.decode(*f.cache, &a, 1, nullptr, y); }, kDecode, "x"));
+    EXPECT_TRUE(throws_error([&] { f.op.decode(*f.cache, &a, 1, x, nullptr); }, kDecode, "y"));
+
+    EXPECT_TRUE(throws_error([&] { f.op.prefill(*f.cache, 99, 2, x, y); }, kPrefill, "seq"));
+    EXPECT_TRUE(throws_error([&] { f.op.prefill(*f.cache, removed, 2, x, y); }, kPrefill, "seq"));
+    EXPECT_TRUE(throws_error([&] { f.op.prefill(*f.cache, a, 0, x, y); }, kPrefill, "n_tokens"));
+    EXPECT_TRUE(throws_error([&] { f.op.prefill(*f.cache, a, -4, x, y); }, kPrefill, "n_tokens"));
+    EXPECT_TRUE(throws_error([&] { f.op.prefill(*f.cache, a, 2, nullptr, y); }, kPrefill, "x"));
+    EXPECT_TRUE(throws_error([&] { f.op.prefill(*f.cache, a, 2, x, nullptr); }, kPrefill, "y"));
+
+    EXPECT_TRUE(f.state() == before);
+    EXPECT_TRUE(f.still_works());
+  }
+}
+
+TEST(MlaMisuse, PrefillBeyondCapacityThrowsAndLeavesTheCacheUnchanged) {
+  for (CacheKind kind : kAllCaches) {
+    SCOPED_TRACE(name_of(kind));
+    // Room for 3 sequences of 24 tokens: contiguous regions of 24; paged, 3 x 2 pages of 16.
+    MisuseFixture f(kind, 24);
+    const SequenceId a = f.seqs[0], b = f.seqs[1];  // 5 and 17 tokens
+    const CacheSnapshot before = f.state();
+    const Index room = f.cache->tokens_available(b);
+    EXPECT_TRUE(throws_error([&] { f.op.prefill(*f.cache, b, room + 1, f.x.data(), f.y.data()); },
+                             kPrefill, "n_tokens"));
+    EXPECT_TRUE(throws_error(
+        [&] {
+          f.op.prefill(*f.cache, a, f.cache->tokens_available(a) + 1, f.x.data(), f.y.data());
+        },
+        kPrefill, "n_tokens"));
+    EXPECT_TRUE(f.state() == before);
+    EXPECT_TRUE(f.still_works());
+  }
+}
+
+TEST(MlaMisuse, DecodeIntoAFullSequenceThrowsAndAppendsToNoSequence) {
+  for (CacheKind kind : kAllCaches) {
+    SCOPED_TRACE(name_of(kind));
+    MisuseFixture f(kind, 24);
+    const SequenceId a = f.seqs[0], b = f.seqs[1];
+    // Fill b to its last token: its region of 24, or every page left in the shared pool.
+    run_steps(f.op, *f.cache, b, f.x, steps_for(Schedule::prefill, f.cache->tokens_available(b)),
+              17);
+    ASSERT_EQ(f.cache->tokens_available(b), 0);
+    const CacheSnapshot before = f.state();
+    const SequenceId both[] = {a, b};  // a first: it has room, b is checked after it
+    RowMatrix y(2, f.config.d_model);
+    RowMatrix x(2, f.config.d_model);
+    EXPECT_TRUE(throws_error([&] { f.op.decode(*f.cache, both, 2, x.data(), y.data()); }, kDecode,
+                             "cache"));
+    EXPECT_TRUE(throws_error([&] { f.op.prefill(*f.cache, b, 1, x.data(), y.data()); }, kPrefill,
+                             "n_tokens"));
+    EXPECT_TRUE(f.state() == before);
+  }
+}
+
+// A shared page pool with one free page, and two sequences that each need a new page: each alone
+// has room, the batch has not. The first append succeeds, the second throws, and decode cuts the
+// first back (layer_support.hpp: all or nothing). The error is the cache's own.
+TEST(MlaMisuse, DecodeBatchThatRunsThePagePoolDryRollsBackEveryAppend) {
+  const MlaConfig config = misuse_config();
+  const MlaWeights weights = tpattn_test::random_mla_weights(config, 17u);
+  MultiHeadLatentAttention<float> op(config, weights);
+  PagedKvCache cache(op.cache_record(), kPageTokens, 3, 2);
+  const RowMatrix x = tpattn_test::random_inputs(20, config.d_model, 18u);
+  const SequenceId a = cache.add_sequence(), b = cache.add_sequence();
+  run_steps(op, cache, a, x, steps_for(Schedule::prefill, 16));
+  run_steps(op, cache, b, x, steps_for(Schedule::chunked, 16));
+  ASSERT_EQ(cache.free_page_count(), 1);
+  ASSERT_EQ(cache.tokens_available(a), 16);
+  ASSERT_EQ(cache.tokens_available(b), 16);
+  const CacheSnapshot before = snapshot(cache, {a, b});
+  const SequenceId both[] = {a, b};
+  RowMatrix xb(2, config.d_model), yb(2, config.d_model);
+  xb.row(0) = x.row(16);
+  xb.row(1) = x.row(16);
+  EXPECT_TRUE(throws_error([&] { op.decode(cache, both, 2, xb.data(), yb.data()); },
+                           "PagedKvCache::append", "n_tokens"));
+  EXPECT_TRUE(snapshot(cache, {a, b}) == before);
+  // One at a time both still fit... until the pool is dry.
+  RowMatrix y(1, config.d_model);
+  op.decode(cache, &a, 1, x.row(16).data(), y.data());
+  EXPECT_TRUE(
+      matches_explicit_reference(config, weights, x.topRows(17), y, cache, a, kLayerTolerance));
+  EXPECT_TRUE(
+      throws_error([&] { op.decode(cache, &b, 1, x.row(16).data(), y.data()); }, kDecode, "cache"));
+}
+
+// ---- allocation ---------------------------------------------------------------------------------
+
+class MlaAllocation : public ::testing::TestWithParam<std::tuple<StorageType, CacheKind>> {};
+
+TEST_P(MlaAllocation, SteadyStateDecodeAllocatesNothing) {
+  ASSERT_TRUE(tpattn::test::AllocationCounter::installed());
+  const StorageType storage = std::get<0>(GetParam());
+  const CacheKind kind = std::get<1>(GetParam());
+  const MlaConfig config = small_config();
+  with_storage(storage, [&](auto tag) {
+    using S = typename decltype(tag)::type;
+    MultiHeadLatentAttention<S> op(config, tpattn_test::random_mla_weights(config, 19u));
+    const Index batch = 3, steps = 24;
+    auto cache = make_cache(kind, op.cache_record(), batch, 100);
+    const RowMatrix x = tpattn_test::random_inputs(100, config.d_model, 20u);
+    SequenceId seqs[3];
+    const Index lengths[] = {3, 15, 60};  // decode crosses a page and the 64-token tile
+    for (Index b = 0; b < batch; ++b) {
+      seqs[b] = cache->add_sequence();
+      run_steps(op, *cache, seqs[b], x, steps_for(Schedule::prefill, lengths[b]));
+    }
+    op.reserve(batch);
+    RowMatrix xb = x.topRows(batch), yb(batch, config.d_model);
+    op.decode(*cache, seqs, batch, xb.data(), yb.data());  // warm-up
+    std::uint64_t allocations = 0;
+    {
+      tpattn::test::AllocationCounter counter;
+      for (Index step = 0; step < steps; ++step) {
+        const Index rows = step % 4 == 3 ? 1 : batch;  // smaller batches fit the plan too
+        op.decode(*cache, seqs + (batch - rows), rows, xb.data(), yb.data());
+      }
+      allocations = counter.allocations();
+    }
+    EXPECT_EQ(allocations, 0u);
+    EXPECT_EQ(cache->length(seqs[2]), 60 + 1 + steps);
+    EXPECT_TRUE(yb.allFinite());
+  });
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    StorageAndCache, MlaAllocation,
+    ::testing::Combine(::testing::ValuesIn(kAllStorage), ::testing::ValuesIn(kAllCaches)),
+    [](const ::testing::TestParamInfo<std::tuple<StorageType, CacheKind>>& info) {
+      return std::string(tpattn::name_of(std::get<0>(info.param))) + "_" +
+             name_of(std::get<1>(info.param));
+    });
+
+TEST(MlaAllocation, PrefillWithinReservedTokensAllocatesNothing) {
+  ASSERT_TRUE(tpattn::test::AllocationCounter::installed());
+  const MlaConfig config = small_config();
+  MultiHeadLatentAttention<float> op(config, tpattn_test::random_mla_weights(config, 22u));
+  auto cache = make_cache(CacheKind::paged, op.cache_record(), 1, 80);
+  const SequenceId seq = cache->add_sequence();
+  const RowMatrix x = tpattn_test::random_inputs(80, config.d_model, 23u);
+  RowMatrix y(80, config.d_model);
+  op.reserve(1, 20);
+  std::uint64_t allocations = 0;
+  {
+    tpattn::test::AllocationCounter counter;
+    for (Index first = 0; first < 80; first += 20)
+      op.prefill(*cache, seq, 20, x.row(first).data(), y.row(first).data());
+    allocations = counter.allocations();
+  }
+  EXPECT_EQ(allocations, 0u);
+  EXPECT_EQ(cache->length(seq), 80);
+}
+
+}  // namespace
