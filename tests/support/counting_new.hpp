@@ -107,6 +107,4 @@ void operator delete[](void* memory, std::align_val_t, const std::nothrow_t&) no
   std::free(memory);
 }
 void operator delete(void* memory, std::size_t, std::align_val_t) noexcept { std::free(memory); }
-void operator delete[](void* memory, std::size_t, std::align_val_t) noexcept {
-  std::free(memory);
-}
+void operator delete[](void* memory, std::size_t, std::align_val_t) noexcept { std::free(memory); }

@@ -1,0 +1,599 @@
+// tests/cache_test.cpp -- tpattn's two cache storages: the conformance suite on each, plus what
+// only one storage promises (its memory formula, page accounting, its constructor's checks).
+#include "tpattn/cache.hpp"
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cache_conformance.hpp"
+#include "support/counting_new.hpp"  // this executable's one copy of the counting operator new
+
+namespace tpattn::test {
+namespace {
+
+// ---- the suite on both storages ----------------------------------------------------------------
+
+template <class T>
+struct ContiguousFactory {
+  using Storage = T;
+  static std::unique_ptr<KvCache> make(const CacheRecord& record, Index max_sequences,
+                                       Index capacity) {
+    return std::make_unique<ContiguousKvCache>(record, max_sequences, capacity);
+  }
+};
+
+// Enough pages for every sequence to reach `capacity` at once; all of them shared by all.
+template <class T, Index PageTokens>
+struct PagedFactory {
+  using Storage = T;
+  static constexpr Index block_tokens = PageTokens;
+  static std::unique_ptr<KvCache> make(const CacheRecord& record, Index max_sequences,
+                                       Index capacity) {
+    const Index pages_per_sequence = capacity > 0 ? (capacity + PageTokens - 1) / PageTokens : 0;
+    return std::make_unique<PagedKvCache>(record, PageTokens, max_sequences * pages_per_sequence,
+                                          max_sequences);
+  }
+};
+
+// The same pool, with each sequence capped at `capacity` tokens (page tables sized to match).
+template <class T, Index PageTokens>
+struct CappedPagedFactory {
+  using Storage = T;
+  static constexpr Index block_tokens = PageTokens;
+  static std::unique_ptr<KvCache> make(const CacheRecord& record, Index max_sequences,
+                                       Index capacity) {
+    const Index pages_per_sequence = capacity > 0 ? (capacity + PageTokens - 1) / PageTokens : 0;
+    return std::make_unique<PagedKvCache>(record, PageTokens, max_sequences * pages_per_sequence,
+                                          max_sequences, capacity);
+  }
+};
+
+struct StorageName {
+  template <class Factory>
+  static std::string GetName(int) {
+    return name_of(storage_type_of<typename Factory::Storage>);
+  }
+};
+
+template <template <class> class Factory>
+using ForEachStorage =
+    ::testing::Types<Factory<float>, Factory<Eigen::bfloat16>, Factory<Eigen::half>>;
+template <class T>
+using Paged16 = PagedFactory<T, 16>;
+template <class T>
+using Paged7 = PagedFactory<T, 7>;
+template <class T>
+using Paged1 = PagedFactory<T, 1>;
+
+using CappedPaged16Types = ::testing::Types<CappedPagedFactory<Eigen::bfloat16, 16>>;
+
+}  // namespace
+
+INSTANTIATE_TYPED_TEST_SUITE_P(Contiguous, KvCacheConformance, ForEachStorage<ContiguousFactory>,
+                               StorageName);
+INSTANTIATE_TYPED_TEST_SUITE_P(Paged16, KvCacheConformance, ForEachStorage<Paged16>, StorageName);
+INSTANTIATE_TYPED_TEST_SUITE_P(Paged7, KvCacheConformance, ForEachStorage<Paged7>, StorageName);
+INSTANTIATE_TYPED_TEST_SUITE_P(Paged1, KvCacheConformance, ForEachStorage<Paged1>, StorageName);
+INSTANTIATE_TYPED_TEST_SUITE_P(CappedPaged16, KvCacheConformance, CappedPaged16Types, StorageName);
+
+namespace {
+
+const StorageType kAllStorage[] = {StorageType::f32, StorageType::bf16, StorageType::f16};
+
+std::vector<SequenceId> live_ids(const ReferenceCache& model) { return model.ids(); }
+
+// ---- records -------------------------------------------------------------------------------
+
+TEST(CacheRecord, SpecRecordsHaveTheSpecSizesInEveryStorageType) {
+  for (StorageType storage : kAllStorage) {
+    for (const NamedRecord& spec : spec_records(storage)) {
+      SCOPED_TRACE(spec.name + " " + name_of(storage));
+      EXPECT_EQ(spec.record.elements_per_token(), spec.elements_per_token);
+      EXPECT_EQ(spec.record.bytes_per_token(), spec.elements_per_token * element_bytes(storage));
+    }
+  }
+  EXPECT_EQ(element_bytes(StorageType::f32), 4);
+  EXPECT_EQ(element_bytes(StorageType::bf16), 2);
+  EXPECT_EQ(element_bytes(StorageType::f16), 2);
+}
+
+TEST(CacheRecord, OperatorRecordsNameTheirPlanes) {
+  const CacheRecord tpa = records::tpa(5, 6, 3, 2, 1);
+  ASSERT_EQ(tpa.plane_count(), 4);
+  EXPECT_EQ(tpa.plane_index("A_K"), 0);
+  EXPECT_EQ(tpa.plane_index("B_K"), 1);
+  EXPECT_EQ(tpa.plane_index("A_V"), 2);
+  EXPECT_EQ(tpa.plane_index("B_V"), 3);
+  EXPECT_EQ(tpa.plane(0).rows, 2);
+  EXPECT_EQ(tpa.plane(0).cols, 5);
+  EXPECT_EQ(tpa.plane(3).rows, 1);
+  EXPECT_EQ(tpa.plane(3).cols, 3);
+  const CacheRecord mla = records::mla(11, 3);
+  EXPECT_EQ(mla.plane_index("latent"), 0);
+  EXPECT_EQ(mla.plane_index("rope_key"), 1);
+  const CacheRecord gqa = records::gqa(3, 5, 7);
+  EXPECT_EQ(gqa.plane_index("K"), 0);
+  EXPECT_EQ(gqa.plane_index("V"), 1);
+  EXPECT_TRUE(throws_error([&] { (void)gqa.plane_index("Q"); }, {"plane_index", "Q"}));
+}
+
+TEST(CacheRecord, PlanesOfDifferentStorageTypesCountTheirOwnBytes) {
+  const CacheRecord record({{"scale", 1, 1, StorageType::f16},
+                            {"K", 2, 3, StorageType::f32},
+                            {"V", 3, 3, StorageType::bf16},
+                            {"W", 1, 5, StorageType::f32}});
+  EXPECT_EQ(record.elements_per_token(), 1 + 6 + 9 + 5);
+  EXPECT_EQ(record.bytes_per_token(), 1 * 2 + 6 * 4 + 9 * 2 + 5 * 4);
+}
+
+TEST(CacheRecord, RejectsNoPlanesEmptyPlanesAndDuplicateNames) {
+  EXPECT_TRUE(throws_error([] { CacheRecord record(std::vector<PlaneSpec>{}); },
+                           {"CacheRecord", "planes", "0"}));
+  EXPECT_TRUE(throws_error(
+      [] {
+        CacheRecord record({{"K", 0, 4, StorageType::f32}});
+      },
+      {"CacheRecord", "rows", "K", "0"}));
+  EXPECT_TRUE(throws_error(
+      [] {
+        CacheRecord record({{"K", -2, 4, StorageType::f32}});
+      },
+      {"CacheRecord", "rows", "-2"}));
+  EXPECT_TRUE(throws_error(
+      [] {
+        CacheRecord record({{"K", 1, 4, StorageType::f32}, {"V", 1, 0, StorageType::f32}});
+      },
+      {"CacheRecord", "cols", "V", "0"}));
+  EXPECT_TRUE(throws_error(
+      [] {
+        CacheRecord record({{"K", 1, -3, StorageType::f32}});
+      },
+      {"CacheRecord", "cols", "-3"}));
+  EXPECT_TRUE(throws_error(
+      [] {
+        CacheRecord record({{"K", 1, 4, StorageType::f32},
+                            {"V", 1, 4, StorageType::f32},
+                            {"K", 2, 2, StorageType::bf16}});
+      },
+      {"CacheRecord", "name", "K"}));
+  EXPECT_TRUE(throws_error([] { (void)records::gqa(0, 128, 128); }, {"CacheRecord", "rows"}));
+  EXPECT_TRUE(throws_error([] { (void)records::mla(512, 0); }, {"CacheRecord", "cols"}));
+}
+
+// ---- records with planes of different storage types, in both storages ---------------------------
+
+// f16, f32, bf16, f32 planes with odd byte counts: a plane that follows an odd number of 2-byte
+// elements must still start where its own type may be read.
+CacheRecord mixed_record() {
+  return CacheRecord({{"scale", 1, 1, StorageType::f16},
+                      {"K", 2, 3, StorageType::f32},
+                      {"V", 3, 3, StorageType::bf16},
+                      {"W", 1, 5, StorageType::f32}});
+}
+
+void round_trip_mixed(KvCache& cache, std::mt19937& rng) {
+  ReferenceCache model(cache.record());
+  const SequenceId a = cache.add_sequence();
+  const SequenceId b = cache.add_sequence();
+  model.add(a);
+  model.add(b);
+  for (Index n : {Index(1), Index(6), Index(7), Index(8), Index(17), Index(3)}) {
+    for (SequenceId seq : {a, b}) {
+      TokenBatch batch(cache.record(), n, rng);
+      cache.append(seq, n, batch.inputs(), batch.plane_count());
+      model.append(seq, batch, 0, n);
+    }
+  }
+  EXPECT_EQ(cache.bytes_per_token(), 64);
+  EXPECT_EQ(cache.bytes_used(), 2 * 42 * 64);
+  EXPECT_TRUE(holds_all(cache, model));
+  cache.truncate(a, 9);
+  model.truncate(a, 9);
+  TokenBatch batch(cache.record(), 5, rng);
+  cache.append(a, 5, batch.inputs(), batch.plane_count());
+  model.append(a, batch, 0, 5);
+  EXPECT_TRUE(holds_all(cache, model));
+}
+
+TEST(MixedStorageRecord, RoundTripsThroughAContiguousCache) {
+  std::mt19937 rng(11);
+  ContiguousKvCache cache(mixed_record(), 2, 51);  // odd: plane K follows 51 f16 values
+  round_trip_mixed(cache, rng);
+}
+
+TEST(MixedStorageRecord, RoundTripsThroughPagedCaches) {
+  for (Index page : {1, 7, 16}) {
+    SCOPED_TRACE("page_tokens " + std::to_string(page));
+    std::mt19937 rng(static_cast<unsigned>(page));
+    PagedKvCache cache(mixed_record(), page, 2 * ((50 + page - 1) / page), 2);
+    round_trip_mixed(cache, rng);
+  }
+}
+
+// ---- ContiguousKvCache
+// ---------------------------------------------------------------------------
+
+TEST(ContiguousKvCache, ReservesMaxSequencesTimesMaxTokensTimesBytesPerToken) {
+  for (StorageType storage : kAllStorage) {
+    for (const NamedRecord& spec : spec_records(storage)) {
+      SCOPED_TRACE(spec.name + " " + name_of(storage));
+      const ContiguousKvCache cache(spec.record, 3, 7);
+      EXPECT_EQ(cache.max_tokens(), 7);
+      EXPECT_EQ(cache.max_sequences(), 3);
+      EXPECT_EQ(cache.bytes_reserved(), 3 * 7 * spec.elements_per_token * element_bytes(storage));
+    }
+  }
+}
+
+TEST(ContiguousKvCache, EachSequenceIsOneBlockOfMaxTokens) {
+  std::mt19937 rng(3);
+  const CacheRecord record = records::gqa(2, 3, 5, StorageType::bf16);
+  ContiguousKvCache cache(record, 3, 45);
+  ReferenceCache model(record);
+  const SequenceId a = cache.add_sequence();
+  const SequenceId b = cache.add_sequence();
+  model.add(a);
+  model.add(b);
+  for (Index n : {Index(1), Index(20), Index(24)}) {
+    TokenBatch batch(record, n, rng);
+    cache.append(a, n, batch.inputs(), batch.plane_count());
+    model.append(a, batch, 0, n);
+    const SequenceView view = cache.view(a);
+    EXPECT_EQ(view.block_tokens(), 45);
+    EXPECT_EQ(view.block_count(), 1);
+    EXPECT_EQ(view.tokens_in_block(0), model.length(a));
+    // The room left is the rest of the sequence's own region, whatever the others hold.
+    EXPECT_EQ(cache.tokens_available(a), 45 - model.length(a));
+    EXPECT_EQ(cache.tokens_available(b), 45);
+  }
+  EXPECT_TRUE(holds_all(cache, model));
+}
+
+TEST(ContiguousKvCache, RejectsNonPositiveSizes) {
+  const CacheRecord record = records::mla(8, 4);
+  EXPECT_TRUE(throws_error([&] { ContiguousKvCache cache(record, 0, 16); },
+                           {"ContiguousKvCache", "max_sequences", "0"}));
+  EXPECT_TRUE(throws_error([&] { ContiguousKvCache cache(record, -3, 16); },
+                           {"ContiguousKvCache", "max_sequences", "-3"}));
+  EXPECT_TRUE(throws_error([&] { ContiguousKvCache cache(record, 2, 0); },
+                           {"ContiguousKvCache", "max_tokens", "0"}));
+  EXPECT_TRUE(throws_error([&] { ContiguousKvCache cache(record, 2, -16); },
+                           {"ContiguousKvCache", "max_tokens", "-16"}));
+}
+
+// max_sequences x max_tokens x bytes_per_token does not fit in Index: the cache must refuse, not
+// wrap around to a small allocation that later appends would overrun.
+TEST(ContiguousKvCache, RejectsSizesWhoseBytesOverflow) {
+  const CacheRecord record = records::gqa(1, 1, 1);  // 8 bytes per token
+  EXPECT_THROW(ContiguousKvCache(record, 4, Index(1) << 61), tpattn::Error);
+  EXPECT_THROW(ContiguousKvCache(record, std::numeric_limits<Index>::max() / 2, 4), tpattn::Error);
+}
+
+// ---- PagedKvCache
+// --------------------------------------------------------------------------------
+
+TEST(PagedKvCache, ReservesPageCountTimesPageTokensTimesBytesPerToken) {
+  for (StorageType storage : kAllStorage) {
+    for (const NamedRecord& spec : spec_records(storage)) {
+      SCOPED_TRACE(spec.name + " " + name_of(storage));
+      const PagedKvCache cache(spec.record, 16, 5, 3);
+      const Index bytes = spec.elements_per_token * element_bytes(storage);
+      EXPECT_EQ(cache.page_tokens(), 16);
+      EXPECT_EQ(cache.page_count(), 5);
+      EXPECT_EQ(cache.free_page_count(), 5);
+      EXPECT_EQ(cache.page_bytes(), 16 * bytes);
+      EXPECT_EQ(cache.bytes_reserved(), 5 * 16 * bytes);
+      EXPECT_EQ(cache.bytes_in_pages(), 0);
+    }
+  }
+}
+
+TEST(PagedKvCache, ATokenThatStartsAPageTakesAPage) {
+  std::mt19937 rng(5);
+  const CacheRecord record = records::gqa(2, 4, 4);  // 64 bytes per token
+  PagedKvCache cache(record, 16, 10, 3);
+  const Index page = 16 * 64;
+  ReferenceCache model(record);
+  const SequenceId a = cache.add_sequence();
+  model.add(a);
+  const auto append = [&](SequenceId seq, Index n) {
+    TokenBatch batch(record, n, rng);
+    cache.append(seq, n, batch.inputs(), batch.plane_count());
+    model.append(seq, batch, 0, n);
+  };
+  EXPECT_EQ(cache.free_page_count(), 10);  // an empty sequence holds no page
+  append(a, 1);
+  EXPECT_EQ(cache.free_page_count(), 9);
+  EXPECT_EQ(cache.bytes_used(), 64);
+  EXPECT_EQ(cache.bytes_in_pages(), page);  // rounded up to the page
+  append(a, 14);                            // 15 = page - 1
+  EXPECT_EQ(cache.free_page_count(), 9);
+  append(a, 1);  // 16 = page
+  EXPECT_EQ(cache.free_page_count(), 9);
+  EXPECT_EQ(cache.bytes_in_pages(), cache.bytes_used());  // a full page wastes nothing
+  append(a, 1);                                           // 17 = page + 1
+  EXPECT_EQ(cache.free_page_count(), 8);
+  EXPECT_EQ(cache.bytes_used(), 17 * 64);
+  EXPECT_EQ(cache.bytes_in_pages(), 2 * page);
+  EXPECT_EQ(cache.tokens_available(a), 15 + 8 * 16);
+  const SequenceId b = cache.add_sequence();
+  model.add(b);
+  append(b, 33);  // three pages in one append
+  EXPECT_EQ(cache.free_page_count(), 5);
+  EXPECT_EQ(cache.bytes_in_pages(), 5 * page);
+  EXPECT_EQ(cache.view(b).block_tokens(), 16);
+  EXPECT_EQ(cache.view(b).block_count(), 3);
+  EXPECT_EQ(cache.view(b).tokens_in_block(2), 1);
+  EXPECT_TRUE(holds_all(cache, model));
+}
+
+TEST(PagedKvCache, TruncateAndRemoveReturnPagesToThePool) {
+  std::mt19937 rng(6);
+  const CacheRecord record = records::mla(6, 2, StorageType::f16);
+  PagedKvCache cache(record, 16, 10, 3);
+  ReferenceCache model(record);
+  const SequenceId a = cache.add_sequence();
+  const SequenceId b = cache.add_sequence();
+  model.add(a);
+  model.add(b);
+  TokenBatch batch(record, 40, rng);
+  cache.append(a, 40, batch.inputs(), batch.plane_count());  // 3 pages
+  model.append(a, batch, 0, 40);
+  cache.append(b, 33, batch.inputs(), batch.plane_count());  // 3 pages
+  model.append(b, batch, 0, 33);
+  EXPECT_EQ(cache.free_page_count(), 4);
+  cache.truncate(a, 33);  // still 3 pages
+  EXPECT_EQ(cache.free_page_count(), 4);
+  cache.truncate(a, 32);  // exactly 2 pages
+  EXPECT_EQ(cache.free_page_count(), 5);
+  cache.truncate(a, 17);
+  EXPECT_EQ(cache.free_page_count(), 5);
+  cache.truncate(a, 16);
+  EXPECT_EQ(cache.free_page_count(), 6);
+  cache.truncate(a, 0);
+  EXPECT_EQ(cache.free_page_count(), 7);
+  model.truncate(a, 0);
+  EXPECT_EQ(cache.bytes_in_pages(), 3 * cache.page_bytes());
+  cache.remove_sequence(b);
+  model.remove(b);
+  EXPECT_EQ(cache.free_page_count(), 10);
+  EXPECT_EQ(cache.bytes_in_pages(), 0);
+  EXPECT_EQ(cache.bytes_used(), 0);
+  EXPECT_EQ(cache.tokens_available(a), 160);
+  EXPECT_TRUE(holds_all(cache, model));
+}
+
+// Random appends, truncations and removals on several page sizes: the pool's counters always
+// follow from the sequences' lengths.
+TEST(PagedKvCache, PageCountersFollowFromLengths) {
+  for (Index page : {1, 7, 16}) {
+    for (StorageType storage : kAllStorage) {
+      SCOPED_TRACE("page_tokens " + std::to_string(page) + " " + name_of(storage));
+      std::mt19937 rng(static_cast<unsigned>(page * 10 + static_cast<int>(storage)));
+      const CacheRecord record = records::tpa(3, 4, 5, 2, 1, storage);
+      const Index page_count = 120 / page + 3;
+      PagedKvCache cache(record, page, page_count, 4);
+      ReferenceCache model(record);
+      const auto pick = [&](Index low, Index high) {
+        return std::uniform_int_distribution<Index>(low, high)(rng);
+      };
+      for (int step = 0; step < 120; ++step) {
+        const std::vector<SequenceId> ids = live_ids(model);
+        const Index action = pick(0, 9);
+        if (ids.empty() || (action == 0 && static_cast<Index>(ids.size()) < 4)) {
+          model.add(cache.add_sequence());
+        } else {
+          const SequenceId seq = ids[static_cast<std::size_t>(pick(0, Index(ids.size()) - 1))];
+          if (action == 1) {
+            cache.remove_sequence(seq);
+            model.remove(seq);
+          } else if (action <= 3) {
+            const Index keep = pick(0, model.length(seq));
+            cache.truncate(seq, keep);
+            model.truncate(seq, keep);
+          } else if (cache.tokens_available(seq) > 0) {
+            const Index n = pick(1, std::min<Index>(cache.tokens_available(seq), 2 * page + 1));
+            TokenBatch batch(record, n, rng);
+            cache.append(seq, n, batch.inputs(), batch.plane_count());
+            model.append(seq, batch, 0, n);
+          }
+        }
+        Index pages_held = 0;
+        Index tokens = 0;
+        for (SequenceId seq : live_ids(model)) {
+          pages_held += (model.length(seq) + page - 1) / page;
+          tokens += model.length(seq);
+        }
+        ASSERT_EQ(cache.free_page_count(), page_count - pages_held) << "step " << step;
+        ASSERT_EQ(cache.bytes_in_pages(), pages_held * cache.page_bytes()) << "step " << step;
+        ASSERT_EQ(cache.bytes_used(), tokens * cache.bytes_per_token()) << "step " << step;
+        for (SequenceId seq : live_ids(model)) {
+          const Index length = model.length(seq);
+          const Index tail = (length + page - 1) / page * page - length;  // room in last page
+          ASSERT_EQ(cache.tokens_available(seq), tail + cache.free_page_count() * page)
+              << "step " << step << ", sequence " << seq;
+        }
+      }
+      EXPECT_TRUE(holds_all(cache, model));
+    }
+  }
+}
+
+TEST(PagedKvCache, SequencesShareThePoolUntilItRunsOut) {
+  std::mt19937 rng(8);
+  const CacheRecord record = records::mla(5, 3, StorageType::bf16);
+  PagedKvCache cache(record, 8, 6, 3);
+  ReferenceCache model(record);
+  const auto append = [&](SequenceId seq, Index n) {
+    TokenBatch batch(record, n, rng);
+    cache.append(seq, n, batch.inputs(), batch.plane_count());
+    model.append(seq, batch, 0, n);
+  };
+  const SequenceId a = cache.add_sequence();
+  const SequenceId b = cache.add_sequence();
+  model.add(a);
+  model.add(b);
+  append(a, 35);  // 5 pages, 5 tokens of room left in the last one
+  EXPECT_EQ(cache.free_page_count(), 1);
+  EXPECT_EQ(cache.tokens_available(a), 5 + 8);
+  EXPECT_EQ(cache.tokens_available(b), 8);
+
+  TokenBatch big(record, 64, rng);
+  const auto rejected = [&](SequenceId seq, Index n) {
+    SCOPED_TRACE("appending " + std::to_string(n) + " to sequence " + std::to_string(seq));
+    const Index free_pages = cache.free_page_count();
+    EXPECT_TRUE(rejects(cache, live_ids(model),
+                        [&] { cache.append(seq, n, big.inputs(), big.plane_count()); },
+                        {"PagedKvCache::append", "n_tokens", std::to_string(n)}));
+    EXPECT_EQ(cache.free_page_count(), free_pages) << "a rejected append claimed pages";
+  };
+  rejected(b, 9);   // 8 would fit: nothing may be written
+  rejected(a, 14);  // 13 would fit
+  append(b, 8);     // the last free page
+  EXPECT_EQ(cache.free_page_count(), 0);
+  EXPECT_EQ(cache.tokens_available(a), 5);
+  EXPECT_EQ(cache.tokens_available(b), 0);
+  const SequenceId c = cache.add_sequence();
+  model.add(c);
+  EXPECT_EQ(cache.tokens_available(c), 0);
+  rejected(c, 1);
+  rejected(b, 1);
+  append(a, 5);  // the rest of a's last page needs no new page
+  rejected(a, 1);
+  EXPECT_TRUE(holds_all(cache, model));
+
+  cache.remove_sequence(a);  // its 5 pages go back to the pool, for anyone
+  model.remove(a);
+  EXPECT_EQ(cache.free_page_count(), 5);
+  EXPECT_EQ(cache.tokens_available(c), 40);
+  append(c, 40);
+  EXPECT_EQ(cache.free_page_count(), 0);
+  EXPECT_TRUE(holds_all(cache, model));
+}
+
+TEST(PagedKvCache, RejectsNonPositiveSizes) {
+  const CacheRecord record = records::mla(8, 4);
+  EXPECT_TRUE(throws_error([&] { PagedKvCache cache(record, 0, 4, 2); },
+                           {"PagedKvCache", "page_tokens", "0"}));
+  EXPECT_TRUE(throws_error([&] { PagedKvCache cache(record, -16, 4, 2); },
+                           {"PagedKvCache", "page_tokens", "-16"}));
+  EXPECT_TRUE(throws_error([&] { PagedKvCache cache(record, 16, 0, 2); },
+                           {"PagedKvCache", "page_count", "0"}));
+  EXPECT_TRUE(throws_error([&] { PagedKvCache cache(record, 16, -4, 2); },
+                           {"PagedKvCache", "page_count", "-4"}));
+  EXPECT_TRUE(throws_error([&] { PagedKvCache cache(record, 16, 4, 0); },
+                           {"PagedKvCache", "max_sequences", "0"}));
+  EXPECT_TRUE(throws_error([&] { PagedKvCache cache(record, 16, 4, -2); },
+                           {"PagedKvCache", "max_sequences", "-2"}));
+}
+
+// max_tokens_per_sequence caps a sequence's length at exactly that many tokens, page edge or not.
+TEST(PagedKvCache, MaxTokensPerSequenceCapsEachSequence) {
+  std::mt19937 rng(9);
+  const CacheRecord record = records::gqa(1, 4, 4, StorageType::f16);
+  const auto check = [&](Index cap) {
+    PagedKvCache cache(record, 8, 100, 2, cap);
+    ReferenceCache model(record);
+    const SequenceId a = cache.add_sequence();
+    const SequenceId b = cache.add_sequence();
+    model.add(a);
+    model.add(b);
+    ASSERT_EQ(cache.tokens_available(a), cap);
+    TokenBatch batch(record, cap + 1, rng);
+    ASSERT_TRUE(rejects(cache, live_ids(model),
+                        [&] { cache.append(a, cap + 1, batch.inputs(), batch.plane_count()); },
+                        {"PagedKvCache::append", "n_tokens", std::to_string(cap + 1)}));
+    cache.append(a, cap, batch.inputs(), batch.plane_count());
+    model.append(a, batch, 0, cap);
+    EXPECT_EQ(cache.tokens_available(a), 0);
+    EXPECT_EQ(cache.tokens_available(b), cap);  // the pool has plenty; the cap binds
+    EXPECT_TRUE(rejects(cache, live_ids(model),
+                        [&] { cache.append(a, 1, batch.inputs(), batch.plane_count()); },
+                        {"PagedKvCache::append", "n_tokens", "1"}));
+    EXPECT_TRUE(holds_all(cache, model));
+  };
+  for (Index cap : {16, 20, 1, 23}) {
+    SCOPED_TRACE("max_tokens_per_sequence " + std::to_string(cap));
+    check(cap);
+  }
+}
+
+TEST(PagedKvCache, RejectsANegativeMaxTokensPerSequence) {
+  EXPECT_TRUE(throws_error([] { PagedKvCache cache(records::mla(8, 4), 16, 4, 2, -1); },
+                           {"PagedKvCache", "max_tokens_per_sequence", "-1"}));
+}
+
+TEST(PagedKvCache, RejectsSizesWhoseBytesOverflow) {
+  const CacheRecord record = records::gqa(1, 1, 1);  // 8 bytes per token
+  EXPECT_THROW(PagedKvCache(record, Index(1) << 61, 4, 1), tpattn::Error);
+}
+
+// ---- the allocation counter itself ----------------------------------------------------------
+
+void* volatile escape = nullptr;  // keeps the compiler from eliding new/delete pairs
+
+TEST(AllocationCounter, CountsEveryFormOfOperatorNew) {
+  ASSERT_TRUE(AllocationCounter::installed());
+  struct alignas(128) Wide {
+    unsigned char bytes[256];
+  };
+  std::uint64_t counts[8] = {};
+  std::uint64_t bytes = 0;
+  {
+    const AllocationCounter counter;
+    int* one = new int(7);
+    escape = one;
+    counts[0] = counter.allocations();
+    int* many = new int[5];
+    escape = many;
+    counts[1] = counter.allocations();
+    int* quiet = new (std::nothrow) int(3);
+    escape = quiet;
+    counts[2] = counter.allocations();
+    Wide* wide = new Wide;
+    escape = wide;
+    counts[3] = counter.allocations();
+    Wide* wides = new Wide[2];
+    escape = wides;
+    counts[4] = counter.allocations();
+    void* raw = ::operator new(100, std::align_val_t(64), std::nothrow);
+    escape = raw;
+    counts[5] = counter.allocations();
+    bytes = counter.bytes();
+    delete one;
+    delete[] many;
+    delete quiet;
+    delete wide;
+    delete[] wides;
+    ::operator delete(raw, std::align_val_t(64));
+    counts[6] = counter.allocations();  // deleting allocates nothing
+  }
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(counts[i], static_cast<std::uint64_t>(i + 1));
+  EXPECT_EQ(counts[6], 6u);
+  EXPECT_GE(bytes, sizeof(int) * 7 + sizeof(Wide) * 3 + 100);
+
+  std::uint64_t none = 1;
+  {
+    const AllocationCounter counter;
+    none = counter.allocations();
+  }
+  EXPECT_EQ(none, 0u);
+  std::uint64_t growth = 0;
+  {
+    const AllocationCounter counter;
+    std::vector<double> values;
+    for (int i = 0; i < 100; ++i) values.push_back(i);
+    escape = values.data();
+    growth = counter.allocations();
+  }
+  EXPECT_GE(growth, 1u);
+}
+
+}  // namespace
+}  // namespace tpattn::test
