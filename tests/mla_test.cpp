@@ -940,6 +940,44 @@ TEST(MlaMisuse, BareKernelRejectsNonPositiveSizes) {
   EXPECT_TRUE(throws_error([] { MlaKernel<float> k(4, 512, -1, 0.1f); }, "MlaKernel", "rope_dim"));
 }
 
+TEST(MlaMisuse, BareKernelAttendRejectsAForeignViewABadCountAndNullBuffers) {
+  const Index h = 3, dc = 32, dr = 8;
+  const MlaKernel<float> kernel(h, dc, dr, 0.25f);
+  auto cache = make_cache(CacheKind::paged, kernel.cache_record(), 1, 20);
+  auto foreign =
+      make_cache(CacheKind::paged, tpattn::records::mla(dc, dr, StorageType::bf16), 1, 20);
+  const SequenceId seq = cache->add_sequence();
+  const SequenceId other = foreign->add_sequence();
+  tpattn_test::Random random(24u);
+  const std::vector<float> latent = random.floats(4 * dc), rope_key = random.floats(4 * dr);
+  cache->append(seq, 4, {{latent.data(), 1, dc}, {rope_key.data(), 1, dr}});
+  foreign->append(other, 4, {{latent.data(), 1, dc}, {rope_key.data(), 1, dr}});
+  const std::vector<float> q = random.floats(5 * h * (dc + dr));
+  std::vector<float> out(static_cast<std::size_t>(5 * h * dc));
+  std::vector<float> workspace(static_cast<std::size_t>(kernel.workspace_floats()));
+  const SequenceView view = cache->view(seq);
+  const char* call = "MlaKernel::attend";
+  const auto attend = [&](const float* query, Index n, const SequenceView& v, float* o, float* w) {
+    kernel.attend(query, n, v, o, nullptr, w);
+  };
+  EXPECT_TRUE(
+      throws_error([&] { attend(q.data(), 1, foreign->view(other), out.data(), workspace.data()); },
+                   call, "view"));
+  EXPECT_TRUE(throws_error(
+      [&] { attend(q.data(), 1, SequenceView(), out.data(), workspace.data()); }, call, "view"));
+  EXPECT_TRUE(
+      throws_error([&] { attend(q.data(), 0, view, out.data(), workspace.data()); }, call, "n"));
+  EXPECT_TRUE(
+      throws_error([&] { attend(q.data(), 5, view, out.data(), workspace.data()); }, call, "n"));
+  EXPECT_TRUE(
+      throws_error([&] { attend(nullptr, 1, view, out.data(), workspace.data()); }, call, "q"));
+  EXPECT_TRUE(
+      throws_error([&] { attend(q.data(), 1, view, nullptr, workspace.data()); }, call, "out"));
+  EXPECT_TRUE(
+      throws_error([&] { attend(q.data(), 1, view, out.data(), nullptr); }, call, "workspace"));
+  EXPECT_NO_THROW(attend(q.data(), 4, view, out.data(), workspace.data()));
+}
+
 TEST(MlaMisuse, EveryWeightShapeMismatchThrowsNamingTheWeight) {
   struct Case {
     const char* argument;
