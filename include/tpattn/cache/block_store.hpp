@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <limits>
 #include <memory>
 #include <new>
 #include <string>
@@ -26,13 +27,21 @@ class BlockStore {
   };
   static constexpr std::size_t kAlignment = 64;
 
-  BlockStore(const CacheRecord& record, Index block_tokens, Index block_count,
-             Index max_sequences, Index max_blocks_per_sequence)
+  // call: the cache's name for errors. Sizes are >= 1 (checked by the cache). A sequence holds
+  // at most max_blocks_per_sequence blocks and max_tokens_per_sequence tokens.
+  BlockStore(const char* call, const CacheRecord& record, Index block_tokens, Index block_count,
+             Index max_sequences, Index max_blocks_per_sequence, Index max_tokens_per_sequence)
       : block_tokens_(block_tokens),
         block_count_(block_count),
         max_blocks_per_sequence_(max_blocks_per_sequence),
-        plane_offsets_(static_cast<std::size_t>(record.plane_count())),
-        sequences_(static_cast<std::size_t>(max_sequences)) {
+        max_tokens_per_sequence_(max_tokens_per_sequence),
+        plane_offsets_(static_cast<std::size_t>(record.plane_count())) {
+    TPATTN_CHECK(record.plane_count() >= 1, call, "record", "at least one plane",
+                 record.plane_count());
+    TPATTN_CHECK(max_sequences <= std::numeric_limits<Index>::max() /
+                                      static_cast<Index>(sizeof(Sequence)),
+                 call, "max_sequences", "a count whose bookkeeping fits in memory",
+                 max_sequences);
     // Planes follow each other inside a block; an offset is rounded up to its plane's element
     // size so mixed-storage records stay aligned (records of one storage type need no padding).
     Index offset = 0;
@@ -42,12 +51,15 @@ class BlockStore {
       widest = std::max(widest, align);
       offset = (offset + align - 1) / align * align;
       plane_offsets_[static_cast<std::size_t>(p)] = offset;
-      offset += block_tokens * record.plane(p).bytes_per_token();
+      offset = checked_add(call, offset,
+                           checked_product(call, block_tokens, record.plane(p).bytes_per_token()));
     }
-    offset = (offset + widest - 1) / widest * widest;  // so every block starts aligned too
+    offset = checked_add(call, offset, widest - 1) / widest * widest;  // blocks start aligned
     block_bytes_ = offset;
-    memory_.reset(static_cast<std::byte*>(::operator new(
-        static_cast<std::size_t>(block_bytes_ * block_count_), std::align_val_t(kAlignment))));
+    const Index total = checked_product(call, block_bytes_, block_count_);
+    sequences_.resize(static_cast<std::size_t>(max_sequences));
+    memory_.reset(static_cast<std::byte*>(
+        ::operator new(static_cast<std::size_t>(total), std::align_val_t(kAlignment))));
     free_blocks_.reserve(static_cast<std::size_t>(block_count_));
     for (Index b = block_count_ - 1; b >= 0; --b) free_blocks_.push_back(b);
     free_slots_.reserve(static_cast<std::size_t>(max_sequences));
@@ -99,7 +111,8 @@ class BlockStore {
     const Sequence& s = sequences_[static_cast<std::size_t>(seq)];
     const Index held = static_cast<Index>(s.blocks.size());
     const Index claimable = std::min(free_block_count(), max_blocks_per_sequence_ - held);
-    return held * block_tokens_ - s.length + claimable * block_tokens_;
+    const Index room = held * block_tokens_ - s.length + claimable * block_tokens_;
+    return std::min(room, max_tokens_per_sequence_ - s.length);
   }
 
   // Caller has validated everything; this cannot fail.
@@ -160,9 +173,26 @@ class BlockStore {
     return (address - memory_.get()) / block_bytes_;
   }
 
+  // a * b, or a tpattn::Error when the byte count of the cache would not fit in an Index.
+  static Index checked_product(const char* call, Index a, Index b) {
+    Index result = 0;
+    TPATTN_CHECK(!__builtin_mul_overflow(a, b, &result), call, "sizes",
+                 "a total byte count that fits in a 64-bit signed integer",
+                 to_text(a) + " x " + to_text(b) + " overflows");
+    return result;
+  }
+  static Index checked_add(const char* call, Index a, Index b) {
+    Index result = 0;
+    TPATTN_CHECK(!__builtin_add_overflow(a, b, &result), call, "sizes",
+                 "a total byte count that fits in a 64-bit signed integer",
+                 to_text(a) + " + " + to_text(b) + " overflows");
+    return result;
+  }
+
   Index block_tokens_;
   Index block_count_;
   Index max_blocks_per_sequence_;
+  Index max_tokens_per_sequence_;
   Index block_bytes_ = 0;
   Index tokens_held_ = 0;
   std::vector<Index> plane_offsets_;

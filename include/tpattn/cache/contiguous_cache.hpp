@@ -13,7 +13,8 @@ class ContiguousKvCache final : public KvCache {
   // max_sequences >= 1 regions of max_tokens >= 1 tokens each.
   ContiguousKvCache(CacheRecord record, Index max_sequences, Index max_tokens)
       : KvCache(checked(std::move(record), max_sequences, max_tokens)),
-        store_(this->record(), max_tokens, max_sequences, max_sequences, 1) {}
+        store_("ContiguousKvCache", this->record(), max_tokens, max_sequences, max_sequences, 1,
+               max_tokens) {}
 
   Index max_tokens() const { return store_.block_tokens(); }
 

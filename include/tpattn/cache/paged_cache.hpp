@@ -13,17 +13,17 @@ namespace tpattn {
 class PagedKvCache final : public KvCache {
  public:
   // page_tokens >= 1 tokens per page, page_count >= 1 pages, max_sequences >= 1.
-  // max_tokens_per_sequence (0 = the whole pool) caps one sequence's length; each sequence's
-  // page table is reserved for that many tokens when it is added, so appends never allocate.
+  // max_tokens_per_sequence (0 = no cap but the pool) caps one sequence's length exactly; each
+  // sequence's page table is reserved for that many tokens when it is added, so appends never
+  // allocate.
   PagedKvCache(CacheRecord record, Index page_tokens, Index page_count, Index max_sequences,
                Index max_tokens_per_sequence = 0)
       : KvCache(checked(std::move(record), page_tokens, page_count, max_sequences,
                         max_tokens_per_sequence)),
-        store_(this->record(), page_tokens, page_count, max_sequences,
-               max_tokens_per_sequence == 0
-                   ? page_count
-                   : std::min(page_count,
-                              (max_tokens_per_sequence + page_tokens - 1) / page_tokens)) {}
+        store_("PagedKvCache", this->record(), page_tokens, page_count, max_sequences,
+               pages_per_sequence(page_tokens, page_count, max_tokens_per_sequence),
+               max_tokens_per_sequence == 0 ? std::numeric_limits<Index>::max()
+                                            : max_tokens_per_sequence) {}
 
   Index page_tokens() const { return store_.block_tokens(); }
   Index page_count() const { return store_.block_count(); }
@@ -91,6 +91,12 @@ class PagedKvCache final : public KvCache {
     TPATTN_CHECK(max_tokens_per_sequence >= 0, "PagedKvCache", "max_tokens_per_sequence",
                  ">= 0 (0 = the whole pool)", max_tokens_per_sequence);
     return record;
+  }
+
+  // Page-table entries a sequence may need: the whole pool, or enough for its token cap.
+  static Index pages_per_sequence(Index page_tokens, Index page_count, Index max_tokens) {
+    if (max_tokens == 0) return page_count;
+    return std::min(page_count, max_tokens / page_tokens + (max_tokens % page_tokens != 0));
   }
 
   detail::BlockStore store_;
