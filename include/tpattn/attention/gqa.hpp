@@ -12,6 +12,7 @@
 #include <string>
 #include <utility>
 
+#include "tpattn/kernels/gemm.hpp"
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
 #include "tpattn/kernels/attention_core.hpp"
@@ -184,10 +185,9 @@ class GroupedQueryAttention {
   }
 
   void project(const float* x, Index rows, const Buffers& buffers) const {
-    const ConstMatrixMap input = map_matrix(x, rows, config_.d_model);
-    map_matrix(buffers.q, rows, q_width()).noalias() = input * weights_.w_q.transpose();
-    map_matrix(buffers.k, rows, k_width()).noalias() = input * weights_.w_k.transpose();
-    map_matrix(buffers.v, rows, v_width()).noalias() = input * weights_.w_v.transpose();
+    linear(weights_.w_q, x, rows, buffers.q);
+    linear(weights_.w_k, x, rows, buffers.k);
+    linear(weights_.w_v, x, rows, buffers.v);
   }
 
   // Rows [first, first + count) hold consecutive tokens starting at `position`.
@@ -201,9 +201,7 @@ class GroupedQueryAttention {
   }
 
   void output(const Buffers& buffers, Index rows, float* y) const {
-    map_matrix(y, rows, config_.d_model).noalias() =
-        map_matrix(static_cast<const float*>(buffers.o), rows, o_width()) *
-        weights_.w_o.transpose();
+    linear(weights_.w_o, buffers.o, rows, y);
   }
 
   GqaConfig config_;

@@ -16,6 +16,7 @@
 #include <string>
 #include <utility>
 
+#include "tpattn/kernels/gemm.hpp"
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
 #include "tpattn/kernels/attention_core.hpp"
@@ -220,21 +221,16 @@ class MultiHeadLatentAttention {
   }
 
   void project(const float* x, Index rows, const Buffers& b) const {
-    const ConstMatrixMap input = map_matrix(x, rows, config_.d_model);
-    const Index h = config_.heads;
     if (config_.q_latent_dim > 0) {
-      map_matrix(b.q_latent, rows, config_.q_latent_dim).noalias() =
-          input * weights_.w_dq.transpose();
+      linear(weights_.w_dq, x, rows, b.q_latent);
       if (config_.normalize_q_latent)
         rms_norm(b.q_latent, rows, config_.q_latent_dim, config_.q_latent_dim,
                  weights_.q_norm.data(), config_.norm_eps);
-      map_matrix(b.q, rows, h * query_width()).noalias() =
-          map_matrix(static_cast<const float*>(b.q_latent), rows, config_.q_latent_dim) *
-          weights_.w_uq.transpose();
+      linear(weights_.w_uq, b.q_latent, rows, b.q);
     } else {
-      map_matrix(b.q, rows, h * query_width()).noalias() = input * weights_.w_uq.transpose();
+      linear(weights_.w_uq, x, rows, b.q);
     }
-    map_matrix(b.kv, rows, kv_width()).noalias() = input * weights_.w_dkv.transpose();
+    linear(weights_.w_dkv, x, rows, b.kv);
     if (config_.normalize_kv_latent)
       rms_norm(b.kv, rows, config_.kv_latent_dim, kv_width(), weights_.kv_norm.data(),
                config_.norm_eps);
@@ -265,7 +261,7 @@ class MultiHeadLatentAttention {
                                                rows, dh, h * query_width());
       MatrixMap absorbed = map_matrix(b.absorbed + i * absorbed_width(), rows, absorbed_width(),
                                       h * absorbed_width());
-      absorbed.leftCols(dc).noalias() = q_nope * weights_.w_ukv.middleRows(i * head_rows, dh);
+      multiply(q_nope, weights_.w_ukv.middleRows(i * head_rows, dh), absorbed.leftCols(dc));
       absorbed.rightCols(config_.rope_dim) =
           map_matrix(static_cast<const float*>(b.q) + i * query_width() + dh, rows,
                      config_.rope_dim, h * query_width());
@@ -280,11 +276,10 @@ class MultiHeadLatentAttention {
     for (Index i = 0; i < h; ++i) {
       const ConstMatrixMap latent = map_matrix(static_cast<const float*>(b.latent_out) + i * dc,
                                                rows, dc, h * dc);
-      map_matrix(b.o + i * dv, rows, dv, h * dv).noalias() =
-          latent * weights_.w_ukv.middleRows(i * head_rows + dh, dv).transpose();
+      multiply(latent, weights_.w_ukv.middleRows(i * head_rows + dh, dv).transpose(),
+               map_matrix(b.o + i * dv, rows, dv, h * dv));
     }
-    map_matrix(y, rows, config_.d_model).noalias() =
-        map_matrix(static_cast<const float*>(b.o), rows, h * dv) * weights_.w_o.transpose();
+    linear(weights_.w_o, b.o, rows, y);
   }
 
   MlaConfig config_;

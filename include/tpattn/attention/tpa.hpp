@@ -18,6 +18,7 @@
 #include <string>
 #include <utility>
 
+#include "tpattn/kernels/gemm.hpp"
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
 #include "tpattn/kernels/rope.hpp"
@@ -240,10 +241,7 @@ class TensorProductAttention {
   }
 
   void project(const float* x, Index rows, const Buffers& b) const {
-    const ConstMatrixMap input = map_matrix(x, rows, config_.d_model);
-    auto apply = [&](const RowMatrix& weight, float* out) {
-      map_matrix(out, rows, weight.rows()).noalias() = input * weight.transpose();
-    };
+    auto apply = [&](const RowMatrix& weight, float* out) { linear(weight, x, rows, out); };
     if (kv_only()) {
       apply(weights_.w_q, b.q);
     } else {
@@ -291,9 +289,7 @@ class TensorProductAttention {
   }
 
   void output(const Buffers& b, Index rows, float* y) const {
-    map_matrix(y, rows, config_.d_model).noalias() =
-        map_matrix(static_cast<const float*>(b.o), rows, config_.heads * config_.value_dim) *
-        weights_.w_o.transpose();
+    linear(weights_.w_o, b.o, rows, y);
   }
 
   TpaConfig config_;

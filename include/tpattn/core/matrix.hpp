@@ -4,6 +4,7 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <cstdint>
 
 #include "tpattn/core/storage_type.hpp"
 
@@ -28,5 +29,37 @@ inline ConstMatrixMap map_matrix(const float* data, Index rows, Index cols, Inde
 inline ConstMatrixMap map_matrix(const float* data, Index rows, Index cols) {
   return map_matrix(data, rows, cols, cols);
 }
+
+// Kernels carve their workspace into 64-byte aligned pieces. Eigen vectorises a row from its
+// first aligned element, so without this the low bits of a result (exp, sums) would depend on
+// where the caller's buffer happens to land.
+constexpr Index kWorkspaceAlignFloats = 16;
+inline constexpr Index aligned_floats(Index count) {
+  return (count + kWorkspaceAlignFloats - 1) / kWorkspaceAlignFloats * kWorkspaceAlignFloats;
+}
+inline float* align_workspace(float* workspace) {
+  const std::uintptr_t address = reinterpret_cast<std::uintptr_t>(workspace);
+  const std::uintptr_t bytes = kWorkspaceAlignFloats * sizeof(float);
+  return reinterpret_cast<float*>((address + bytes - 1) / bytes * bytes);
+}
+
+// Hands out consecutive aligned pieces of a workspace.
+class WorkspaceCarver {
+ public:
+  explicit WorkspaceCarver(float* workspace) : next_(align_workspace(workspace)) {}
+  float* take(Index count) {
+    float* piece = next_;
+    next_ += aligned_floats(count);
+    return piece;
+  }
+  // Floats a workspace needs for pieces of these sizes, including the initial alignment slack.
+  template <class... Counts>
+  static constexpr Index floats_for(Counts... counts) {
+    return kWorkspaceAlignFloats + (Index(0) + ... + aligned_floats(counts));
+  }
+
+ private:
+  float* next_;
+};
 
 }  // namespace tpattn

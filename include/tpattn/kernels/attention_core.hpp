@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "tpattn/kernels/cache_tiles.hpp"
+#include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/softmax_state.hpp"
 
 namespace tpattn {
@@ -51,9 +52,10 @@ class AttentionCore {
   // Workspace floats one run() needs, whatever its number of query tokens.
   Index workspace_floats() const {
     const Index rows = kQueryTokens * group_;
-    return rows * layout_.key_width() + rows * kTileTokens +
-           kTileTokens * (layout_.key_width() + layout_.value.width) +
-           SoftmaxState::floats_needed(rows, layout_.value.width);
+    return WorkspaceCarver::floats_for(rows * layout_.key_width(), rows * kTileTokens,
+                                       kTileTokens * layout_.key_width(),
+                                       kTileTokens * layout_.value.width, rows, rows,
+                                       rows * layout_.value.width);
   }
 
   // q:   [query_tokens, heads, key_width], already rotated;
@@ -79,13 +81,15 @@ class AttentionCore {
     const Index value_width = layout_.value.width;
     const Index rows = count * group_;  // row t * group + i: query token t, head j * group + i
 
-    float* queries = workspace;
-    float* scores = queries + kQueryTokens * group_ * key_width;
-    float* key_scratch = scores + kQueryTokens * group_ * kTileTokens;
-    float* value_scratch = key_scratch + kTileTokens * key_width;
-    float* state_memory = value_scratch + kTileTokens * value_width;
-    SoftmaxState state(state_memory, state_memory + rows, state_memory + 2 * rows, rows,
-                       value_width);
+    WorkspaceCarver carve(workspace);  // same order as workspace_floats()
+    float* queries = carve.take(kQueryTokens * group_ * key_width);
+    float* scores = carve.take(kQueryTokens * group_ * kTileTokens);  // row stride kTileTokens
+    float* key_scratch = carve.take(kTileTokens * key_width);
+    float* value_scratch = carve.take(kTileTokens * value_width);
+    float* max = carve.take(kQueryTokens * group_);
+    float* sum = carve.take(kQueryTokens * group_);
+    float* acc = carve.take(kQueryTokens * group_ * value_width);
+    SoftmaxState state(max, sum, acc, rows, value_width);
     state.reset();
 
     // Gather this group's query rows, pre-scaled, so one GEMM per tile scores them all.
@@ -96,25 +100,22 @@ class AttentionCore {
 
     const Index limit = visible + count - 1;  // the last query token sees this many tokens
     for_each_tile(view, limit, kTileTokens, [&](const CacheTile& tile) {
-      MatrixMap tile_scores = map_matrix(scores, rows, tile.tokens);
+      MatrixMap tile_scores = map_matrix(scores, rows, tile.tokens, kTileTokens);
       Index column = 0;
       for (Index s = 0; s < layout_.key_segments(); ++s) {
         const KeyValueLayout::Segment& segment = layout_.key[s];
         const ConstMatrixMap keys =
             read_tile<Storage>(view, segment.plane, tile, j * segment.width, segment.width,
                                key_scratch + column * kTileTokens);
-        if (s == 0)
-          tile_scores.noalias() = group_queries.leftCols(segment.width) * keys.transpose();
-        else
-          tile_scores.noalias() +=
-              group_queries.middleCols(column, segment.width) * keys.transpose();
+        multiply(group_queries.middleCols(column, segment.width), keys.transpose(), tile_scores,
+                 /*accumulate=*/s > 0);
         column += segment.width;
       }
       mask_future(tile_scores, tile, visible);
       state.absorb_scores(tile_scores);
       const ConstMatrixMap values = read_tile<Storage>(
           view, layout_.value.plane, tile, j * value_width, value_width, value_scratch);
-      state.acc().noalias() += tile_scores * values;
+      multiply(tile_scores, values, state.acc(), /*accumulate=*/true);
     });
 
     for (Index t = 0; t < count; ++t)

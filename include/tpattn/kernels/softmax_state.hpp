@@ -10,6 +10,7 @@
 #include <cmath>
 #include <limits>
 
+#include "tpattn/core/error.hpp"
 #include "tpattn/core/matrix.hpp"
 
 namespace tpattn {

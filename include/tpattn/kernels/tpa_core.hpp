@@ -16,6 +16,7 @@
 #include <limits>
 
 #include "tpattn/kernels/cache_tiles.hpp"
+#include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/softmax_state.hpp"
 
 namespace tpattn {
@@ -56,13 +57,14 @@ class TpaCore {
   Index workspace_floats() const {
     const Index h = shape_.heads, dh = shape_.head_dim, dv = shape_.value_dim;
     const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
-    const Index query = kQueryTokens * (h * dh + rq * h + rq * dh);  // q or scaled A_Q, B_Q
-    const Index tile = kTileTokens * (rk * h + rk * dh + rv * h + rv * dv);
-    const Index products = kTileTokens * rk * (rq + h) + kTileTokens * h;  // P, W, L^T
-    const Index weights = kTileTokens * rv * h;                             // Z
-    const Index scores = kQueryTokens * h * kTileTokens;
-    return query + tile + products + weights + scores +
-           SoftmaxState::floats_needed(kQueryTokens * h, dv);
+    const Index rows = kQueryTokens * h;
+    return WorkspaceCarver::floats_for(
+        rows * dh, kQueryTokens * rq * h, kQueryTokens * rq * dh,        // q, scaled A_Q, B_Q
+        kTileTokens * rk * h, kTileTokens * rk * dh,                     // A_K, B_K tile
+        kTileTokens * rv * h, kTileTokens * rv * dv,                     // A_V, B_V tile
+        kTileTokens * rk * rq, kTileTokens * rk * h, kTileTokens * h,    // P, W, L^T
+        kTileTokens * rv * h, rows * kTileTokens,                        // Z, scores
+        rows, rows, rows * dv);                                          // softmax state
   }
 
   // Factored query (TPA). a_q: [query_tokens, R_Q, h], b_q: [query_tokens, R_Q, d_h] (rotated).
@@ -105,22 +107,24 @@ class TpaCore {
     const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
     const float score_scale = 1.0f / (static_cast<float>(rk) * std::sqrt(static_cast<float>(dh)));
 
-    // Workspace carving, in the order of workspace_floats().
-    float* query = workspace;                                // [count, h, d_h]
-    float* factor_a = query + kQueryTokens * h * dh;         // [count, R_Q, h]  (scaled)
-    float* factor_b = factor_a + kQueryTokens * rq * h;      // [count, R_Q, d_h]
-    float* tile_ak = factor_b + kQueryTokens * rq * dh;      // [tile R_K, h]
-    float* tile_bk = tile_ak + kTileTokens * rk * h;         // [tile R_K, d_h]
-    float* tile_av = tile_bk + kTileTokens * rk * dh;        // [tile R_V, h]
-    float* tile_bv = tile_av + kTileTokens * rv * h;         // [tile R_V, d_v]
-    float* products = tile_bv + kTileTokens * rv * dv;       // P: [tile R_K, R_Q]
-    float* weights_w = products + kTileTokens * rk * rq;     // W: [tile R_K, h]
-    float* logits_t = weights_w + kTileTokens * rk * h;      // L^T: [tile, h]
-    float* values_z = logits_t + kTileTokens * h;            // Z: [tile R_V, h]
-    float* scores = values_z + kTileTokens * rv * h;         // [count h, tile]
-    float* state_memory = scores + kQueryTokens * h * kTileTokens;
+    WorkspaceCarver carve(workspace);  // same order as workspace_floats()
+    float* query = carve.take(kQueryTokens * h * dh);      // [count, h, d_h]  (scaled)
+    float* factor_a = carve.take(kQueryTokens * rq * h);   // [count, R_Q, h]  (scaled)
+    float* factor_b = carve.take(kQueryTokens * rq * dh);  // [count, R_Q, d_h]
+    float* tile_ak = carve.take(kTileTokens * rk * h);     // [tile R_K, h]
+    float* tile_bk = carve.take(kTileTokens * rk * dh);    // [tile R_K, d_h]
+    float* tile_av = carve.take(kTileTokens * rv * h);     // [tile R_V, h]
+    float* tile_bv = carve.take(kTileTokens * rv * dv);    // [tile R_V, d_v]
+    float* products = carve.take(kTileTokens * rk * rq);   // P: [tile R_K, R_Q]
+    float* weights_w = carve.take(kTileTokens * rk * h);   // W: [tile R_K, h]
+    float* logits_t = carve.take(kTileTokens * h);         // L^T: [tile, h]
+    float* values_z = carve.take(kTileTokens * rv * h);    // Z: [tile R_V, h]
+    float* scores = carve.take(kQueryTokens * h * kTileTokens);  // [count h, tile], stride tile
     const Index rows = count * h;  // row t * h + i: query token t, head i
-    SoftmaxState state(state_memory, state_memory + rows, state_memory + 2 * rows, rows, dv);
+    float* max = carve.take(kQueryTokens * h);
+    float* sum = carve.take(kQueryTokens * h);
+    float* acc = carve.take(kQueryTokens * h * dv);
+    SoftmaxState state(max, sum, acc, rows, dv);
     state.reset();
 
     // Fold every constant of the score into the query side, once per step.
@@ -130,10 +134,9 @@ class TpaCore {
         queries = map_matrix(q, count * h, dh) * score_scale;
       } else {
         for (Index t = 0; t < count; ++t)  // q_t = A_Q^T B_Q / R_Q
-          queries.middleRows(t * h, h).noalias() =
-              (score_scale / static_cast<float>(rq)) *
-              (map_matrix(a_q + t * rq * h, rq, h).transpose() *
-               map_matrix(b_q + t * rq * dh, rq, dh));
+          multiply(map_matrix(a_q + t * rq * h, rq, h).transpose() *
+                       (score_scale / static_cast<float>(rq)),
+                   map_matrix(b_q + t * rq * dh, rq, dh), queries.middleRows(t * h, h));
       }
     } else {
       map_matrix(factor_a, count * rq, h) =
@@ -146,16 +149,16 @@ class TpaCore {
       const Index n = tile.tokens;
       const ConstMatrixMap a_k = read_tile_rows(view, kPlaneAK, tile, rk * h, tile_ak, n * rk, h);
       const ConstMatrixMap b_k = read_tile_rows(view, kPlaneBK, tile, rk * dh, tile_bk, n * rk, dh);
-      MatrixMap tile_scores = map_matrix(scores, rows, n);
+      MatrixMap tile_scores = map_matrix(scores, rows, n, kTileTokens);
       MatrixMap w = map_matrix(weights_w, n * rk, h);
       MatrixMap logits = map_matrix(logits_t, n, h);
       for (Index t = 0; t < count; ++t) {
         if (order == TpaOrder::query) {
-          w.noalias() = b_k * map_matrix(query + t * h * dh, h, dh).transpose();
+          multiply(b_k, map_matrix(query + t * h * dh, h, dh).transpose(), w);
         } else {
           MatrixMap p = map_matrix(products, n * rk, rq);
-          p.noalias() = b_k * map_matrix(factor_b + t * rq * dh, rq, dh).transpose();
-          w.noalias() = p * map_matrix(factor_a + t * rq * h, rq, h);
+          multiply(b_k, map_matrix(factor_b + t * rq * dh, rq, dh).transpose(), p);
+          multiply(p, map_matrix(factor_a + t * rq * h, rq, h), w);
         }
         // L[s][i] = sum_u A_K[s][u][i] W[s][u][i]
         for (Index s = 0; s < n; ++s) {
@@ -182,7 +185,7 @@ class TpaCore {
           for (Index v = 0; v < rv; ++v)
             z.row(s * rv + v) =
                 a_v.row(s * rv + v).cwiseProduct(tile_scores.col(s).segment(t * h, h).transpose());
-        state.acc().middleRows(t * h, h).noalias() += z.transpose() * b_v;
+        multiply(z.transpose(), b_v, state.acc().middleRows(t * h, h), /*accumulate=*/true);
       }
     });
 
