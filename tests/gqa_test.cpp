@@ -1461,7 +1461,7 @@ TEST(GqaMisuse, BatchedDecodeThatRunsThePoolDryRollsBackEverySequence) {
                 op.decode(cache, batch, static_cast<Index>(order.size()), x_step.data(),
                           y_step.data());
               }),
-              "n_tokens");
+              "cache");
     expect_same(before, snapshot(cache, seqs));
   }
 

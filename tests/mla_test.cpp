@@ -1241,7 +1241,7 @@ TEST(MlaMisuse, DecodeBatchThatRunsThePagePoolDryRollsBackEveryAppend) {
   xb.row(0) = x.row(16);
   xb.row(1) = x.row(16);
   EXPECT_TRUE(throws_error([&] { op.decode(cache, both, 2, xb.data(), yb.data()); },
-                           "PagedKvCache::append", "n_tokens"));
+                           "MultiHeadLatentAttention::decode", "cache"));
   EXPECT_TRUE(snapshot(cache, {a, b}) == before);
   // One at a time both still fit... until the pool is dry.
   RowMatrix y(1, config.d_model);

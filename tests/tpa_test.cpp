@@ -1298,10 +1298,10 @@ TEST(Tpa, DecodeBatchThatRunsThePagePoolDryLeavesTheCacheUnchanged) {
   const std::vector<SequenceId> live = {a, b};
   const CacheState before = state_of(cache, live);
   SequenceId both[] = {a, b};
-  // Each sequence alone has room (the one free page), so the operator's own checks pass and the
-  // cache's append is what refuses b.
-  expect_error([&] { op.decode(cache, both, 2, x.data(), y.data()); }, "PagedKvCache::append",
-               "n_tokens");
+  // Each sequence alone has room (the one free page), so the operator's own checks pass; the
+  // cache refuses b midway, the operator rolls a back and names itself.
+  expect_error([&] { op.decode(cache, both, 2, x.data(), y.data()); },
+               "TensorProductAttention::decode", "cache");
   EXPECT_TRUE(state_of(cache, live) == before);
   EXPECT_EQ(cache.free_page_count(), 1);
   op.decode(cache, both, 1, x.data(), y.data());  // a alone still fits

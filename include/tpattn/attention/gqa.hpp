@@ -119,7 +119,7 @@ class GroupedQueryAttention {
     Buffers buffers = plan(batch);
     project(x, batch, buffers);
     for (Index b = 0; b < batch; ++b) rotate(buffers, b, 1, cache.length(seqs[b]));
-    detail::append_one_token_each(cache, seqs, batch, [&](Index b, PlaneInput* planes) {
+    detail::append_one_token_each(call, cache, seqs, batch, [&](Index b, PlaneInput* planes) {
       planes[0] = {buffers.k + b * k_width(), config_.kv_heads, config_.head_dim};
       planes[1] = {buffers.v + b * v_width(), config_.kv_heads, config_.value_dim};
     });

@@ -93,11 +93,12 @@ inline void check_prefill(const char* call, const KvCache& cache, SequenceId seq
 }
 
 // Appends one token to each of seqs[0..batch): planes_of(b, PlaneInput* out) fills the record's
-// planes for row b. All or nothing: if any append throws (a shared page pool running dry midway),
-// the sequences already extended are cut back and the error is rethrown.
+// planes for row b. All or nothing: every sequence may have room on its own while a shared page
+// pool runs dry midway through the batch; then the sequences already extended are cut back and
+// the operator's call is named in the error.
 template <class PlanesOf>
-void append_one_token_each(KvCache& cache, const SequenceId* seqs, Index batch,
-                           PlanesOf&& planes_of) {
+void append_one_token_each(const char* call, KvCache& cache, const SequenceId* seqs,
+                           Index batch, PlanesOf&& planes_of) {
   PlaneInput planes[4];
   const Index plane_count = cache.record().plane_count();
   Index done = 0;
@@ -106,9 +107,11 @@ void append_one_token_each(KvCache& cache, const SequenceId* seqs, Index batch,
       planes_of(done, planes);
       cache.append(seqs[done], 1, planes, plane_count);
     }
-  } catch (...) {
+  } catch (const Error& error) {
     for (Index b = 0; b < done; ++b) cache.truncate(seqs[b], cache.length(seqs[b]) - 1);
-    throw;
+    fail(call, "cache", "room for one more token in every sequence of the batch",
+         "none left for seqs[" + to_text(done) + "] = " + to_text(seqs[done]) +
+             " after the batch's earlier appends (" + error.what() + "); nothing was appended");
   }
 }
 

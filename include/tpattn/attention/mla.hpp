@@ -134,7 +134,7 @@ class MultiHeadLatentAttention {
     Buffers buffers = plan(batch);
     project(x, batch, buffers);
     for (Index b = 0; b < batch; ++b) rotate(buffers, b, 1, cache.length(seqs[b]));
-    detail::append_one_token_each(cache, seqs, batch, [&](Index b, PlaneInput* planes) {
+    detail::append_one_token_each(call, cache, seqs, batch, [&](Index b, PlaneInput* planes) {
       planes[0] = {buffers.kv + b * kv_width(), 1, config_.kv_latent_dim};
       planes[1] = {buffers.kv + b * kv_width() + config_.kv_latent_dim, 1, config_.rope_dim};
     });

@@ -154,7 +154,7 @@ class TensorProductAttention {
     Buffers b = plan(batch);
     project(x, batch, b);
     for (Index row = 0; row < batch; ++row) rotate(b, row, 1, cache.length(seqs[row]));
-    detail::append_one_token_each(cache, seqs, batch, [&](Index row, PlaneInput* planes) {
+    detail::append_one_token_each(call, cache, seqs, batch, [&](Index row, PlaneInput* planes) {
       factor_planes(b, row, planes);
     });
     for (Index row = 0; row < batch; ++row) attend(b, row, 1, cache.view(seqs[row]));
