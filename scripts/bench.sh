@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: builds the `bench` preset (-O3 -march=native, benchmarks only) and runs the
-# benchmarks named in TPATTN_BENCHES (default: attention_bench cache_memory_bench), skipping with
+# benchmarks named in TPATTN_BENCHES (default: attention_bench), skipping with
 # a message those not written yet; fails if none of them ran. Extra arguments go to each
 # benchmark, e.g. ./scripts/bench.sh --benchmark_filter=TPA
 # Installs the Debian packages it needs when they are missing.
@@ -15,7 +15,7 @@ cmake --preset bench
 cmake --build --preset bench
 
 ran=0
-for name in ${TPATTN_BENCHES:-attention_bench cache_memory_bench}; do
+for name in ${TPATTN_BENCHES:-attention_bench}; do
   exe="build/bench/bench/$name"
   if [[ -x "$exe" ]]; then
     echo "== $name"
