@@ -9,10 +9,10 @@
 #pragma once
 
 #include <cmath>
-#include <string>
 #include <utility>
 
 #include "tpattn/kernels/gemm.hpp"
+#include "tpattn/attention/layer.hpp"
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
 #include "tpattn/kernels/attention_core.hpp"
@@ -79,16 +79,16 @@ class GqaKernel {
 };
 
 template <class Storage = float>
-class GroupedQueryAttention {
+class GroupedQueryAttention
+    : public detail::AttentionLayer<GroupedQueryAttention<Storage>> {
  public:
   using storage_type = Storage;
 
   GroupedQueryAttention(GqaConfig config, GqaWeights weights,
                         const char* name = "GroupedQueryAttention")
-      : config_(validated(std::move(config), name)),
+      : detail::AttentionLayer<GroupedQueryAttention>(name),
+        config_(validated(std::move(config), name)),
         weights_(std::move(weights)),
-        decode_call_(std::string(name) + "::decode"),
-        prefill_call_(std::string(name) + "::prefill"),
         kernel_(config_.heads, config_.kv_heads, config_.head_dim, config_.value_dim, name),
         rope_(config_.rope, config_.head_dim, name) {
     const Index d = config_.d_model, h = config_.heads, g = config_.kv_heads;
@@ -103,55 +103,18 @@ class GroupedQueryAttention {
   const GqaKernel<Storage>& kernel() const { return kernel_; }
   const CacheRecord& cache_record() const { return kernel_.cache_record(); }
 
-  // Plans the workspace for decode batches up to max_batch and prefills up to max_tokens, so
-  // that no later call of that size allocates.
-  void reserve(Index max_batch, Index max_tokens = 1) {
-    workspace_.floats(workspace_floats(max_batch > max_tokens ? max_batch : max_tokens));
-  }
-
-  // One decode step for a batch of sequences of any lengths.
-  // x: [batch, d_model], row b the new token of seqs[b]; y: [batch, d_model].
-  // Appends each token's k, v to the cache. On error nothing changes.
-  void decode(KvCache& cache, const SequenceId* seqs, Index batch, const float* x, float* y) {
-    const char* call = decode_call_.c_str();
-    detail::check_cache_record(call, cache, cache_record());
-    detail::check_decode_batch(call, cache, seqs, batch, x, y);
-    Buffers buffers = plan(batch);
-    project(x, batch, buffers);
-    for (Index b = 0; b < batch; ++b) rotate(buffers, b, 1, cache.length(seqs[b]));
-    detail::append_one_token_each(call, cache, seqs, batch, [&](Index b, PlaneInput* planes) {
-      planes[0] = {buffers.k + b * k_width(), config_.kv_heads, config_.head_dim};
-      planes[1] = {buffers.v + b * v_width(), config_.kv_heads, config_.value_dim};
-    });
-    for (Index b = 0; b < batch; ++b)
-      kernel_.attend(buffers.q + b * q_width(), 1, cache.view(seqs[b]),
-                     buffers.o + b * o_width(), nullptr, buffers.kernel);
-    output(buffers, batch, y);
-  }
-
-  // Causal prefill of the next n tokens of `seq`, after whatever it already holds (so chunked
-  // prefill is a sequence of calls). x: [n, d_model]; y: [n, d_model].
-  void prefill(KvCache& cache, SequenceId seq, Index n, const float* x, float* y) {
-    const char* call = prefill_call_.c_str();
-    detail::check_cache_record(call, cache, cache_record());
-    detail::check_prefill(call, cache, seq, n, x, y);
-    Buffers buffers = plan(n);
-    project(x, n, buffers);
-    rotate(buffers, 0, n, cache.length(seq));
-    cache.append(seq, n,
-                 {{buffers.k, config_.kv_heads, config_.head_dim},
-                  {buffers.v, config_.kv_heads, config_.value_dim}});
-    kernel_.attend(buffers.q, n, cache.view(seq), buffers.o, nullptr, buffers.kernel);
-    output(buffers, n, y);
-  }
+  // decode(cache, seqs, batch, x, y), prefill(cache, seq, n, x, y), reserve(max_batch,
+  // max_tokens): see attention/layer.hpp.
 
  private:
+  friend class detail::AttentionLayer<GroupedQueryAttention>;
+
   struct Buffers {
-    float* q;       // [rows, h d_h]
-    float* k;       // [rows, g d_h]
-    float* v;       // [rows, g d_v]
-    float* o;       // [rows, h d_v]
-    float* kernel;  // kernel workspace
+    float* q;       // [rows, h, d_h]
+    float* k;       // [rows, g, d_h]
+    float* v;       // [rows, g, d_v]
+    float* o;       // [rows, h, d_v]
+    float* kernel;  // the kernel's workspace
   };
 
   static GqaConfig validated(GqaConfig config, const char* name) {
@@ -169,48 +132,51 @@ class GroupedQueryAttention {
   Index v_width() const { return config_.kv_heads * config_.value_dim; }
   Index o_width() const { return config_.heads * config_.value_dim; }
 
-  Index workspace_floats(Index rows) const {
-    return rows * (q_width() + k_width() + v_width() + o_width()) + kernel_.workspace_floats();
+  Index floats_per_row() const { return q_width() + k_width() + v_width() + o_width(); }
+  Index kernel_floats() const { return kernel_.workspace_floats(); }
+  Buffers carve(float* memory, Index rows) const {
+    Buffers b;
+    b.q = memory;
+    b.k = b.q + rows * q_width();
+    b.v = b.k + rows * k_width();
+    b.o = b.v + rows * v_width();
+    b.kernel = b.o + rows * o_width();
+    return b;
   }
 
-  Buffers plan(Index rows) {
-    float* memory = workspace_.floats(workspace_floats(rows));
-    Buffers buffers;
-    buffers.q = memory;
-    buffers.k = buffers.q + rows * q_width();
-    buffers.v = buffers.k + rows * k_width();
-    buffers.o = buffers.v + rows * v_width();
-    buffers.kernel = buffers.o + rows * o_width();
-    return buffers;
+  // q = W_Q x, k = W_K x, v = W_V x
+  void project(const float* x, Index rows, const Buffers& b) const {
+    linear(weights_.w_q, x, rows, b.q);
+    linear(weights_.w_k, x, rows, b.k);
+    linear(weights_.w_v, x, rows, b.v);
   }
 
-  void project(const float* x, Index rows, const Buffers& buffers) const {
-    linear(weights_.w_q, x, rows, buffers.q);
-    linear(weights_.w_k, x, rows, buffers.k);
-    linear(weights_.w_v, x, rows, buffers.v);
-  }
-
-  // Rows [first, first + count) hold consecutive tokens starting at `position`.
-  void rotate(const Buffers& buffers, Index first, Index count, Index position) const {
+  // RoPE on q and k (never v); rows [row, row + count) are tokens at position, position + 1, ...
+  void rotate(const Buffers& b, Index row, Index count, Index position) const {
     for (Index t = 0; t < count; ++t) {
-      rope_.apply(buffers.q + (first + t) * q_width(), config_.heads, config_.head_dim,
-                  position + t);
-      rope_.apply(buffers.k + (first + t) * k_width(), config_.kv_heads, config_.head_dim,
-                  position + t);
+      rope_.apply(b.q + (row + t) * q_width(), config_.heads, config_.head_dim, position + t);
+      rope_.apply(b.k + (row + t) * k_width(), config_.kv_heads, config_.head_dim, position + t);
     }
   }
 
-  void output(const Buffers& buffers, Index rows, float* y) const {
-    linear(weights_.w_o, buffers.o, rows, y);
+  // Cached: K (g x d_h), V (g x d_v).
+  void cache_planes(const Buffers& b, Index row, PlaneInput* planes) const {
+    planes[0] = {b.k + row * k_width(), config_.kv_heads, config_.head_dim};
+    planes[1] = {b.v + row * v_width(), config_.kv_heads, config_.value_dim};
   }
+
+  // o_i = softmax(q_i K_g(i)^T / sqrt(d_h)) V_g(i) for rows [row, row + count).
+  void attend(const Buffers& b, Index row, Index count, const SequenceView& view) const {
+    kernel_.attend(b.q + row * q_width(), count, view, b.o + row * o_width(), nullptr, b.kernel);
+  }
+
+  // y = W_O [o_1 .. o_h]
+  void output(const Buffers& b, Index rows, float* y) const { linear(weights_.w_o, b.o, rows, y); }
 
   GqaConfig config_;
   GqaWeights weights_;
-  std::string decode_call_;  // built once: error paths must not allocate on the happy path
-  std::string prefill_call_;
   GqaKernel<Storage> kernel_;
   Rope rope_;
-  detail::Workspace workspace_;
 };
 
 // MHA: GQA with g = h. kv_heads may be left 0; anything else than h is an error.

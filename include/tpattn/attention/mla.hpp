@@ -13,10 +13,10 @@
 #pragma once
 
 #include <cmath>
-#include <string>
 #include <utility>
 
 #include "tpattn/kernels/gemm.hpp"
+#include "tpattn/attention/layer.hpp"
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
 #include "tpattn/kernels/attention_core.hpp"
@@ -88,33 +88,35 @@ class MlaKernel {
 };
 
 template <class Storage = float>
-class MultiHeadLatentAttention {
+class MultiHeadLatentAttention
+    : public detail::AttentionLayer<MultiHeadLatentAttention<Storage>> {
  public:
   using storage_type = Storage;
 
-  MultiHeadLatentAttention(MlaConfig config, MlaWeights weights)
-      : config_(validated(std::move(config))),
+  MultiHeadLatentAttention(MlaConfig config, MlaWeights weights,
+                           const char* name = "MultiHeadLatentAttention")
+      : detail::AttentionLayer<MultiHeadLatentAttention>(name),
+        config_(validated(std::move(config), name)),
         weights_(std::move(weights)),
         kernel_(config_.heads, config_.kv_latent_dim, config_.rope_dim,
-                1.0f / std::sqrt(static_cast<float>(config_.head_dim + config_.rope_dim)),
-                kName),
-        rope_(config_.rope, config_.rope_dim, kName) {
+                1.0f / std::sqrt(static_cast<float>(config_.head_dim + config_.rope_dim)), name),
+        rope_(config_.rope, config_.rope_dim, name) {
     const Index d = config_.d_model, h = config_.heads, dc = config_.kv_latent_dim;
     const Index query_in = config_.q_latent_dim > 0 ? config_.q_latent_dim : d;
     if (config_.q_latent_dim > 0) {
-      detail::check_weight(kName, "w_dq", weights_.w_dq, config_.q_latent_dim, d);
+      detail::check_weight(name, "w_dq", weights_.w_dq, config_.q_latent_dim, d);
       if (config_.normalize_q_latent)
-        TPATTN_CHECK(weights_.q_norm.size() == config_.q_latent_dim, kName, "q_norm",
+        TPATTN_CHECK(weights_.q_norm.size() == config_.q_latent_dim, name, "q_norm",
                      "a gain of q_latent_dim entries", weights_.q_norm.size());
     }
-    detail::check_weight(kName, "w_uq", weights_.w_uq, h * query_width(), query_in);
-    detail::check_weight(kName, "w_dkv", weights_.w_dkv, dc + config_.rope_dim, d);
+    detail::check_weight(name, "w_uq", weights_.w_uq, h * query_width(), query_in);
+    detail::check_weight(name, "w_dkv", weights_.w_dkv, dc + config_.rope_dim, d);
     if (config_.normalize_kv_latent)
-      TPATTN_CHECK(weights_.kv_norm.size() == dc, kName, "kv_norm",
+      TPATTN_CHECK(weights_.kv_norm.size() == dc, name, "kv_norm",
                    "a gain of kv_latent_dim entries", weights_.kv_norm.size());
-    detail::check_weight(kName, "w_ukv", weights_.w_ukv, h * (config_.head_dim + config_.value_dim),
+    detail::check_weight(name, "w_ukv", weights_.w_ukv, h * (config_.head_dim + config_.value_dim),
                          dc);
-    detail::check_weight(kName, "w_o", weights_.w_o, d, h * config_.value_dim);
+    detail::check_weight(name, "w_o", weights_.w_o, d, h * config_.value_dim);
   }
 
   const MlaConfig& config() const { return config_; }
@@ -122,75 +124,36 @@ class MultiHeadLatentAttention {
   const MlaKernel<Storage>& kernel() const { return kernel_; }
   const CacheRecord& cache_record() const { return kernel_.cache_record(); }
 
-  void reserve(Index max_batch, Index max_tokens = 1) {
-    workspace_.floats(workspace_floats(max_batch > max_tokens ? max_batch : max_tokens));
-  }
-
-  // x: [batch, d_model], row b the new token of seqs[b]; y: [batch, d_model]. All or nothing.
-  void decode(KvCache& cache, const SequenceId* seqs, Index batch, const float* x, float* y) {
-    static constexpr const char* call = "MultiHeadLatentAttention::decode";
-    detail::check_cache_record(call, cache, cache_record());
-    detail::check_decode_batch(call, cache, seqs, batch, x, y);
-    Buffers buffers = plan(batch);
-    project(x, batch, buffers);
-    for (Index b = 0; b < batch; ++b) rotate(buffers, b, 1, cache.length(seqs[b]));
-    detail::append_one_token_each(call, cache, seqs, batch, [&](Index b, PlaneInput* planes) {
-      planes[0] = {buffers.kv + b * kv_width(), 1, config_.kv_latent_dim};
-      planes[1] = {buffers.kv + b * kv_width() + config_.kv_latent_dim, 1, config_.rope_dim};
-    });
-    absorb_queries(buffers, batch);
-    for (Index b = 0; b < batch; ++b)
-      kernel_.attend(buffers.absorbed + b * config_.heads * absorbed_width(), 1, cache.view(seqs[b]),
-                     buffers.latent_out + b * config_.heads * config_.kv_latent_dim, nullptr,
-                     buffers.kernel);
-    output(buffers, batch, y);
-  }
-
-  // Causal prefill of the next n tokens of `seq`. x: [n, d_model]; y: [n, d_model].
-  void prefill(KvCache& cache, SequenceId seq, Index n, const float* x, float* y) {
-    static constexpr const char* call = "MultiHeadLatentAttention::prefill";
-    detail::check_cache_record(call, cache, cache_record());
-    detail::check_prefill(call, cache, seq, n, x, y);
-    Buffers buffers = plan(n);
-    project(x, n, buffers);
-    rotate(buffers, 0, n, cache.length(seq));
-    // append() takes each plane as contiguous rows; [c | kR] rows interleave the two.
-    split_latent(buffers, n);
-    cache.append(seq, n,
-                 {{buffers.latent, 1, config_.kv_latent_dim}, {buffers.rope_key, 1, config_.rope_dim}});
-    absorb_queries(buffers, n);
-    kernel_.attend(buffers.absorbed, n, cache.view(seq), buffers.latent_out, nullptr,
-                   buffers.kernel);
-    output(buffers, n, y);
-  }
+  // decode(cache, seqs, batch, x, y), prefill(cache, seq, n, x, y), reserve(max_batch,
+  // max_tokens): see attention/layer.hpp.
 
  private:
-  static constexpr const char* kName = "MultiHeadLatentAttention";
+  friend class detail::AttentionLayer<MultiHeadLatentAttention>;
 
   struct Buffers {
     float* q_latent;    // [rows, d'_c]
-    float* q;           // [rows, h (d_h + d_R)]
-    float* kv;          // [rows, d_c + d_R]
-    float* latent;      // [rows, d_c]   (prefill only: contiguous planes for append)
-    float* rope_key;    // [rows, d_R]
-    float* absorbed;    // [rows, h (d_c + d_R)]
-    float* latent_out;  // [rows, h d_c]
-    float* o;           // [rows, h d_v]
-    float* kernel;
+    float* q;           // [rows, h, d_h + d_R]   [qC | qR] per head
+    float* kv;          // [rows, d_c + d_R]      [c | kR]
+    float* latent;      // [rows, d_c]            cached plane `latent`
+    float* rope_key;    // [rows, d_R]            cached plane `rope_key`
+    float* absorbed;    // [rows, h, d_c + d_R]   [W_UK_i^T qC_i | qR_i]
+    float* latent_out;  // [rows, h, d_c]
+    float* o;           // [rows, h, d_v]
+    float* kernel;      // the kernel's workspace
   };
 
-  static MlaConfig validated(MlaConfig config) {
-    detail::check_positive(kName, "d_model", config.d_model);
-    detail::check_positive(kName, "heads", config.heads);
-    detail::check_positive(kName, "head_dim", config.head_dim);
-    detail::check_positive(kName, "rope_dim", config.rope_dim);
-    detail::check_positive(kName, "kv_latent_dim", config.kv_latent_dim);
+  static MlaConfig validated(MlaConfig config, const char* name) {
+    detail::check_positive(name, "d_model", config.d_model);
+    detail::check_positive(name, "heads", config.heads);
+    detail::check_positive(name, "head_dim", config.head_dim);
+    detail::check_positive(name, "rope_dim", config.rope_dim);
+    detail::check_positive(name, "kv_latent_dim", config.kv_latent_dim);
     if (config.value_dim == 0) config.value_dim = config.head_dim;
-    detail::check_positive(kName, "value_dim", config.value_dim);
-    TPATTN_CHECK(config.q_latent_dim >= 0, kName, "q_latent_dim", ">= 0 (0 = no compression)",
+    detail::check_positive(name, "value_dim", config.value_dim);
+    TPATTN_CHECK(config.q_latent_dim >= 0, name, "q_latent_dim", ">= 0 (0 = no compression)",
                  config.q_latent_dim);
-    if (config.q_latent_dim == 0) config.normalize_q_latent = false;
-    TPATTN_CHECK(config.norm_eps > 0.0f, kName, "norm_eps", "> 0", config.norm_eps);
+    if (config.q_latent_dim == 0) config.normalize_q_latent = false;  // no latent to normalise
+    TPATTN_CHECK(config.norm_eps > 0.0f, name, "norm_eps", "> 0", config.norm_eps);
     return config;
   }
 
@@ -198,17 +161,16 @@ class MultiHeadLatentAttention {
   Index kv_width() const { return config_.kv_latent_dim + config_.rope_dim; }
   Index absorbed_width() const { return config_.kv_latent_dim + config_.rope_dim; }
 
-  Index workspace_floats(Index rows) const {
+  Index floats_per_row() const {
     const Index h = config_.heads;
-    return rows * (config_.q_latent_dim + h * query_width() + 2 * kv_width() +
-                   h * absorbed_width() + h * config_.kv_latent_dim + h * config_.value_dim) +
-           kernel_.workspace_floats();
+    return config_.q_latent_dim + h * query_width() + 2 * kv_width() + h * absorbed_width() +
+           h * config_.kv_latent_dim + h * config_.value_dim;
   }
-
-  Buffers plan(Index rows) {
+  Index kernel_floats() const { return kernel_.workspace_floats(); }
+  Buffers carve(float* memory, Index rows) const {
     const Index h = config_.heads;
     Buffers b;
-    b.q_latent = workspace_.floats(workspace_floats(rows));
+    b.q_latent = memory;
     b.q = b.q_latent + rows * config_.q_latent_dim;
     b.kv = b.q + rows * h * query_width();
     b.latent = b.kv + rows * kv_width();
@@ -220,7 +182,11 @@ class MultiHeadLatentAttention {
     return b;
   }
 
+  // c'_t = RMSNorm(W_DQ x) (optional); [qC | qR] = W_UQ c'_t;  [c | kR] = W_DKV x;
+  // c <- RMSNorm(c) (optional); then the absorbed query [W_UK_i^T qC_i | qR_i] per head.
   void project(const float* x, Index rows, const Buffers& b) const {
+    const Index h = config_.heads, dh = config_.head_dim, dc = config_.kv_latent_dim;
+    const Index dr = config_.rope_dim;
     if (config_.q_latent_dim > 0) {
       linear(weights_.w_dq, x, rows, b.q_latent);
       if (config_.normalize_q_latent)
@@ -232,53 +198,53 @@ class MultiHeadLatentAttention {
     }
     linear(weights_.w_dkv, x, rows, b.kv);
     if (config_.normalize_kv_latent)
-      rms_norm(b.kv, rows, config_.kv_latent_dim, kv_width(), weights_.kv_norm.data(),
-               config_.norm_eps);
-  }
-
-  // RoPE on every head's qR and on kR; rows [first, first + count) at positions from `position`.
-  void rotate(const Buffers& b, Index first, Index count, Index position) const {
-    for (Index t = 0; t < count; ++t) {
-      const Index row = first + t;
-      rope_.apply(b.q + row * config_.heads * query_width() + config_.head_dim, config_.heads,
-                  query_width(), position + t);
-      rope_.apply(b.kv + row * kv_width() + config_.kv_latent_dim, 1, kv_width(), position + t);
-    }
-  }
-
-  void split_latent(const Buffers& b, Index rows) const {
+      rms_norm(b.kv, rows, dc, kv_width(), weights_.kv_norm.data(), config_.norm_eps);
     const ConstMatrixMap kv = map_matrix(static_cast<const float*>(b.kv), rows, kv_width());
-    map_matrix(b.latent, rows, config_.kv_latent_dim) = kv.leftCols(config_.kv_latent_dim);
-    map_matrix(b.rope_key, rows, config_.rope_dim) = kv.rightCols(config_.rope_dim);
-  }
+    map_matrix(b.latent, rows, dc) = kv.leftCols(dc);
+    map_matrix(b.rope_key, rows, dr) = kv.rightCols(dr);
 
-  // absorbed[row][i] = [W_UK_i^T qC_i | qR_i]: one GEMM per head over all rows.
-  void absorb_queries(const Buffers& b, Index rows) const {
-    const Index h = config_.heads, dh = config_.head_dim, dc = config_.kv_latent_dim;
-    const Index head_rows = dh + config_.value_dim;  // rows of w_ukv per head
+    const Index head_rows = dh + config_.value_dim;  // rows of w_ukv per head: [W_UK_i | W_UV_i]
     for (Index i = 0; i < h; ++i) {
-      const ConstMatrixMap q_nope = map_matrix(static_cast<const float*>(b.q) + i * query_width(),
-                                               rows, dh, h * query_width());
+      const float* q_head = b.q + i * query_width();
       MatrixMap absorbed = map_matrix(b.absorbed + i * absorbed_width(), rows, absorbed_width(),
                                       h * absorbed_width());
-      multiply(q_nope, weights_.w_ukv.middleRows(i * head_rows, dh), absorbed.leftCols(dc));
-      absorbed.rightCols(config_.rope_dim) =
-          map_matrix(static_cast<const float*>(b.q) + i * query_width() + dh, rows,
-                     config_.rope_dim, h * query_width());
+      multiply(map_matrix(q_head, rows, dh, h * query_width()),
+               weights_.w_ukv.middleRows(i * head_rows, dh), absorbed.leftCols(dc));
+      absorbed.rightCols(dr) = map_matrix(q_head + dh, rows, dr, h * query_width());
     }
   }
 
-  // o_i = W_UV_i latent_out_i per head, then y = W_O o.
+  // RoPE on every head's qR (inside the absorbed query) and on kR.
+  void rotate(const Buffers& b, Index row, Index count, Index position) const {
+    const Index dc = config_.kv_latent_dim, dr = config_.rope_dim;
+    for (Index t = 0; t < count; ++t) {
+      rope_.apply(b.absorbed + (row + t) * config_.heads * absorbed_width() + dc, config_.heads,
+                  absorbed_width(), position + t);
+      rope_.apply(b.rope_key + (row + t) * dr, 1, dr, position + t);
+    }
+  }
+
+  // Cached: latent c (d_c), rope_key kR (d_R).
+  void cache_planes(const Buffers& b, Index row, PlaneInput* planes) const {
+    planes[0] = {b.latent + row * config_.kv_latent_dim, 1, config_.kv_latent_dim};
+    planes[1] = {b.rope_key + row * config_.rope_dim, 1, config_.rope_dim};
+  }
+
+  // Latent outputs sum_s p_i(s) c_s, on the MQA kernel.
+  void attend(const Buffers& b, Index row, Index count, const SequenceView& view) const {
+    kernel_.attend(b.absorbed + row * config_.heads * absorbed_width(), count, view,
+                   b.latent_out + row * config_.heads * config_.kv_latent_dim, nullptr,
+                   b.kernel);
+  }
+
+  // o_i = W_UV_i latent_out_i per head, then y = W_O [o_1 .. o_h].
   void output(const Buffers& b, Index rows, float* y) const {
     const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
     const Index dc = config_.kv_latent_dim;
-    const Index head_rows = dh + dv;
-    for (Index i = 0; i < h; ++i) {
-      const ConstMatrixMap latent = map_matrix(static_cast<const float*>(b.latent_out) + i * dc,
-                                               rows, dc, h * dc);
-      multiply(latent, weights_.w_ukv.middleRows(i * head_rows + dh, dv).transpose(),
+    for (Index i = 0; i < h; ++i)
+      multiply(map_matrix(static_cast<const float*>(b.latent_out) + i * dc, rows, dc, h * dc),
+               weights_.w_ukv.middleRows(i * (dh + dv) + dh, dv).transpose(),
                map_matrix(b.o + i * dv, rows, dv, h * dv));
-    }
     linear(weights_.w_o, b.o, rows, y);
   }
 
@@ -286,7 +252,6 @@ class MultiHeadLatentAttention {
   MlaWeights weights_;
   MlaKernel<Storage> kernel_;
   Rope rope_;
-  detail::Workspace workspace_;
 };
 
 }  // namespace tpattn

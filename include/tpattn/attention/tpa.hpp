@@ -15,10 +15,10 @@
 #pragma once
 
 #include <cmath>
-#include <string>
 #include <utility>
 
 #include "tpattn/kernels/gemm.hpp"
+#include "tpattn/attention/layer.hpp"
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
 #include "tpattn/kernels/rope.hpp"
@@ -99,16 +99,16 @@ class TpaKernel {
 };
 
 template <class Storage = float>
-class TensorProductAttention {
+class TensorProductAttention
+    : public detail::AttentionLayer<TensorProductAttention<Storage>> {
  public:
   using storage_type = Storage;
 
   TensorProductAttention(TpaConfig config, TpaWeights weights,
                          const char* name = "TensorProductAttention")
-      : config_(validated(std::move(config), name)),
+      : detail::AttentionLayer<TensorProductAttention>(name),
+        config_(validated(std::move(config), name)),
         weights_(std::move(weights)),
-        decode_call_(std::string(name) + "::decode"),
-        prefill_call_(std::string(name) + "::prefill"),
         kernel_(TpaShape{config_.heads, config_.head_dim, config_.value_dim, config_.rank_q,
                          config_.rank_k, config_.rank_v},
                 name),
@@ -142,41 +142,12 @@ class TensorProductAttention {
                                                 : config_.order;
   }
 
-  void reserve(Index max_batch, Index max_tokens = 1) {
-    workspace_.floats(workspace_floats(max_batch > max_tokens ? max_batch : max_tokens));
-  }
-
-  // x: [batch, d_model], row b the new token of seqs[b]; y: [batch, d_model]. All or nothing.
-  void decode(KvCache& cache, const SequenceId* seqs, Index batch, const float* x, float* y) {
-    const char* call = decode_call_.c_str();
-    detail::check_cache_record(call, cache, cache_record());
-    detail::check_decode_batch(call, cache, seqs, batch, x, y);
-    Buffers b = plan(batch);
-    project(x, batch, b);
-    for (Index row = 0; row < batch; ++row) rotate(b, row, 1, cache.length(seqs[row]));
-    detail::append_one_token_each(call, cache, seqs, batch, [&](Index row, PlaneInput* planes) {
-      factor_planes(b, row, planes);
-    });
-    for (Index row = 0; row < batch; ++row) attend(b, row, 1, cache.view(seqs[row]));
-    output(b, batch, y);
-  }
-
-  // Causal prefill of the next n tokens of `seq`. x: [n, d_model]; y: [n, d_model].
-  void prefill(KvCache& cache, SequenceId seq, Index n, const float* x, float* y) {
-    const char* call = prefill_call_.c_str();
-    detail::check_cache_record(call, cache, cache_record());
-    detail::check_prefill(call, cache, seq, n, x, y);
-    Buffers b = plan(n);
-    project(x, n, b);
-    rotate(b, 0, n, cache.length(seq));
-    PlaneInput planes[4];
-    factor_planes(b, 0, planes);
-    cache.append(seq, n, planes, 4);
-    attend(b, 0, n, cache.view(seq));
-    output(b, n, y);
-  }
+  // decode(cache, seqs, batch, x, y), prefill(cache, seq, n, x, y), reserve(max_batch,
+  // max_tokens): see attention/layer.hpp.
 
  private:
+  friend class detail::AttentionLayer<TensorProductAttention>;
+
   struct Buffers {
     float* a_q;  // [rows, R_Q h]   (rank-major)      TPA
     float* b_q;  // [rows, R_Q d_h]                   TPA
@@ -211,18 +182,17 @@ class TensorProductAttention {
     return reordered;
   }
 
-  Index widths(Index rows) const {
+  Index floats_per_row() const {
     const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
     const Index query = kv_only() ? h * dh : config_.rank_q * (h + dh);
-    return rows * (query + config_.rank_k * (h + dh) + config_.rank_v * (h + dv) + h * dv);
+    return query + config_.rank_k * (h + dh) + config_.rank_v * (h + dv) + h * dv;
   }
-  Index workspace_floats(Index rows) const { return widths(rows) + kernel_.workspace_floats(); }
-
-  Buffers plan(Index rows) {
+  Index kernel_floats() const { return kernel_.workspace_floats(); }
+  Buffers carve(float* memory, Index rows) const {
     const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
     const Index rq = config_.rank_q, rk = config_.rank_k, rv = config_.rank_v;
     Buffers b;
-    float* next = workspace_.floats(workspace_floats(rows));
+    float* next = memory;
     auto take = [&](Index width) {
       float* start = next;
       next += rows * width;
@@ -240,6 +210,7 @@ class TensorProductAttention {
     return b;
   }
 
+  // The six factors A_Q = W_AQ x, B_Q = W_BQ x, ..., B_V = W_BV x (KV-only: q = W_Q x).
   void project(const float* x, Index rows, const Buffers& b) const {
     auto apply = [&](const RowMatrix& weight, float* out) { linear(weight, x, rows, out); };
     if (kv_only()) {
@@ -267,8 +238,8 @@ class TensorProductAttention {
     }
   }
 
-  // The cached planes A_K, B_K, A_V, B_V of rows starting at `row`.
-  void factor_planes(const Buffers& b, Index row, PlaneInput* planes) const {
+  // Cached: A_K (R_K x h), B_K (R_K x d_h, rotated), A_V (R_V x h), B_V (R_V x d_v).
+  void cache_planes(const Buffers& b, Index row, PlaneInput* planes) const {
     const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
     const Index rk = config_.rank_k, rv = config_.rank_v;
     planes[0] = {b.a_k + row * rk * h, rk, h};
@@ -277,7 +248,7 @@ class TensorProductAttention {
     planes[3] = {b.b_v + row * rv * dv, rv, dv};
   }
 
-  // Attention of rows [row, row + n), the last n tokens of `view`.
+  // Attention from the cached factors for rows [row, row + n), the last n tokens of `view`.
   void attend(const Buffers& b, Index row, Index n, const SequenceView& view) const {
     const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
     float* out = b.o + row * h * dv;
@@ -288,17 +259,13 @@ class TensorProductAttention {
                      out, nullptr, b.kernel, order());
   }
 
-  void output(const Buffers& b, Index rows, float* y) const {
-    linear(weights_.w_o, b.o, rows, y);
-  }
+  // y = W_O [o_1 .. o_h]
+  void output(const Buffers& b, Index rows, float* y) const { linear(weights_.w_o, b.o, rows, y); }
 
   TpaConfig config_;
   TpaWeights weights_;  // A rows reordered to rank-major
-  std::string decode_call_;
-  std::string prefill_call_;
   TpaKernel<Storage> kernel_;
   Rope rope_;
-  detail::Workspace workspace_;
 };
 
 // TPA-KVonly: a plain query W_Q x_t; config.rank_q must be 0.
