@@ -30,8 +30,8 @@ using tpattn::Index;
 constexpr double kCacheFootprint = 64.0 * 1024 * 1024;  // 2x this machine's 32 MiB L3
 
 // Measured first in the run, used by every roofline after.
-double g_bandwidth = 0.0;   // bytes / s, streaming read
-double g_flop_peak = 0.0;   // flop / s, large fp32 GEMM
+double g_bandwidth = 0.0;  // bytes / s, streaming read
+double g_flop_peak = 0.0;  // flop / s, large fp32 GEMM
 
 void fill_random(std::vector<float>& values, std::mt19937& rng, float scale = 1.0f) {
   std::normal_distribution<float> normal(0.0f, scale);
@@ -206,7 +206,8 @@ void BM_Decode(benchmark::State& state, Op op) {
     std::vector<tpattn::PlaneInput> planes(rows.size());
     for (Index p = 0; p < c.record.plane_count(); ++p) {
       const auto& plane = c.record.plane(p);
-      rows[static_cast<std::size_t>(p)].resize(static_cast<std::size_t>(chunk * plane.elements_per_token()));
+      rows[static_cast<std::size_t>(p)].resize(
+          static_cast<std::size_t>(chunk * plane.elements_per_token()));
       fill_random(rows[static_cast<std::size_t>(p)], rng, 0.5f);
       planes[static_cast<std::size_t>(p)] = {rows[static_cast<std::size_t>(p)].data(), plane.rows,
                                              plane.cols};
@@ -268,12 +269,13 @@ void register_all() {
   benchmark::RegisterBenchmark("MemoryBandwidth/1GiB", BM_MemoryBandwidth)
       ->Unit(benchmark::kMillisecond)
       ->MinTime(0.5);
-  benchmark::RegisterBenchmark("GemmPeak/1024", BM_GemmPeak)->Unit(benchmark::kMillisecond)->MinTime(0.5);
+  benchmark::RegisterBenchmark("GemmPeak/1024", BM_GemmPeak)
+      ->Unit(benchmark::kMillisecond)
+      ->MinTime(0.5);
   for (Op op : {Op::mha, Op::gqa, Op::mqa, Op::mla, Op::tpa, Op::tpa_kv_only}) {
     for (Index context : {1024, 8192}) {
-      benchmark::RegisterBenchmark(
-          (std::string("Decode/") + name_of(op) + "/f32").c_str(),
-          [op](benchmark::State& state) { BM_Decode<float>(state, op); })
+      benchmark::RegisterBenchmark((std::string("Decode/") + name_of(op) + "/f32").c_str(),
+                                   [op](benchmark::State& state) { BM_Decode<float>(state, op); })
           ->Arg(context)
           ->Unit(benchmark::kMicrosecond)
           ->MinTime(0.2)
@@ -295,7 +297,10 @@ void print_memory_table() {
   std::printf("\nKV-cache elements per token per layer (spec §5; the TPA paper's model sizes)\n");
   std::printf("%-7s %8s %6s %6s %10s %8s %8s %8s\n", "size", "d_model", "h", "h_TPA", "MHA",
               "GQA(2)", "MLA", "TPA");
-  struct Size { const char* name; Index d, h, h_tpa, d_c; };
+  struct Size {
+    const char* name;
+    Index d, h, h_tpa, d_c;
+  };
   for (const Size& s : {Size{"small", 768, 12, 34, 256}, Size{"medium", 1024, 16, 47, 512},
                         Size{"large", 1280, 20, 61, 512}, Size{"XL", 1600, 25, 78, 512}}) {
     std::printf("%-7s %8td %6td %6td %10td %8td %8td %8td\n", s.name, s.d, s.h, s.h_tpa,
@@ -307,10 +312,11 @@ void print_memory_table() {
 }
 
 void print_decode_table() {
-  std::printf("\nDecode attention, one token through one layer, single thread, median of %d "
-              "repetitions.\nLimits measured in this run: %.1f GB/s streaming read, %.1f GFLOP/s "
-              "fp32 GEMM; roofline = max(bytes / BW, flops / peak) / time.\n",
-              kRepetitions, g_bandwidth / 1e9, g_flop_peak / 1e9);
+  std::printf(
+      "\nDecode attention, one token through one layer, single thread, median of %d "
+      "repetitions.\nLimits measured in this run: %.1f GB/s streaming read, %.1f GFLOP/s "
+      "fp32 GEMM; roofline = max(bytes / BW, flops / peak) / time.\n",
+      kRepetitions, g_bandwidth / 1e9, g_flop_peak / 1e9);
   std::printf("%-11s %-5s %7s %9s %7s %7s %10s %8s %9s %8s\n", "operator", "store", "elems",
               "bytes/tok", "context", "layers", "us/layer", "GB/s", "GFLOP/s", "roofline");
   for (const auto& entry : g_summary) {
@@ -331,8 +337,9 @@ int main(int argc, char** argv) {
   print_memory_table();
   benchmark::RunSpecifiedBenchmarks();
   if (!g_summary.empty()) print_decode_table();
-  std::printf("\nNote: Debian's Google Benchmark prints 'Library was built as DEBUG'; that concerns "
-              "the benchmark library's own code, not tpattn's (built -O3 -march=native).\n");
+  std::printf(
+      "\nNote: Debian's Google Benchmark prints 'Library was built as DEBUG'; that concerns "
+      "the benchmark library's own code, not tpattn's (built -O3 -march=native).\n");
   benchmark::Shutdown();
   return 0;
 }

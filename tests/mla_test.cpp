@@ -21,7 +21,7 @@
 //    values of O(1) .. O(10), i.e. ~1e-6 relative): its inputs are read back from the cache
 //    exactly, so only the fp32 score dot products (d_c + d_R <= 576 terms) and the online
 //    softmax differ from the double reference. Measured: at most 9e-7 for both.
-#include "support/counting_new.hpp"  // this executable's one copy of the counting operator new
+#include "tpattn/attention/mla.hpp"
 
 #include <gtest/gtest.h>
 
@@ -38,9 +38,9 @@
 #include <vector>
 
 #include "support/allocation_counter.hpp"
+#include "support/counting_new.hpp"  // this executable's one copy of the counting operator new
 #include "support/mla_reference.hpp"
 #include "support/reference.hpp"
-#include "tpattn/attention/mla.hpp"
 #include "tpattn/cache/contiguous_cache.hpp"
 #include "tpattn/cache/paged_cache.hpp"
 

@@ -11,11 +11,11 @@
 #include <cmath>
 #include <utility>
 
-#include "tpattn/kernels/gemm.hpp"
 #include "tpattn/attention/layer.hpp"
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
 #include "tpattn/kernels/attention_core.hpp"
+#include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/rope.hpp"
 
 namespace tpattn {
@@ -56,8 +56,7 @@ class GqaKernel {
     layout.kv_heads = kv_heads;
     layout.key[0] = {0, head_dim};  // plane K
     layout.value = {1, value_dim};  // plane V
-    core_ = AttentionCore<Storage>(layout, heads,
-                                   1.0f / std::sqrt(static_cast<float>(head_dim)));
+    core_ = AttentionCore<Storage>(layout, heads, 1.0f / std::sqrt(static_cast<float>(head_dim)));
     record_ = records::gqa(kv_heads, head_dim, value_dim, storage_type_of<Storage>);
   }
 
@@ -79,8 +78,7 @@ class GqaKernel {
 };
 
 template <class Storage = float>
-class GroupedQueryAttention
-    : public detail::AttentionLayer<GroupedQueryAttention<Storage>> {
+class GroupedQueryAttention : public detail::AttentionLayer<GroupedQueryAttention<Storage>> {
  public:
   using storage_type = Storage;
 

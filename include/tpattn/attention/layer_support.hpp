@@ -73,9 +73,9 @@ inline void check_decode_batch(const char* call, const KvCache& cache, const Seq
     TPATTN_CHECK(cache.contains(seqs[b]), call, "seqs", "live sequence ids",
                  "seqs[" + to_text(b) + "] = " + to_text(seqs[b]));
     for (Index other = 0; other < b; ++other)
-      TPATTN_CHECK(seqs[other] != seqs[b], call, "seqs", "distinct sequence ids",
-                   "seqs[" + to_text(other) + "] == seqs[" + to_text(b) + "] == " +
-                       to_text(seqs[b]));
+      TPATTN_CHECK(
+          seqs[other] != seqs[b], call, "seqs", "distinct sequence ids",
+          "seqs[" + to_text(other) + "] == seqs[" + to_text(b) + "] == " + to_text(seqs[b]));
     TPATTN_CHECK(cache.tokens_available(seqs[b]) >= 1, call, "cache",
                  "room for one more token in every sequence",
                  "no room for seqs[" + to_text(b) + "] = " + to_text(seqs[b]));
@@ -97,8 +97,8 @@ inline void check_prefill(const char* call, const KvCache& cache, SequenceId seq
 // pool runs dry midway through the batch; then the sequences already extended are cut back and
 // the operator's call is named in the error.
 template <class PlanesOf>
-void append_one_token_each(const char* call, KvCache& cache, const SequenceId* seqs,
-                           Index batch, PlanesOf&& planes_of) {
+void append_one_token_each(const char* call, KvCache& cache, const SequenceId* seqs, Index batch,
+                           PlanesOf&& planes_of) {
   PlaneInput planes[4];
   const Index plane_count = cache.record().plane_count();
   Index done = 0;

@@ -15,11 +15,11 @@
 #include <cmath>
 #include <utility>
 
-#include "tpattn/kernels/gemm.hpp"
 #include "tpattn/attention/layer.hpp"
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
 #include "tpattn/kernels/attention_core.hpp"
+#include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/rms_norm.hpp"
 #include "tpattn/kernels/rope.hpp"
 
@@ -88,8 +88,7 @@ class MlaKernel {
 };
 
 template <class Storage = float>
-class MultiHeadLatentAttention
-    : public detail::AttentionLayer<MultiHeadLatentAttention<Storage>> {
+class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAttention<Storage>> {
  public:
   using storage_type = Storage;
 
@@ -233,8 +232,7 @@ class MultiHeadLatentAttention
   // Latent outputs sum_s p_i(s) c_s, on the MQA kernel.
   void attend(const Buffers& b, Index row, Index count, const SequenceView& view) const {
     kernel_.attend(b.absorbed + row * config_.heads * absorbed_width(), count, view,
-                   b.latent_out + row * config_.heads * config_.kv_latent_dim, nullptr,
-                   b.kernel);
+                   b.latent_out + row * config_.heads * config_.kv_latent_dim, nullptr, b.kernel);
   }
 
   // o_i = W_UV_i latent_out_i per head, then y = W_O [o_1 .. o_h].

@@ -17,10 +17,10 @@
 #include <cmath>
 #include <utility>
 
-#include "tpattn/kernels/gemm.hpp"
 #include "tpattn/attention/layer.hpp"
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
+#include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/rope.hpp"
 #include "tpattn/kernels/tpa_core.hpp"
 
@@ -66,8 +66,8 @@ class TpaKernel {
     TPATTN_CHECK(shape.rank_q >= 0, call, "rank_q", ">= 0 (0 = KV-only)", shape.rank_q);
     detail::check_positive(call, "rank_k", shape.rank_k);
     detail::check_positive(call, "rank_v", shape.rank_v);
-    record_ = records::tpa(shape.heads, shape.head_dim, shape.value_dim, shape.rank_k,
-                           shape.rank_v, storage_type_of<Storage>);
+    record_ = records::tpa(shape.heads, shape.head_dim, shape.value_dim, shape.rank_k, shape.rank_v,
+                           storage_type_of<Storage>);
   }
 
   const TpaShape& shape() const { return core_.shape(); }
@@ -99,8 +99,7 @@ class TpaKernel {
 };
 
 template <class Storage = float>
-class TensorProductAttention
-    : public detail::AttentionLayer<TensorProductAttention<Storage>> {
+class TensorProductAttention : public detail::AttentionLayer<TensorProductAttention<Storage>> {
  public:
   using storage_type = Storage;
 

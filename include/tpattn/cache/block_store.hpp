@@ -38,10 +38,9 @@ class BlockStore {
         plane_offsets_(static_cast<std::size_t>(record.plane_count())) {
     TPATTN_CHECK(record.plane_count() >= 1, call, "record", "at least one plane",
                  record.plane_count());
-    TPATTN_CHECK(max_sequences <= std::numeric_limits<Index>::max() /
-                                      static_cast<Index>(sizeof(Sequence)),
-                 call, "max_sequences", "a count whose bookkeeping fits in memory",
-                 max_sequences);
+    TPATTN_CHECK(
+        max_sequences <= std::numeric_limits<Index>::max() / static_cast<Index>(sizeof(Sequence)),
+        call, "max_sequences", "a count whose bookkeeping fits in memory", max_sequences);
     // Planes follow each other inside a block; an offset is rounded up to its plane's element
     // size so mixed-storage records stay aligned (records of one storage type need no padding).
     Index offset = 0;
@@ -84,8 +83,7 @@ class BlockStore {
 
   SequenceId add_sequence(const char* call) {
     TPATTN_CHECK(!free_slots_.empty(), call, "sequence count",
-                 "at most " + to_text(max_sequences()) + " live sequences",
-                 max_sequences() + 1);
+                 "at most " + to_text(max_sequences()) + " live sequences", max_sequences() + 1);
     const SequenceId seq = free_slots_.back();
     Sequence& s = sequences_[static_cast<std::size_t>(seq)];
     // Reserved once per slot, so appends never grow the table.

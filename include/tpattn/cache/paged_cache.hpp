@@ -23,14 +23,13 @@ class PagedKvCache final : public detail::BlockCache {
   // allocate.
   PagedKvCache(CacheRecord record, Index page_tokens, Index page_count, Index max_sequences,
                Index max_tokens_per_sequence = 0)
-      : detail::BlockCache(
-            "PagedKvCache",
-            checked(std::move(record), page_tokens, page_count, max_sequences,
-                    max_tokens_per_sequence),
-            page_tokens, page_count, max_sequences,
-            pages_per_sequence(page_tokens, page_count, max_tokens_per_sequence),
-            max_tokens_per_sequence == 0 ? std::numeric_limits<Index>::max()
-                                         : max_tokens_per_sequence) {}
+      : detail::BlockCache("PagedKvCache",
+                           checked(std::move(record), page_tokens, page_count, max_sequences,
+                                   max_tokens_per_sequence),
+                           page_tokens, page_count, max_sequences,
+                           pages_per_sequence(page_tokens, page_count, max_tokens_per_sequence),
+                           max_tokens_per_sequence == 0 ? std::numeric_limits<Index>::max()
+                                                        : max_tokens_per_sequence) {}
 
   Index page_tokens() const { return store().block_tokens(); }
   Index page_count() const { return store().block_count(); }
@@ -42,8 +41,8 @@ class PagedKvCache final : public detail::BlockCache {
  private:
   std::string describe_room(SequenceId) const override {
     return "room in the sequence's last page plus the free pages it may take: " +
-           detail::to_text(free_page_count()) + " free pages of " +
-           detail::to_text(page_tokens()) + " tokens";
+           detail::to_text(free_page_count()) + " free pages of " + detail::to_text(page_tokens()) +
+           " tokens";
   }
 
   static CacheRecord checked(CacheRecord record, Index page_tokens, Index page_count,

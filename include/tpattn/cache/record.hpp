@@ -41,8 +41,8 @@ class CacheRecord {
       TPATTN_CHECK(plane.cols >= 1, "CacheRecord", "cols", "plane '" + plane.name + "' cols >= 1",
                    plane.cols);
       for (std::size_t other = 0; other < p; ++other)
-        TPATTN_CHECK(planes_[other].name != plane.name, "CacheRecord", "name",
-                     "unique plane names", plane.name);
+        TPATTN_CHECK(planes_[other].name != plane.name, "CacheRecord", "name", "unique plane names",
+                     plane.name);
     }
   }
 

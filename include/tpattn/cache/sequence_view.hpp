@@ -37,9 +37,7 @@ class SequenceView {
     const Index rest = length_ - b * block_tokens_;
     return rest < block_tokens_ ? rest : block_tokens_;
   }
-  Index elements_per_token(Index plane) const {
-    return record_->plane(plane).elements_per_token();
-  }
+  Index elements_per_token(Index plane) const { return record_->plane(plane).elements_per_token(); }
 
   // Rows of plane `plane` in block `b`. T must be the plane's storage type.
   template <class T>

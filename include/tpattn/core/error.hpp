@@ -43,8 +43,8 @@ std::string to_text(const T& value) {
 // Out of line and cold so the happy path of a check is one compare and a not-taken branch.
 template <class Actual>
 [[noreturn]] __attribute__((noinline, cold)) void fail(const char* call, const char* argument,
-                                                      const std::string& expected,
-                                                      const Actual& actual) {
+                                                       const std::string& expected,
+                                                       const Actual& actual) {
   throw Error(call, argument, expected, to_text(actual));
 }
 
@@ -53,8 +53,8 @@ template <class Actual>
 // Always-on check at the public boundary. `expected` is a description, `actual` the value seen.
 // Users may redefine TPATTN_CHECK before including tpattn (e.g. to abort instead of throwing).
 #ifndef TPATTN_CHECK
-#define TPATTN_CHECK(condition, call, argument, expected, actual)        \
-  do {                                                                   \
+#define TPATTN_CHECK(condition, call, argument, expected, actual)               \
+  do {                                                                          \
     if (!(condition)) ::tpattn::detail::fail(call, argument, expected, actual); \
   } while (false)
 #endif

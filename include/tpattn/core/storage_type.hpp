@@ -30,11 +30,11 @@ inline const char* name_of(StorageType type) {
   return "unknown";
 }
 
-inline std::ostream& operator<<(std::ostream& out, StorageType type) { return out << name_of(type); }
-
-inline constexpr Index element_bytes(StorageType type) {
-  return type == StorageType::f32 ? 4 : 2;
+inline std::ostream& operator<<(std::ostream& out, StorageType type) {
+  return out << name_of(type);
 }
+
+inline constexpr Index element_bytes(StorageType type) { return type == StorageType::f32 ? 4 : 2; }
 
 // StorageTraits<T>: the storage type tag of T, and conversion of contiguous runs to/from fp32.
 template <class T>
@@ -78,13 +78,13 @@ struct StorageTraits<Eigen::half> {
 #if defined(__AVX512F__)
     const std::uint16_t* bits = reinterpret_cast<const std::uint16_t*>(in);
     for (; i + 16 <= n; i += 16)
-      _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(
-                                    reinterpret_cast<const __m256i*>(bits + i))));
+      _mm512_storeu_ps(
+          out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i))));
 #elif defined(__F16C__)
     const std::uint16_t* bits = reinterpret_cast<const std::uint16_t*>(in);
     for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(
-                                    reinterpret_cast<const __m128i*>(bits + i))));
+      _mm256_storeu_ps(
+          out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + i))));
 #endif
     for (; i < n; ++i) out[i] = static_cast<float>(in[i]);
   }
@@ -97,9 +97,9 @@ template <class T>
 inline constexpr StorageType storage_type_of = StorageTraits<T>::type;
 
 template <class T>
-inline constexpr bool is_storage_type_v = std::is_same_v<T, float> ||
-                                          std::is_same_v<T, Eigen::bfloat16> ||
-                                          std::is_same_v<T, Eigen::half>;
+inline constexpr bool is_storage_type_v =
+    std::is_same_v<T, float> || std::is_same_v<T, Eigen::bfloat16> ||
+    std::is_same_v<T, Eigen::half>;
 
 // Converts n fp32 values into storage of the given runtime type at `out`.
 inline void store_as(StorageType type, const float* in, void* out, Index n) {

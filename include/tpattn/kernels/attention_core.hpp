@@ -27,7 +27,7 @@ struct KeyValueLayout {
     Index width = 0;   // columns per KV head; head j starts at column j * width
   };
   Index kv_heads = 1;
-  Segment key[2];      // key[1].width == 0 when the key has one segment
+  Segment key[2];  // key[1].width == 0 when the key has one segment
   Segment value;
 
   Index key_width() const { return key[0].width + key[1].width; }
@@ -52,18 +52,17 @@ class AttentionCore {
   // Workspace floats one run() needs, whatever its number of query tokens.
   Index workspace_floats() const {
     const Index rows = kQueryTokens * group_;
-    return WorkspaceCarver::floats_for(rows * layout_.key_width(), rows * kTileTokens,
-                                       kTileTokens * layout_.key_width(),
-                                       kTileTokens * layout_.value.width, rows, rows,
-                                       rows * layout_.value.width);
+    return WorkspaceCarver::floats_for(
+        rows * layout_.key_width(), rows * kTileTokens, kTileTokens * layout_.key_width(),
+        kTileTokens * layout_.value.width, rows, rows, rows * layout_.value.width);
   }
 
   // q:   [query_tokens, heads, key_width], already rotated;
   // out: [query_tokens, heads, value_width];  lse: [query_tokens, heads] or null (natural log).
   // Query token t attends to cached tokens [0, visible + t); visible + query_tokens - 1 must not
   // exceed view.length(). workspace: workspace_floats() floats.
-  void run(const float* q, Index query_tokens, const SequenceView& view, Index visible,
-           float* out, float* lse, float* workspace) const {
+  void run(const float* q, Index query_tokens, const SequenceView& view, Index visible, float* out,
+           float* lse, float* workspace) const {
     for (Index first = 0; first < query_tokens; first += kQueryTokens) {
       const Index count = query_tokens - first < kQueryTokens ? query_tokens - first : kQueryTokens;
       for (Index j = 0; j < layout_.kv_heads; ++j)
@@ -113,8 +112,8 @@ class AttentionCore {
       }
       mask_future(tile_scores, tile, visible);
       state.absorb_scores(tile_scores);
-      const ConstMatrixMap values = read_tile<Storage>(
-          view, layout_.value.plane, tile, j * value_width, value_width, value_scratch);
+      const ConstMatrixMap values = read_tile<Storage>(view, layout_.value.plane, tile,
+                                                       j * value_width, value_width, value_scratch);
       multiply(tile_scores, values, state.acc(), /*accumulate=*/true);
     });
 

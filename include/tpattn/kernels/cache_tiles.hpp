@@ -13,10 +13,10 @@
 namespace tpattn {
 
 struct CacheTile {
-  Index block;       // block of the view
-  Index row;         // first token inside the block
-  Index tokens;      // tokens in the tile
-  Index first;       // position of the tile's first token in the sequence
+  Index block;   // block of the view
+  Index row;     // first token inside the block
+  Index tokens;  // tokens in the tile
+  Index first;   // position of the tile's first token in the sequence
 };
 
 // Calls visit(CacheTile) for consecutive tiles covering tokens [0, limit) of `view`.
@@ -40,8 +40,8 @@ void for_each_tile(const SequenceView& view, Index limit, Index tile_tokens, Vis
 // For float storage the result maps the cache itself; otherwise the rows are converted into
 // `scratch` ([tile.tokens, width] floats).
 template <class Storage>
-ConstMatrixMap read_tile(const SequenceView& view, Index plane, const CacheTile& tile,
-                         Index column, Index width, float* scratch) {
+ConstMatrixMap read_tile(const SequenceView& view, Index plane, const CacheTile& tile, Index column,
+                         Index width, float* scratch) {
   const Index stride = view.elements_per_token(plane);
   const Storage* rows = view.plane_block<Storage>(plane, tile.block) + tile.row * stride + column;
   if constexpr (std::is_same_v<Storage, float>) {

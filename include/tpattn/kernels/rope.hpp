@@ -39,18 +39,16 @@ class Rope {
       : config_(config), head_dim_(head_dim) {
     if (!config_.enabled) return;
     if (config_.rotary_dim == 0) config_.rotary_dim = head_dim;
-    TPATTN_CHECK(config_.rotary_dim > 0 && config_.rotary_dim <= head_dim, call,
-                 "rope.rotary_dim", "in [1, " + detail::to_text(head_dim) + "]",
-                 config_.rotary_dim);
+    TPATTN_CHECK(config_.rotary_dim > 0 && config_.rotary_dim <= head_dim, call, "rope.rotary_dim",
+                 "in [1, " + detail::to_text(head_dim) + "]", config_.rotary_dim);
     TPATTN_CHECK(config_.rotary_dim % 2 == 0, call, "rope.rotary_dim", "an even number",
                  config_.rotary_dim);
     TPATTN_CHECK(config_.base > 1.0, call, "rope.base", "> 1", config_.base);
     const Index pairs = config_.rotary_dim / 2;
     inverse_frequency_.resize(static_cast<std::size_t>(pairs));
     for (Index j = 0; j < pairs; ++j)
-      inverse_frequency_[static_cast<std::size_t>(j)] =
-          std::pow(config_.base, -2.0 * static_cast<double>(j) /
-                                     static_cast<double>(config_.rotary_dim));
+      inverse_frequency_[static_cast<std::size_t>(j)] = std::pow(
+          config_.base, -2.0 * static_cast<double>(j) / static_cast<double>(config_.rotary_dim));
   }
 
   const RopeConfig& config() const { return config_; }

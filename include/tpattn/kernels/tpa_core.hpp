@@ -59,12 +59,12 @@ class TpaCore {
     const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
     const Index rows = kQueryTokens * h;
     return WorkspaceCarver::floats_for(
-        rows * dh, kQueryTokens * rq * h, kQueryTokens * rq * dh,        // q, scaled A_Q, B_Q
-        kTileTokens * rk * h, kTileTokens * rk * dh,                     // A_K, B_K tile
-        kTileTokens * rv * h, kTileTokens * rv * dv,                     // A_V, B_V tile
-        kTileTokens * rk * rq, kTileTokens * rk * h, kTileTokens * h,    // P, W, L^T
-        kTileTokens * rv * h, rows * kTileTokens,                        // Z, scores
-        rows, rows, rows * dv);                                          // softmax state
+        rows * dh, kQueryTokens * rq * h, kQueryTokens * rq * dh,      // q, scaled A_Q, B_Q
+        kTileTokens * rk * h, kTileTokens * rk * dh,                   // A_K, B_K tile
+        kTileTokens * rv * h, kTileTokens * rv * dv,                   // A_V, B_V tile
+        kTileTokens * rk * rq, kTileTokens * rk * h, kTileTokens * h,  // P, W, L^T
+        kTileTokens * rv * h, rows * kTileTokens,                      // Z, scores
+        rows, rows, rows * dv);                                        // softmax state
   }
 
   // Factored query (TPA). a_q: [query_tokens, R_Q, h], b_q: [query_tokens, R_Q, d_h] (rotated).
@@ -78,16 +78,16 @@ class TpaCore {
   }
 
   // Materialised query (TPA-KVonly, or an engine that formed q itself). q: [query_tokens, h, d_h].
-  void run(const float* q, Index query_tokens, const SequenceView& view, Index visible,
-           float* out, float* lse, float* workspace) const {
+  void run(const float* q, Index query_tokens, const SequenceView& view, Index visible, float* out,
+           float* lse, float* workspace) const {
     run_impl(nullptr, nullptr, q, query_tokens, view, visible, out, lse, workspace,
              TpaOrder::query);
   }
 
  private:
   void run_impl(const float* a_q, const float* b_q, const float* q, Index query_tokens,
-                const SequenceView& view, Index visible, float* out, float* lse,
-                float* workspace, TpaOrder order) const {
+                const SequenceView& view, Index visible, float* out, float* lse, float* workspace,
+                TpaOrder order) const {
     const Index h = shape_.heads, dh = shape_.head_dim, dv = shape_.value_dim;
     const Index rq = shape_.rank_q;
     for (Index first = 0; first < query_tokens; first += kQueryTokens) {
@@ -95,30 +95,29 @@ class TpaCore {
       run_chunk(a_q == nullptr ? nullptr : a_q + first * rq * h,
                 b_q == nullptr ? nullptr : b_q + first * rq * dh,
                 q == nullptr ? nullptr : q + first * h * dh, count, view, visible + first,
-                out + first * h * dv, lse == nullptr ? nullptr : lse + first * h, workspace,
-                order);
+                out + first * h * dv, lse == nullptr ? nullptr : lse + first * h, workspace, order);
     }
   }
 
   void run_chunk(const float* a_q, const float* b_q, const float* q, Index count,
-                 const SequenceView& view, Index visible, float* out, float* lse,
-                 float* workspace, TpaOrder order) const {
+                 const SequenceView& view, Index visible, float* out, float* lse, float* workspace,
+                 TpaOrder order) const {
     const Index h = shape_.heads, dh = shape_.head_dim, dv = shape_.value_dim;
     const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
     const float score_scale = 1.0f / (static_cast<float>(rk) * std::sqrt(static_cast<float>(dh)));
 
-    WorkspaceCarver carve(workspace);  // same order as workspace_floats()
-    float* query = carve.take(kQueryTokens * h * dh);      // [count, h, d_h]  (scaled)
-    float* factor_a = carve.take(kQueryTokens * rq * h);   // [count, R_Q, h]  (scaled)
-    float* factor_b = carve.take(kQueryTokens * rq * dh);  // [count, R_Q, d_h]
-    float* tile_ak = carve.take(kTileTokens * rk * h);     // [tile R_K, h]
-    float* tile_bk = carve.take(kTileTokens * rk * dh);    // [tile R_K, d_h]
-    float* tile_av = carve.take(kTileTokens * rv * h);     // [tile R_V, h]
-    float* tile_bv = carve.take(kTileTokens * rv * dv);    // [tile R_V, d_v]
-    float* products = carve.take(kTileTokens * rk * rq);   // P: [tile R_K, R_Q]
-    float* weights_w = carve.take(kTileTokens * rk * h);   // W: [tile R_K, h]
-    float* logits_t = carve.take(kTileTokens * h);         // L^T: [tile, h]
-    float* values_z = carve.take(kTileTokens * rv * h);    // Z: [tile R_V, h]
+    WorkspaceCarver carve(workspace);                            // same order as workspace_floats()
+    float* query = carve.take(kQueryTokens * h * dh);            // [count, h, d_h]  (scaled)
+    float* factor_a = carve.take(kQueryTokens * rq * h);         // [count, R_Q, h]  (scaled)
+    float* factor_b = carve.take(kQueryTokens * rq * dh);        // [count, R_Q, d_h]
+    float* tile_ak = carve.take(kTileTokens * rk * h);           // [tile R_K, h]
+    float* tile_bk = carve.take(kTileTokens * rk * dh);          // [tile R_K, d_h]
+    float* tile_av = carve.take(kTileTokens * rv * h);           // [tile R_V, h]
+    float* tile_bv = carve.take(kTileTokens * rv * dv);          // [tile R_V, d_v]
+    float* products = carve.take(kTileTokens * rk * rq);         // P: [tile R_K, R_Q]
+    float* weights_w = carve.take(kTileTokens * rk * h);         // W: [tile R_K, h]
+    float* logits_t = carve.take(kTileTokens * h);               // L^T: [tile, h]
+    float* values_z = carve.take(kTileTokens * rv * h);          // Z: [tile R_V, h]
     float* scores = carve.take(kQueryTokens * h * kTileTokens);  // [count h, tile], stride tile
     const Index rows = count * h;  // row t * h + i: query token t, head i
     float* max = carve.take(kQueryTokens * h);
