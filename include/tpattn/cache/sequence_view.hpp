@@ -49,7 +49,8 @@ class SequenceView {
 
   // The same sequence cut to its first `length` tokens (causal attention of earlier queries).
   SequenceView prefix(Index length) const {
-    TPATTN_ASSERT(length >= 0 && length <= length_);
+    TPATTN_CHECK(length >= 0 && length <= length_, "SequenceView::prefix", "length",
+                 "in [0, " + detail::to_text(length_) + "]", length);
     SequenceView cut = *this;
     cut.length_ = length;
     return cut;
