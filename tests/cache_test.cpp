@@ -595,5 +595,28 @@ TEST(AllocationCounter, CountsEveryFormOfOperatorNew) {
   EXPECT_GE(growth, 1u);
 }
 
+// prefix() hands kernels a causal cut of a sequence; a cut outside [0, length] is refused.
+TEST(SequenceView, PrefixRejectsALengthOutsideTheSequence) {
+  PagedKvCache cache(records::gqa(1, 4, 4), 4, 4, 1);
+  const SequenceId seq = cache.add_sequence();
+  const std::vector<float> rows(6 * 4, 1.0f);
+  cache.append(seq, 6, {{rows.data(), 1, 4}, {rows.data(), 1, 4}});
+  const SequenceView view = cache.view(seq);
+  EXPECT_EQ(view.prefix(0).length(), 0);
+  EXPECT_EQ(view.prefix(5).length(), 5);
+  EXPECT_EQ(view.prefix(5).block_count(), 2);
+  EXPECT_EQ(view.prefix(6).length(), 6);
+  for (const Index bad : {Index(-1), Index(7)}) {
+    try {
+      (void)view.prefix(bad);
+      ADD_FAILURE() << "prefix(" << bad << ") did not throw";
+    } catch (const Error& error) {
+      EXPECT_EQ(error.call(), "SequenceView::prefix");
+      EXPECT_EQ(error.argument(), "length");
+      EXPECT_NE(std::string(error.what()).find(std::to_string(bad)), std::string::npos);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace tpattn::test
