@@ -57,8 +57,7 @@
 
 namespace tpattn::test {
 
-// ---- values
-// --------------------------------------------------------------------------------------
+// ---- values ------------------------------------------------------------------------------------
 
 // What a plane of storage `type` must give back for the fp32 input x: x converted to that type.
 inline float stored_value(StorageType type, float x) {

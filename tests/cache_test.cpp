@@ -216,8 +216,7 @@ TEST(MixedStorageRecord, RoundTripsThroughPagedCaches) {
   }
 }
 
-// ---- ContiguousKvCache
-// ---------------------------------------------------------------------------
+// ---- ContiguousKvCache -------------------------------------------------------------------------
 
 TEST(ContiguousKvCache, ReservesMaxSequencesTimesMaxTokensTimesBytesPerToken) {
   for (StorageType storage : kAllStorage) {
@@ -275,8 +274,7 @@ TEST(ContiguousKvCache, RejectsSizesWhoseBytesOverflow) {
   EXPECT_THROW(ContiguousKvCache(record, std::numeric_limits<Index>::max() / 2, 4), tpattn::Error);
 }
 
-// ---- PagedKvCache
-// --------------------------------------------------------------------------------
+// ---- PagedKvCache ------------------------------------------------------------------------------
 
 TEST(PagedKvCache, ReservesPageCountTimesPageTokensTimesBytesPerToken) {
   for (StorageType storage : kAllStorage) {

@@ -646,8 +646,7 @@ TEST(TpaKernel, FactorDecodeEqualsMaterialisedAttentionForAnyPageSize) {
   }
 }
 
-// ---- §6.7: split the keys, merge the partial (output, LSE) pairs
-// ---------------------------------
+// ---- §6.7: split the keys, merge the partial (output, LSE) pairs -------------------------------
 
 TEST(TpaKernel, MergingPartialResultsOverSplitKeysEqualsOnePass) {
   const TpaShape shape{3, 16, 10, 2, 2, 3};
@@ -773,8 +772,7 @@ TEST(Tpa, RotatingBKAtWriteTimeEqualsRotatingKAtReadTime) {
   }
 }
 
-// ---- §6.6: gauge freedom
-// --------------------------------------------------------------------------
+// ---- §6.6: gauge freedom -----------------------------------------------------------------------
 
 // Multiplies A row r (of every head) by c and B row r by 1/c, through the weights.
 void rescale_rank(RowMatrix& w_a, RowMatrix& w_b, Index heads, Index rank, Index width, Index r,
@@ -833,8 +831,7 @@ TEST(Tpa, ScalingAQRowByCAndBQRowByOneOverCLeavesOutputUnchanged) {
   expect_gauge_invariance(Factor::query);
 }
 
-// ---- §3: the T6 weight layout
-// ----------------------------------------------------------------------
+// ---- §3: the T6 weight layout ------------------------------------------------------------------
 
 TpaConfig layout_config() {
   TpaConfig config;
@@ -916,8 +913,7 @@ TEST(Tpa, LayerMatchesHeadMajorReadingOfANotRankMajor) {
       0.1);
 }
 
-// ---- §6.2: TPA as MHA, MQA, GQA
-// -------------------------------------------------------------------
+// ---- §6.2: TPA as MHA, MQA, GQA ----------------------------------------------------------------
 
 // TPA weights that make the TPA layer compute exactly the GQA layer with weights `gqa`, for
 // inputs whose last feature is 1 (A factors must be constant, and the maps have no bias):
@@ -1060,8 +1056,7 @@ TEST(Tpa, PagedCacheBytesAreTokensTimesRecordBytesPlusLastPageRounding) {
   EXPECT_EQ(cache.bytes_in_pages(), (3 + 1) * kPageTokens * per_token);
 }
 
-// ---- batched decode
-// ------------------------------------------------------------------------------
+// ---- batched decode ----------------------------------------------------------------------------
 
 // Three sequences holding 1, 5 and 300 tokens decode four more tokens each, batched and alone, on
 // contiguous and paged caches: all equal each other and the reference of each whole sequence.
@@ -1120,8 +1115,7 @@ TEST(Tpa, BatchedDecodeOverLengths1And5And300EqualsDecodingEachAlone) {
         << "contiguous vs paged, sequence of " << prompts[b];
 }
 
-// ---- misuse
-// --------------------------------------------------------------------------------------
+// ---- misuse ------------------------------------------------------------------------------------
 
 TpaConfig misuse_config() {
   TpaConfig config = small_config(3, 8, 2, 2, 1);
@@ -1308,8 +1302,7 @@ TEST(Tpa, DecodeBatchThatRunsThePagePoolDryLeavesTheCacheUnchanged) {
   EXPECT_EQ(cache.length(a), 5);
 }
 
-// ---- steady-state decode allocates nothing
-// ---------------------------------------------------------
+// ---- steady-state decode allocates nothing -----------------------------------------------------
 
 template <class Storage>
 void expect_decode_allocates_nothing(Index rank_q, CacheKind kind) {
