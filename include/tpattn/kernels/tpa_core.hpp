@@ -3,9 +3,10 @@
 // Cached per token s: A_K[s] (R_K x h), B_K[s] (R_K x d_h, rotated), A_V[s] (R_V x h),
 // B_V[s] (R_V x d_v). K and V are never materialised. For query head i of one query token:
 //   score[i][s] = c * sum_u A_K[s][u][i] * W[s][u][i],     c = 1 / (R_K sqrt(d_h))
-// where W[s][u][i] = q_i . B_K[s][u] is formed in one of two orders that give the same numbers:
-//   factor order (FlashTPA):  W[s] = (B_K[s] B_Q^T) A_Q / R_Q      R_K (R_Q d_h + R_Q h) per token
-//   query order:              W[s] = B_K[s] q^T,  q = A_Q^T B_Q / R_Q     R_K h d_h per token
+// where W[s][u][i] = q_i . B_K[s][u] is formed in one of two orders, equal up to rounding
+// (multiply-adds per cached token for the scores, the A_K reduction's R_K h included):
+//   factor order (FlashTPA):  W[s] = (B_K[s] B_Q^T) A_Q / R_Q      R_K (R_Q d_h + R_Q h + h)
+//   query order:              W[s] = B_K[s] q^T,  q = A_Q^T B_Q / R_Q     R_K (h d_h + h)
 // and the output, with p = online softmax of the scores over s,
 //   O[i] = (1 / R_V) sum_s sum_v p[i][s] A_V[s][v][i] B_V[s][v].
 // The factor order is cheaper exactly when R_Q < h d_h / (h + d_h); TPA-KVonly has a plain q and
