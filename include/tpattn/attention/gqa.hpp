@@ -152,8 +152,9 @@ class GroupedQueryAttention : public detail::AttentionLayer<GroupedQueryAttentio
   // RoPE on q and k (never v); rows [row, row + count) are tokens at position, position + 1, ...
   void rotate(const Buffers& b, Index row, Index count, Index position) const {
     for (Index t = 0; t < count; ++t) {
-      rope_.apply(b.q + (row + t) * q_width(), config_.heads, config_.head_dim, position + t);
-      rope_.apply(b.k + (row + t) * k_width(), config_.kv_heads, config_.head_dim, position + t);
+      rope_.apply(position + t,
+                  {{b.q + (row + t) * q_width(), config_.heads, config_.head_dim},
+                   {b.k + (row + t) * k_width(), config_.kv_heads, config_.head_dim}});
     }
   }
 

@@ -217,9 +217,9 @@ class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAt
   void rotate(const Buffers& b, Index row, Index count, Index position) const {
     const Index dc = config_.kv_latent_dim, dr = config_.rope_dim;
     for (Index t = 0; t < count; ++t) {
-      rope_.apply(b.absorbed + (row + t) * config_.heads * absorbed_width() + dc, config_.heads,
-                  absorbed_width(), position + t);
-      rope_.apply(b.rope_key + (row + t) * dr, 1, dr, position + t);
+      rope_.apply(position + t, {{b.absorbed + (row + t) * config_.heads * absorbed_width() + dc,
+                                  config_.heads, absorbed_width()},
+                                 {b.rope_key + (row + t) * dr, 1, dr}});
     }
   }
 

@@ -229,11 +229,10 @@ class TensorProductAttention : public detail::AttentionLayer<TensorProductAttent
     const Index h = config_.heads, dh = config_.head_dim;
     for (Index t = 0; t < count; ++t) {
       const Index row = first + t;
-      if (kv_only())
-        rope_.apply(b.q + row * h * dh, h, dh, position + t);
-      else
-        rope_.apply(b.b_q + row * config_.rank_q * dh, config_.rank_q, dh, position + t);
-      rope_.apply(b.b_k + row * config_.rank_k * dh, config_.rank_k, dh, position + t);
+      const Rope::Vectors query =
+          kv_only() ? Rope::Vectors{b.q + row * h * dh, h, dh}
+                    : Rope::Vectors{b.b_q + row * config_.rank_q * dh, config_.rank_q, dh};
+      rope_.apply(position + t, {query, {b.b_k + row * config_.rank_k * dh, config_.rank_k, dh}});
     }
   }
 

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cmath>
+#include <initializer_list>
 #include <vector>
 
 #include "tpattn/core/error.hpp"
@@ -55,8 +56,16 @@ class Rope {
   bool enabled() const { return config_.enabled; }
   Index head_dim() const { return head_dim_; }
 
-  // Rotates `count` vectors at one position. vectors: [count, stride], first head_dim() rotate.
-  void apply(float* vectors, Index count, Index stride, Index position) const {
+  // `count` vectors of a row-major [count, stride] array; the first head_dim() of each rotate.
+  struct Vectors {
+    float* data;
+    Index count;
+    Index stride;
+  };
+
+  // Rotates every group of vectors at one position (e.g. a token's q and k), computing each
+  // pair's cos and sin once for all of them.
+  void apply(Index position, std::initializer_list<Vectors> groups) const {
     if (!config_.enabled) return;
     const Index pairs = config_.rotary_dim / 2;
     // Pair j's partner offsets: half-split (j, j + pairs), interleaved (2j, 2j + 1).
@@ -69,14 +78,21 @@ class Rope {
       const float s = sign * static_cast<float>(std::sin(angle));
       const Index first = half ? j : 2 * j;
       const Index second = half ? j + pairs : 2 * j + 1;
-      for (Index v = 0; v < count; ++v) {
-        float* x = vectors + v * stride;
-        const float x1 = x[first];
-        const float x2 = x[second];
-        x[first] = x1 * c - x2 * s;
-        x[second] = x1 * s + x2 * c;
+      for (const Vectors& group : groups) {
+        for (Index v = 0; v < group.count; ++v) {
+          float* x = group.data + v * group.stride;
+          const float x1 = x[first];
+          const float x2 = x[second];
+          x[first] = x1 * c - x2 * s;
+          x[second] = x1 * s + x2 * c;
+        }
       }
     }
+  }
+
+  // Rotates `count` vectors at one position. vectors: [count, stride].
+  void apply(float* vectors, Index count, Index stride, Index position) const {
+    apply(position, {Vectors{vectors, count, stride}});
   }
 
  private:
