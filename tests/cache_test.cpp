@@ -29,7 +29,8 @@ struct ContiguousFactory {
 };
 
 // Enough pages for every sequence to reach `capacity` at once; all of them shared by all.
-template <class T, Index PageTokens>
+// Capped: each sequence is also capped at `capacity` tokens (page tables sized to match).
+template <class T, Index PageTokens, bool Capped = false>
 struct PagedFactory {
   using Storage = T;
   static constexpr Index block_tokens = PageTokens;
@@ -37,22 +38,11 @@ struct PagedFactory {
                                        Index capacity) {
     const Index pages_per_sequence = capacity > 0 ? (capacity + PageTokens - 1) / PageTokens : 0;
     return std::make_unique<PagedKvCache>(record, PageTokens, max_sequences * pages_per_sequence,
-                                          max_sequences);
+                                          max_sequences, Capped ? capacity : 0);
   }
 };
-
-// The same pool, with each sequence capped at `capacity` tokens (page tables sized to match).
 template <class T, Index PageTokens>
-struct CappedPagedFactory {
-  using Storage = T;
-  static constexpr Index block_tokens = PageTokens;
-  static std::unique_ptr<KvCache> make(const CacheRecord& record, Index max_sequences,
-                                       Index capacity) {
-    const Index pages_per_sequence = capacity > 0 ? (capacity + PageTokens - 1) / PageTokens : 0;
-    return std::make_unique<PagedKvCache>(record, PageTokens, max_sequences * pages_per_sequence,
-                                          max_sequences, capacity);
-  }
-};
+using CappedPagedFactory = PagedFactory<T, PageTokens, true>;
 
 struct StorageName {
   template <class Factory>
