@@ -17,37 +17,11 @@
 //    and 2e-3 (half): the rounding of K and V moves outputs by about u.
 //  - two library paths that only sum in another order (prefill vs decode, contiguous vs paged,
 //    batched vs alone, split-and-merge vs one pass): 1e-6.
-#include "support/counting_new.hpp"  // this executable's one copy of the counting operator new
+// clang-format off
+#include "support/heap_counter.hpp"  // first: it hooks Eigen's malloc before Eigen is seen
+// clang-format on
 
-// Eigen allocates its temporaries (e.g. a GEMM's packing buffers above 128 KiB) with std::malloc,
-// which the counting operator new cannot see. Eigen's own hook, EIGEN_RUNTIME_NO_MALLOC, reports
-// each such allocation through eigen_assert while set_is_malloc_allowed(false) is in force: this
-// file's eigen_assert counts those reports (see EigenHeapCounter) and keeps every other Eigen
-// assertion fatal. Both must be defined before Eigen is first included.
-#include <atomic>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-
-namespace tpattn::test {
-inline std::atomic<int> eigen_heap_allocations{0};
-[[noreturn]] inline void eigen_assertion_aborts(const char* condition, const char* file, int line) {
-  std::fprintf(stderr, "%s:%d: Eigen assertion failed: %s\n", file, line, condition);
-  std::abort();
-}
-inline void eigen_assertion_failed(const char* condition, const char* file, int line) {
-  if (std::strstr(condition, "heap allocation is forbidden") != nullptr) {
-    eigen_heap_allocations.fetch_add(1, std::memory_order_relaxed);
-    return;
-  }
-  eigen_assertion_aborts(condition, file, line);
-}
-}  // namespace tpattn::test
-
-#define EIGEN_RUNTIME_NO_MALLOC
-#define eigen_assert(condition)       \
-  ((condition) ? static_cast<void>(0) \
-               : ::tpattn::test::eigen_assertion_failed(#condition, __FILE__, __LINE__))
+#include "tpattn/attention/gqa.hpp"
 
 #include <gtest/gtest.h>
 
@@ -62,7 +36,6 @@ inline void eigen_assertion_failed(const char* condition, const char* file, int 
 
 #include "support/allocation_counter.hpp"
 #include "support/reference.hpp"
-#include "tpattn/attention/gqa.hpp"
 #include "tpattn/cache.hpp"
 #include "tpattn/kernels/rope.hpp"
 #include "tpattn/kernels/softmax_state.hpp"
@@ -1482,35 +1455,6 @@ TEST(GqaMisuse, BatchedDecodeThatRunsThePoolDryRollsBackEverySequence) {
 
 // ---- allocation ---------------------------------------------------------------------------------
 
-// Heap allocations by Eigen (std::malloc) from construction to allocations(); see the top of the
-// file. Keep gtest assertions out of the counted scope.
-class EigenHeapCounter {
- public:
-  EigenHeapCounter() : start_(eigen_heap_allocations.load()) {
-    Eigen::internal::set_is_malloc_allowed(false);
-  }
-  ~EigenHeapCounter() { Eigen::internal::set_is_malloc_allowed(true); }
-  EigenHeapCounter(const EigenHeapCounter&) = delete;
-  EigenHeapCounter& operator=(const EigenHeapCounter&) = delete;
-  int allocations() const { return eigen_heap_allocations.load() - start_; }
-
- private:
-  int start_;
-};
-
-// Allocations by operator new and by Eigen during f().
-struct Allocations {
-  std::uint64_t by_new = 0;
-  int by_eigen = 0;
-};
-template <class F>
-Allocations count_allocations(F&& f) {
-  const AllocationCounter counter;
-  const EigenHeapCounter eigen;
-  f();
-  return {counter.allocations(), eigen.allocations()};
-}
-
 // Sizes of a small real layer (d_model 256, 8 heads of 64, 2 KV heads): the projections' GEMMs
 // are large enough for Eigen's packing buffers to leave the stack.
 GqaConfig allocation_config() { return gqa_config(256, 8, 2, 64); }
@@ -1543,13 +1487,12 @@ void expect_steady_state_decode_allocates_nothing(Index batch) {
   DecodeSetup<S> setup;
   setup.op.decode(setup.cache, setup.seqs.data(), batch, setup.x.data(), setup.y.data());
   setup.op.reserve(batch);
-  Allocations total;
+  HeapAllocations total;
   for (int step = 0; step < 17; ++step) {  // 17 steps cross a page end in every sequence
-    const Allocations one = count_allocations([&] {
+    const HeapAllocations one = count_heap_allocations([&] {
       setup.op.decode(setup.cache, setup.seqs.data(), batch, setup.x.data(), setup.y.data());
     });
-    total.by_new += one.by_new;
-    total.by_eigen += one.by_eigen;
+    total += one;
   }
   EXPECT_EQ(total.by_new, 0u) << "operator new over 17 steps, " << storage_type_of<S>;
   EXPECT_EQ(total.by_eigen, 0) << "Eigen's malloc over 17 steps, " << storage_type_of<S>;
@@ -1578,11 +1521,11 @@ void expect_reserved_calls_allocate_nothing() {
   const RowMatrix x = ref::random_inputs(64, config.d_model, 185);
   RowMatrix y(64, config.d_model);
   op.reserve(3, 64);
-  const Allocations prefill = count_allocations([&] {
+  const HeapAllocations prefill = count_heap_allocations([&] {
     for (SequenceId seq : seqs) op.prefill(cache, seq, 64, x.data(), y.data());
   });
-  const Allocations decode =
-      count_allocations([&] { op.decode(cache, seqs, 3, x.data(), y.data()); });
+  const HeapAllocations decode =
+      count_heap_allocations([&] { op.decode(cache, seqs, 3, x.data(), y.data()); });
   EXPECT_EQ(prefill.by_new, 0u);
   EXPECT_EQ(prefill.by_eigen, 0) << "Eigen's malloc in prefill";
   EXPECT_EQ(decode.by_new, 0u);
@@ -1598,7 +1541,7 @@ TEST(GqaAllocation, ReservedPrefillAndDecodeAllocateNothing) {
 // operator new.
 TEST(GqaAllocation, EigenHeapCounterSeesEigenAllocations) {
   float sum = 0.0f;
-  const Allocations matrix = count_allocations([&] {
+  const HeapAllocations matrix = count_heap_allocations([&] {
     const RowMatrix m = RowMatrix::Ones(30, 30);
     sum = m.sum();
   });

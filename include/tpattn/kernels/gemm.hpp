@@ -11,8 +11,9 @@
 
 namespace tpattn {
 
-// c = a * b (accumulate: c += a * b). a: [m, k], b: [k, n], c: [m, n]; any Eigen expressions
-// over fp32 storage (maps, blocks, transposes).
+// c = a * b (accumulate: c += a * b). a: [m, k], b: [k, n], c: [m, n]; Eigen maps over fp32
+// storage, or blocks and transposes of them. Nothing else: Eigen evaluates any other operand
+// (a scaled map, a sum) into a heap temporary, so scale an operand into a workspace first.
 template <class Lhs, class Rhs, class Out>
 void multiply(const Lhs& a, const Rhs& b, Out&& c, bool accumulate = false) {
   constexpr Index kPanel = 64, kDepth = 256;

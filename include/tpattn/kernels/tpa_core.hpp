@@ -133,9 +133,12 @@ class TpaCore {
       if (q != nullptr) {
         queries = map_matrix(q, count * h, dh) * score_scale;
       } else {
-        for (Index t = 0; t < count; ++t)  // q_t = A_Q^T B_Q / R_Q
-          multiply(map_matrix(a_q + t * rq * h, rq, h).transpose() *
-                       (score_scale / static_cast<float>(rq)),
+        // q_t = A_Q^T B_Q / R_Q, the scale applied to A_Q first: a product with a scaled operand
+        // would make Eigen evaluate the operand into a heap temporary.
+        map_matrix(factor_a, count * rq, h) =
+            map_matrix(a_q, count * rq, h) * (score_scale / static_cast<float>(rq));
+        for (Index t = 0; t < count; ++t)
+          multiply(map_matrix(factor_a + t * rq * h, rq, h).transpose(),
                    map_matrix(b_q + t * rq * dh, rq, dh), queries.middleRows(t * h, h));
       }
     } else {
