@@ -59,6 +59,9 @@ class BlockCache : public KvCache {
 
   Index bytes_used() const override { return store_.tokens_held() * bytes_per_token(); }
   Index bytes_reserved() const override { return store_.block_count() * store_.block_bytes(); }
+  // The block tables, outside bytes_reserved(): one address per block a sequence may hold, for
+  // every sequence slot, allocated at construction.
+  Index table_bytes() const { return store_.table_bytes(); }
 
  protected:
   // name: the storage's class name, for errors. The rest as BlockStore's constructor.

@@ -1,8 +1,10 @@
 // tpattn/cache/block_store.hpp -- the memory behind both cache storages.
 //
 // A pool of equal blocks, each holding block_tokens tokens of every plane (plane-major inside the
-// block, so a plane's rows are contiguous), plus a block table per sequence. A contiguous cache is
-// this with one block of max_tokens per sequence; a paged cache with many small pages.
+// block, so a plane's rows are contiguous), plus a block table per sequence slot: one flat array
+// of max_sequences x max_blocks_per_sequence block addresses, allocated with the pool, so adding
+// a sequence allocates nothing either. A contiguous cache is this with one block of max_tokens
+// per sequence; a paged cache with many small pages.
 // Invariant: sequence s holds exactly ceil(length_s / block_tokens) blocks.
 #pragma once
 
@@ -57,6 +59,9 @@ class BlockStore {
     block_bytes_ = offset;
     const Index total = checked_product(call, block_bytes_, block_count_);
     sequences_.resize(static_cast<std::size_t>(max_sequences));
+    const Index table_entries = checked_product(call, max_sequences, max_blocks_per_sequence_);
+    checked_product(call, table_entries, static_cast<Index>(sizeof(std::byte*)));
+    tables_.resize(static_cast<std::size_t>(table_entries));
     memory_.reset(static_cast<std::byte*>(
         ::operator new(static_cast<std::size_t>(total), std::align_val_t(kAlignment))));
     free_blocks_.reserve(static_cast<std::size_t>(block_count_));
@@ -72,6 +77,7 @@ class BlockStore {
   Index max_sequences() const { return static_cast<Index>(sequences_.size()); }
   Index sequence_count() const { return max_sequences() - static_cast<Index>(free_slots_.size()); }
   Index tokens_held() const { return tokens_held_; }
+  Index table_bytes() const { return static_cast<Index>(tables_.size() * sizeof(std::byte*)); }
 
   bool contains(SequenceId seq) const {
     return seq >= 0 && seq < max_sequences() && sequences_[static_cast<std::size_t>(seq)].live;
@@ -86,8 +92,6 @@ class BlockStore {
                  "at most " + to_text(max_sequences()) + " live sequences", max_sequences() + 1);
     const SequenceId seq = free_slots_.back();
     Sequence& s = sequences_[static_cast<std::size_t>(seq)];
-    // Reserved once per slot, so appends never grow the table.
-    s.blocks.reserve(static_cast<std::size_t>(max_blocks_per_sequence_));
     free_slots_.pop_back();
     s.live = true;
     s.length = 0;
@@ -107,7 +111,7 @@ class BlockStore {
   // Tokens `seq` could still take: room in its last block plus the free blocks it may claim.
   Index tokens_available(SequenceId seq) const {
     const Sequence& s = sequences_[static_cast<std::size_t>(seq)];
-    const Index held = static_cast<Index>(s.blocks.size());
+    const Index held = s.blocks;
     const Index claimable = std::min(free_block_count(), max_blocks_per_sequence_ - held);
     const Index room = held * block_tokens_ - s.length + claimable * block_tokens_;
     return std::min(room, max_tokens_per_sequence_ - s.length);
@@ -116,9 +120,10 @@ class BlockStore {
   // Caller has validated everything; this cannot fail.
   void append(const CacheRecord& record, SequenceId seq, Index n_tokens, const PlaneInput* planes) {
     Sequence& s = sequences_[static_cast<std::size_t>(seq)];
+    std::byte** table = table_of(seq);
     const Index new_length = s.length + n_tokens;
-    while (static_cast<Index>(s.blocks.size()) < blocks_needed(new_length)) {
-      s.blocks.push_back(block_address(free_blocks_.back()));
+    while (s.blocks < blocks_needed(new_length)) {
+      table[s.blocks++] = block_address(free_blocks_.back());
       free_blocks_.pop_back();
     }
     Index written = 0;
@@ -130,7 +135,7 @@ class BlockStore {
       for (Index p = 0; p < record.plane_count(); ++p) {
         const PlaneSpec& plane = record.plane(p);
         const Index width = plane.elements_per_token();
-        std::byte* rows = s.blocks[static_cast<std::size_t>(block)] +
+        std::byte* rows = table[block] +
                           plane_offsets_[static_cast<std::size_t>(p)] +
                           row * plane.bytes_per_token();
         store_as(plane.storage, planes[p].data + written * width, rows, run * width);
@@ -144,27 +149,29 @@ class BlockStore {
   // Cuts `seq` to new_length tokens and returns the blocks it no longer needs.
   void shrink(SequenceId seq, Index new_length) {
     Sequence& s = sequences_[static_cast<std::size_t>(seq)];
+    std::byte* const* table = table_of(seq);
     const Index keep = blocks_needed(new_length);
-    while (static_cast<Index>(s.blocks.size()) > keep) {
-      free_blocks_.push_back(block_number(s.blocks.back()));
-      s.blocks.pop_back();
-    }
+    while (s.blocks > keep) free_blocks_.push_back(block_number(table[--s.blocks]));
     tokens_held_ -= s.length - new_length;
     s.length = new_length;
   }
 
   SequenceView view(const CacheRecord& record, SequenceId seq) const {
-    const Sequence& s = sequences_[static_cast<std::size_t>(seq)];
-    return SequenceView(&record, reinterpret_cast<const std::byte* const*>(s.blocks.data()),
-                        plane_offsets_.data(), block_tokens_, s.length);
+    return SequenceView(&record, table_of(seq), plane_offsets_.data(), block_tokens_,
+                        length(seq));
   }
 
  private:
   struct Sequence {
     bool live = false;
     Index length = 0;
-    std::vector<std::byte*> blocks;
+    Index blocks = 0;  // entries in use at the start of the slot's block table
   };
+
+  std::byte** table_of(SequenceId seq) { return tables_.data() + seq * max_blocks_per_sequence_; }
+  const std::byte* const* table_of(SequenceId seq) const {
+    return tables_.data() + seq * max_blocks_per_sequence_;
+  }
 
   std::byte* block_address(Index block) const { return memory_.get() + block * block_bytes_; }
   Index block_number(const std::byte* address) const {
@@ -198,6 +205,7 @@ class BlockStore {
   std::vector<Index> free_blocks_;
   std::vector<SequenceId> free_slots_;
   std::vector<Sequence> sequences_;
+  std::vector<std::byte*> tables_;  // [max_sequences][max_blocks_per_sequence]
 };
 
 // Shared argument checks of append(); throws before anything changes.

@@ -18,9 +18,9 @@ namespace tpattn {
 class PagedKvCache final : public detail::BlockCache {
  public:
   // page_tokens >= 1 tokens per page, page_count >= 1 pages, max_sequences >= 1.
-  // max_tokens_per_sequence (0 = no cap but the pool) caps one sequence's length exactly; each
-  // sequence's page table is reserved for that many tokens when it is added, so appends never
-  // allocate.
+  // max_tokens_per_sequence (0 = no cap but the pool) caps one sequence's length exactly and
+  // sizes each slot's page table: ceil(max_tokens_per_sequence / page_tokens) entries, or
+  // page_count without a cap (table_bytes() = max_sequences x that x 8 bytes, allocated here).
   PagedKvCache(CacheRecord record, Index page_tokens, Index page_count, Index max_sequences,
                Index max_tokens_per_sequence = 0)
       : detail::BlockCache("PagedKvCache",
