@@ -31,7 +31,7 @@ class CacheRecord {
  public:
   CacheRecord() = default;
 
-  // planes: at least one, each with rows >= 1 and cols >= 1 and a unique name.
+  // planes: at least one, each with rows >= 1, cols >= 1, a StorageType value and a unique name.
   explicit CacheRecord(std::vector<PlaneSpec> planes) : planes_(std::move(planes)) {
     TPATTN_CHECK(!planes_.empty(), "CacheRecord", "planes", "at least one plane", 0);
     for (std::size_t p = 0; p < planes_.size(); ++p) {
@@ -40,6 +40,10 @@ class CacheRecord {
                    plane.rows);
       TPATTN_CHECK(plane.cols >= 1, "CacheRecord", "cols", "plane '" + plane.name + "' cols >= 1",
                    plane.cols);
+      TPATTN_CHECK(plane.storage == StorageType::f32 || plane.storage == StorageType::bf16 ||
+                       plane.storage == StorageType::f16,
+                   "CacheRecord", "storage", "plane '" + plane.name + "' storage f32, bf16 or f16",
+                   static_cast<int>(plane.storage));
       for (std::size_t other = 0; other < p; ++other)
         TPATTN_CHECK(planes_[other].name != plane.name, "CacheRecord", "name", "unique plane names",
                      plane.name);
