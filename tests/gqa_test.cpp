@@ -30,6 +30,7 @@
 #include <functional>
 #include <limits>
 #include <memory>
+#include <stdexcept>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -168,6 +169,18 @@ std::string thrown_argument(const std::function<void()>& f) {
     f();
   } catch (const Error& error) {
     return error.argument();
+  } catch (...) {
+    return "<not a tpattn::Error>";
+  }
+  return "<nothing thrown>";
+}
+
+// "<call> <argument>" of the tpattn::Error that f() throws, or a marker when it throws none.
+std::string thrown_call_and_argument(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& error) {
+    return error.call() + " " + error.argument();
   } catch (...) {
     return "<not a tpattn::Error>";
   }
@@ -1193,43 +1206,52 @@ TEST(GqaBatchedDecode, OneBatchedCallEqualsDecodingEachSequenceAlone) {
 
 // ---- misuse: tpattn::Error, and nothing changes -------------------------------------------------
 
-TEST(GqaMisuse, InvalidConfigsThrowNamingTheArgument) {
+TEST(GqaMisuse, InvalidConfigsThrowNamingTheOperatorAndArgument) {
   const GqaConfig good = gqa_config(32, 4, 2, 16);
   const GqaWeights weights = ref::random_gqa_weights(good, 151);
   auto gqa_throws = [&](const std::function<void(GqaConfig&)>& change) {
     GqaConfig config = good;
     change(config);
-    return thrown_argument([&] { GroupedQueryAttention<float> op(config, weights); });
+    return thrown_call_and_argument([&] { GroupedQueryAttention<float> op(config, weights); });
   };
-  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.kv_heads = 3; }), "kv_heads");  // 4 % 3 != 0
-  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.kv_heads = 8; }), "kv_heads");  // more than heads
-  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.d_model = 0; }), "d_model");
-  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.heads = 0; }), "heads");
-  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.kv_heads = 0; }), "kv_heads");
-  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.head_dim = 0; }), "head_dim");
-  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.value_dim = -1; }), "value_dim");
-  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.rope.rotary_dim = 7; }), "rope.rotary_dim");
-  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.rope.rotary_dim = 18; }), "rope.rotary_dim");
-  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.rope.rotary_dim = -2; }), "rope.rotary_dim");
-  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.rope.base = 1.0; }), "rope.base");
+  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.kv_heads = 3; }),
+            "GroupedQueryAttention kv_heads");  // 4 % 3 != 0
+  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.kv_heads = 8; }),
+            "GroupedQueryAttention kv_heads");  // more than heads
+  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.d_model = 0; }), "GroupedQueryAttention d_model");
+  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.heads = 0; }), "GroupedQueryAttention heads");
+  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.kv_heads = 0; }), "GroupedQueryAttention kv_heads");
+  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.head_dim = 0; }), "GroupedQueryAttention head_dim");
+  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.value_dim = -1; }), "GroupedQueryAttention value_dim");
+  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.rope.rotary_dim = 7; }),
+            "GroupedQueryAttention rope.rotary_dim");
+  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.rope.rotary_dim = 18; }),
+            "GroupedQueryAttention rope.rotary_dim");
+  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.rope.rotary_dim = -2; }),
+            "GroupedQueryAttention rope.rotary_dim");
+  EXPECT_EQ(gqa_throws([](GqaConfig& c) { c.rope.base = 1.0; }), "GroupedQueryAttention rope.base");
   // A whole-head rotation of an odd head is an odd rotary dim.
-  EXPECT_EQ(thrown_argument([&] {
+  EXPECT_EQ(thrown_call_and_argument([&] {
               GqaConfig config = gqa_config(32, 4, 2, 15);
               GroupedQueryAttention<float> op(config, ref::random_gqa_weights(config, 152));
             }),
-            "rope.rotary_dim");
-  EXPECT_EQ(thrown_argument([&] {
+            "GroupedQueryAttention rope.rotary_dim");
+  EXPECT_EQ(thrown_call_and_argument([&] {
               GqaConfig config = good;
               MultiHeadAttention<float> op(config, weights);  // kv_heads 2 != heads 4
             }),
-            "kv_heads");
-  EXPECT_EQ(thrown_argument([&] { MultiQueryAttention<float> op(good, weights); }), "kv_heads");
-  EXPECT_EQ(thrown_argument([] { GqaKernel<float> kernel(6, 4, 16, 16); }), "kv_heads");
-  EXPECT_EQ(thrown_argument([] { GqaKernel<float> kernel(4, 2, 0, 16); }), "head_dim");
-  EXPECT_EQ(thrown_argument([] { GqaKernel<float> kernel(4, 2, 16, 0); }), "value_dim");
+            "MultiHeadAttention kv_heads");
+  EXPECT_EQ(thrown_call_and_argument([&] { MultiQueryAttention<float> op(good, weights); }),
+            "MultiQueryAttention kv_heads");
+  EXPECT_EQ(thrown_call_and_argument([] { GqaKernel<float> kernel(6, 4, 16, 16); }),
+            "GqaKernel kv_heads");
+  EXPECT_EQ(thrown_call_and_argument([] { GqaKernel<float> kernel(4, 2, 0, 16); }),
+            "GqaKernel head_dim");
+  EXPECT_EQ(thrown_call_and_argument([] { GqaKernel<float> kernel(4, 2, 16, 0); }),
+            "GqaKernel value_dim");
 }
 
-TEST(GqaMisuse, WeightShapeMismatchThrowsNamingTheWeight) {
+TEST(GqaMisuse, WeightShapeMismatchThrowsNamingTheOperatorAndWeight) {
   const GqaConfig config = gqa_config(40, 4, 2, 16, 8);  // no weight is square
   const GqaWeights good = ref::random_gqa_weights(config, 153);
   for (const char* name : {"w_q", "w_k", "w_v", "w_o"}) {
@@ -1239,16 +1261,18 @@ TEST(GqaMisuse, WeightShapeMismatchThrowsNamingTheWeight) {
                    : name[2] == 'v' ? bad.w_v
                                     : bad.w_o;
     w = RowMatrix::Zero(w.rows(), w.cols() + 1);
-    EXPECT_EQ(thrown_argument([&] { GroupedQueryAttention<float> op(config, bad); }), name);
+    EXPECT_EQ(thrown_call_and_argument([&] { GroupedQueryAttention<float> op(config, bad); }),
+              std::string("GroupedQueryAttention ") + name);
     w = RowMatrix::Zero(w.cols() - 1, w.rows());  // transposed
-    EXPECT_EQ(thrown_argument([&] { GroupedQueryAttention<float> op(config, bad); }), name);
+    EXPECT_EQ(thrown_call_and_argument([&] { GroupedQueryAttention<float> op(config, bad); }),
+              std::string("GroupedQueryAttention ") + name);
   }
   // w_v and w_o sized for value_dim = head_dim while value_dim is 8.
-  EXPECT_EQ(thrown_argument([&] {
+  EXPECT_EQ(thrown_call_and_argument([&] {
               GroupedQueryAttention<float> op(config,
                                               ref::random_gqa_weights(gqa_config(40, 4, 2, 16), 1));
             }),
-            "w_v");
+            "GroupedQueryAttention w_v");
 }
 
 TEST(GqaMisuse, BareKernelAttendRejectsBadArgumentsNamingThem) {
@@ -1402,6 +1426,66 @@ TEST_F(GqaMisuseOnACache, CacheOfAnotherRecordOrStorageThrowsAndChangesNothing) 
 
 // A batched decode that runs the shared page pool dry midway: the first sequences take pages,
 // a later one finds none. The step throws and every sequence is as it was (rolled back).
+// An engine's own cache: a ContiguousKvCache whose append throws the engine's own exception (not a
+// tpattn::Error) once `appends_left` appends have gone through.
+class EngineCacheThatFailsMidway final : public KvCache {
+ public:
+  EngineCacheThatFailsMidway(const CacheRecord& record, Index appends_left)
+      : KvCache(record), inner_(record, 4, 32), appends_left_(appends_left) {}
+
+  SequenceId add_sequence() override { return inner_.add_sequence(); }
+  void remove_sequence(SequenceId seq) override { inner_.remove_sequence(seq); }
+  bool contains(SequenceId seq) const override { return inner_.contains(seq); }
+  Index sequence_count() const override { return inner_.sequence_count(); }
+  Index max_sequences() const override { return inner_.max_sequences(); }
+  Index length(SequenceId seq) const override { return inner_.length(seq); }
+  void append(SequenceId seq, Index n_tokens, const PlaneInput* planes,
+              Index plane_count) override {
+    if (appends_left_-- == 0) throw std::runtime_error("engine: out of host memory");
+    inner_.append(seq, n_tokens, planes, plane_count);
+  }
+  using KvCache::append;
+  void truncate(SequenceId seq, Index new_length) override { inner_.truncate(seq, new_length); }
+  Index tokens_available(SequenceId seq) const override { return inner_.tokens_available(seq); }
+  SequenceView view(SequenceId seq) const override { return inner_.view(seq); }
+  Index bytes_used() const override { return inner_.bytes_used(); }
+  Index bytes_reserved() const override { return inner_.bytes_reserved(); }
+
+  void set_appends_left(Index appends) { appends_left_ = appends; }
+
+ private:
+  ContiguousKvCache inner_;
+  Index appends_left_;
+};
+
+TEST(GqaMisuse, BatchedDecodeRollsBackWhenAnEngineCacheThrowsItsOwnException) {
+  const GqaConfig config = gqa_config(32, 4, 2, 16);
+  GroupedQueryAttention<float> op(config, ref::random_gqa_weights(config, 175));
+  EngineCacheThatFailsMidway cache(op.cache_record(), 1000);
+  std::vector<SequenceId> seqs;
+  const RowMatrix x = ref::random_inputs(5, config.d_model, 176);
+  RowMatrix y(5, config.d_model);
+  for (Index s = 0; s < 3; ++s) {
+    seqs.push_back(cache.add_sequence());
+    op.prefill(cache, seqs.back(), 2 + s, x.data(), y.data());
+  }
+  for (Index fail_at : {0, 1, 2}) {  // the first, second or third sequence's append throws
+    cache.set_appends_left(fail_at);
+    const CacheSnapshot before = snapshot(cache, seqs);
+    std::string message;
+    try {
+      op.decode(cache, seqs.data(), 3, x.data(), y.data());
+    } catch (const std::runtime_error& error) {
+      message = error.what();
+    }
+    EXPECT_EQ(message, "engine: out of host memory") << "fail_at " << fail_at;
+    expect_same(before, snapshot(cache, seqs));
+  }
+  cache.set_appends_left(1000);
+  op.decode(cache, seqs.data(), 3, x.data(), y.data());  // and the cache still works
+  EXPECT_EQ(cache.length(seqs[2]), 5);
+}
+
 TEST(GqaMisuse, BatchedDecodeThatRunsThePoolDryRollsBackEverySequence) {
   const GqaConfig config = gqa_config(32, 4, 2, 16);
   const GqaWeights weights = ref::random_gqa_weights(config, 171);
@@ -1451,6 +1535,56 @@ TEST(GqaMisuse, BatchedDecodeThatRunsThePoolDryRollsBackEverySequence) {
     expect_layer_matches_reference(config, weights, x[s], y[s], cache,
                                    seqs[static_cast<std::size_t>(s)]);
   }
+}
+
+// ---- cache bytes (spec §5, §6.9)
+// -----------------------------------------------------------------
+
+// The spec's tables through the operators themselves: their records, and a cache built from them
+// after a prefill, hold g (d_h + d_v) elements per token, times the element size.
+template <class Op>
+void expect_cache_bytes(Index heads, Index kv_heads, Index head_dim, Index elements) {
+  using S = typename Op::storage_type;
+  SCOPED_TRACE(testing::Message() << "h " << heads << ", g " << kv_heads << ", d_h " << head_dim
+                                  << ", " << storage_type_of<S>);
+  const GqaConfig config = gqa_config(8, heads, kv_heads, head_dim);  // d_model plays no part
+  Op op(config, ref::random_gqa_weights(config, 191));
+  const Index bytes = elements * element_bytes(storage_type_of<S>);
+  const CacheRecord& record = op.cache_record();
+  ASSERT_EQ(record.plane_count(), 2);
+  EXPECT_EQ(record.plane(0).name, "K");
+  EXPECT_EQ(record.plane(1).name, "V");
+  EXPECT_EQ(record.elements_per_token(), elements);
+  EXPECT_EQ(record.bytes_per_token(), bytes);
+  PagedKvCache cache(record, 16, 2, 1);
+  const SequenceId seq = cache.add_sequence();
+  const RowMatrix x = ref::random_inputs(17, config.d_model, 192);
+  RowMatrix y(17, config.d_model);
+  op.prefill(cache, seq, 17, x.data(), y.data());
+  EXPECT_EQ(cache.bytes_used(), 17 * bytes);
+  EXPECT_EQ(cache.bytes_in_pages(), 32 * bytes);  // two pages of 16
+}
+
+template <class S>
+void expect_spec_cache_bytes() {
+  // h 32, d_h = d_v = 128.
+  expect_cache_bytes<MultiHeadAttention<S>>(32, 32, 128, 8192);
+  expect_cache_bytes<GroupedQueryAttention<S>>(32, 8, 128, 2048);
+  expect_cache_bytes<MultiQueryAttention<S>>(32, 1, 128, 256);
+  // The paper's models, d_h 64: MHA at h 12 / 16 / 20 / 25 and GQA with 2 KV heads (2 x 128
+  // elements whatever h; XL's 25 query heads cannot form 2 groups, so it is checked at the rest).
+  const Index heads[] = {12, 16, 20, 25};
+  const Index mha[] = {1536, 2048, 2560, 3200};
+  for (int size = 0; size < 4; ++size) {
+    expect_cache_bytes<MultiHeadAttention<S>>(heads[size], heads[size], 64, mha[size]);
+    if (heads[size] % 2 == 0) expect_cache_bytes<GroupedQueryAttention<S>>(heads[size], 2, 64, 256);
+  }
+}
+
+TEST(GqaCacheBytes, OperatorsHoldTheSpecTablesElementsPerToken) {
+  expect_spec_cache_bytes<float>();
+  expect_spec_cache_bytes<Bf16>();
+  expect_spec_cache_bytes<Half>();
 }
 
 // ---- allocation ---------------------------------------------------------------------------------

@@ -95,23 +95,31 @@ inline void check_prefill(const char* call, const KvCache& cache, SequenceId seq
 // Appends one token to each of seqs[0..batch): planes_of(b, PlaneInput* out) fills the record's
 // planes for row b. All or nothing: every sequence may have room on its own while a shared page
 // pool runs dry midway through the batch; then the sequences already extended are cut back and
-// the operator's call is named in the error.
+// the operator's call is named in the error. Any other exception from an engine's own cache
+// (std::bad_alloc, its own error type) is rethrown as it is, after the same rollback.
 template <class PlanesOf>
 void append_one_token_each(const char* call, KvCache& cache, const SequenceId* seqs, Index batch,
                            PlanesOf&& planes_of) {
   PlaneInput planes[4];
   const Index plane_count = cache.record().plane_count();
+  TPATTN_ASSERT(plane_count <= 4);
   Index done = 0;
+  const auto roll_back = [&] {
+    for (Index b = 0; b < done; ++b) cache.truncate(seqs[b], cache.length(seqs[b]) - 1);
+  };
   try {
     for (; done < batch; ++done) {
       planes_of(done, planes);
       cache.append(seqs[done], 1, planes, plane_count);
     }
   } catch (const Error& error) {
-    for (Index b = 0; b < done; ++b) cache.truncate(seqs[b], cache.length(seqs[b]) - 1);
+    roll_back();
     fail(call, "cache", "room for one more token in every sequence of the batch",
          "none left for seqs[" + to_text(done) + "] = " + to_text(seqs[done]) +
              " after the batch's earlier appends (" + error.what() + "); nothing was appended");
+  } catch (...) {
+    roll_back();
+    throw;
   }
 }
 

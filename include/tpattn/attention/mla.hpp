@@ -33,7 +33,7 @@ struct MlaConfig {
   Index value_dim = 0;      // d_v; 0 means d_h
   Index kv_latent_dim = 0;  // d_c
   Index q_latent_dim = 0;   // d'_c; 0 = no query compression (w_uq then maps x_t directly)
-  bool normalize_q_latent = true;   // RMSNorm with gain on c'_t (needs q_latent_dim > 0)
+  bool normalize_q_latent = true;   // RMSNorm with gain on c'_t; ignored if q_latent_dim is 0
   bool normalize_kv_latent = true;  // RMSNorm with gain on c_t before caching
   float norm_eps = 1e-6f;
   RopeConfig rope;  // on qR and kR (rotary_dim <= d_R). DeepSeek pairs interleaved.
@@ -62,6 +62,8 @@ class MlaKernel {
     detail::check_positive(call, "heads", heads);
     detail::check_positive(call, "kv_latent_dim", kv_latent_dim);
     detail::check_positive(call, "rope_dim", rope_dim);
+    TPATTN_CHECK(std::isfinite(scale) && scale > 0.0f, call, "scale",
+                 "a finite value > 0 (1 / sqrt(d_h + d_R))", scale);
     KeyValueLayout layout;
     layout.kv_heads = 1;
     layout.key[0] = {0, kv_latent_dim};  // plane latent
