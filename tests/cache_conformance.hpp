@@ -30,8 +30,10 @@
 //  - truncate keeps the head and gives back room; remove gives back room and a new sequence can
 //    use all of it again;
 //  - bytes_used() == tokens held x bytes_per_token(), for the spec's records (docs §5);
-//  - every misuse throws tpattn::Error whose message names the call, the argument and the value,
-//    and leaves the cache exactly as it was (lengths, room, bytes and every stored bit);
+//  - every misuse throws tpattn::Error whose message names the call, the argument, the expected
+//    value and the actual one, each in its own part of "tpattn: <call>: <argument>: expected
+//    <expected>, got <actual>" and in tpattn's words (see Misuse), and leaves the cache exactly as
+//    it was (lengths, room, bytes and every stored bit);
 //  - append, view, length and truncate make no heap allocation once sequences are added.
 #pragma once
 
@@ -404,17 +406,79 @@ inline ::testing::AssertionResult unchanged(const CacheRecord& record, const Cac
   return ::testing::AssertionSuccess();
 }
 
-// `call` throws tpattn::Error whose message contains every string of `mentions`.
+// What a rejected call's tpattn::Error must say. Its message reads
+// "tpattn: <call>: <argument>: expected <expected>, got <actual>" (core/error.hpp); each part is
+// compared on its own, so a value quoted in the wrong part, or a part left out, fails. A field left
+// empty is one the test cannot know (a factory's constructor name, say): that part must still be
+// there, not empty.
+struct Misuse {
+  std::string call;      // the call; "append" also matches a qualified "PagedKvCache::append"
+  std::string argument;  // exactly
+  std::string expected;  // exactly, or followed by a gloss in parentheses: "<= 5 (room left ...)"
+  std::string actual;    // exactly
+};
+
+// The four parts of a tpattn::Error's message, or a failure if it is not in that form.
+struct ErrorParts {
+  std::string call, argument, expected, actual;
+};
+inline ::testing::AssertionResult split_message(const tpattn::Error& error, ErrorParts* parts) {
+  const std::string what = error.what();
+  const std::string head = "tpattn: " + error.call() + ": " + error.argument() + ": expected ";
+  if (what.compare(0, head.size(), head) != 0)
+    return ::testing::AssertionFailure()
+           << "message \"" << what << "\" does not start with \"" << head << "\"";
+  // The first ", got ": the expected part is the library's words, the actual part may be a
+  // caller's string.
+  const std::string got = ", got ";
+  const std::string::size_type at = what.find(got, head.size());
+  if (at == std::string::npos)
+    return ::testing::AssertionFailure() << "message \"" << what << "\" has no \"" << got << "\"";
+  parts->call = error.call();
+  parts->argument = error.argument();
+  parts->expected = what.substr(head.size(), at - head.size());
+  parts->actual = what.substr(at + got.size());
+  return ::testing::AssertionSuccess();
+}
+
+inline bool part_matches(const std::string& part, const std::string& wanted) {
+  return wanted.empty() ? !part.empty() : part == wanted;
+}
+inline bool call_matches(const std::string& call, const std::string& wanted) {
+  if (wanted.empty() || call == wanted) return !call.empty();
+  const std::string tail = "::" + wanted;
+  return call.size() > tail.size() &&
+         call.compare(call.size() - tail.size(), tail.size(), tail) == 0;
+}
+inline bool expected_matches(const std::string& expected, const std::string& wanted) {
+  if (wanted.empty() || expected == wanted) return !expected.empty();
+  const std::string open = wanted + " (";
+  return expected.size() > open.size() + 1 && expected.compare(0, open.size(), open) == 0 &&
+         expected.back() == ')';
+}
+
+// `call` throws tpattn::Error whose call, argument, expected and actual parts are `misuse`'s.
 inline ::testing::AssertionResult throws_error(const std::function<void()>& call,
-                                               const std::vector<std::string>& mentions) {
+                                               const Misuse& misuse) {
   try {
     call();
   } catch (const tpattn::Error& error) {
-    const std::string what = error.what();
-    for (const std::string& mention : mentions)
-      if (what.find(mention) == std::string::npos)
-        return ::testing::AssertionFailure()
-               << "message \"" << what << "\" does not mention \"" << mention << "\"";
+    ErrorParts parts;
+    ::testing::AssertionResult split = split_message(error, &parts);
+    if (!split) return split;
+    const auto mismatch = [&](const char* part, const std::string& seen,
+                              const std::string& wanted) {
+      return ::testing::AssertionFailure()
+             << "message \"" << error.what() << "\": " << part << " is \"" << seen << "\", want "
+             << (wanted.empty() ? std::string("any non-empty text") : "\"" + wanted + "\"");
+    };
+    if (!call_matches(parts.call, misuse.call)) return mismatch("call", parts.call, misuse.call);
+    if (!part_matches(parts.argument, misuse.argument))
+      return mismatch("argument", parts.argument, misuse.argument);
+    if (!expected_matches(parts.expected, misuse.expected))
+      return mismatch("expected", parts.expected, misuse.expected);
+    if (!part_matches(parts.actual, misuse.actual))
+      return mismatch("actual", parts.actual, misuse.actual);
     return ::testing::AssertionSuccess();
   } catch (const std::exception& other) {
     return ::testing::AssertionFailure() << "threw another exception: " << other.what();
@@ -424,13 +488,12 @@ inline ::testing::AssertionResult throws_error(const std::function<void()>& call
   return ::testing::AssertionFailure() << "did not throw";
 }
 
-// `call` is rejected with tpattn::Error mentioning `mentions`, and the cache (its live sequences
-// `live` included) is exactly as before.
+// `call` is rejected with tpattn::Error saying `misuse`, and the cache (its live sequences `live`
+// included) is exactly as before.
 inline ::testing::AssertionResult rejects(const KvCache& cache, const std::vector<SequenceId>& live,
-                                          const std::function<void()>& call,
-                                          const std::vector<std::string>& mentions) {
+                                          const std::function<void()>& call, const Misuse& misuse) {
   const CacheSnapshot before = snapshot(cache, live);
-  ::testing::AssertionResult thrown = throws_error(call, mentions);
+  ::testing::AssertionResult thrown = throws_error(call, misuse);
   if (!thrown) return thrown;
   return unchanged(cache.record(), before, snapshot(cache, live));
 }
@@ -890,17 +953,18 @@ class CacheConformanceChecks : public ::testing::Test {
           std::numeric_limits<SequenceId>::max(), std::numeric_limits<SequenceId>::min()}) {
       SCOPED_TRACE("sequence id " + std::to_string(seq));
       const std::string id = std::to_string(seq);
+      const std::string live_id = "a live sequence id";
       EXPECT_FALSE(cache->contains(seq));
       KvCache& c = *cache;
-      EXPECT_TRUE(rejects(c, live, [&] { (void)c.length(seq); }, {"length", "seq", id}));
+      EXPECT_TRUE(rejects(c, live, [&] { (void)c.length(seq); }, {"length", "seq", live_id, id}));
       EXPECT_TRUE(rejects(c, live, [&] { (void)c.tokens_available(seq); },
-                          {"tokens_available", "seq", id}));
-      EXPECT_TRUE(rejects(c, live, [&] { (void)c.view(seq); }, {"view", "seq", id}));
+                          {"tokens_available", "seq", live_id, id}));
+      EXPECT_TRUE(rejects(c, live, [&] { (void)c.view(seq); }, {"view", "seq", live_id, id}));
       EXPECT_TRUE(rejects(c, live, [&] { c.append(seq, 1, batch.inputs(), batch.plane_count()); },
-                          {"append", "seq", id}));
-      EXPECT_TRUE(rejects(c, live, [&] { c.truncate(seq, 0); }, {"truncate", "seq", id}));
-      EXPECT_TRUE(
-          rejects(c, live, [&] { c.remove_sequence(seq); }, {"remove_sequence", "seq", id}));
+                          {"append", "seq", live_id, id}));
+      EXPECT_TRUE(rejects(c, live, [&] { c.truncate(seq, 0); }, {"truncate", "seq", live_id, id}));
+      EXPECT_TRUE(rejects(c, live, [&] { c.remove_sequence(seq); },
+                          {"remove_sequence", "seq", live_id, id}));
     }
     EXPECT_TRUE(holds_all(*cache, model));
   }
@@ -915,8 +979,12 @@ class CacheConformanceChecks : public ::testing::Test {
       append_random(*cache, model, seq, 2 + i);
     }
     KvCache& c = *cache;
-    EXPECT_TRUE(rejects(c, model.ids(), [&] { (void)c.add_sequence(); }, {"add_sequence", "3"}));
-    EXPECT_TRUE(rejects(c, model.ids(), [&] { (void)c.add_sequence(); }, {"add_sequence", "3"}));
+    // The count the call would make, against the cache's maximum.
+    const Misuse full{"add_sequence", "sequence count", "at most 3 live sequences", "4"};
+    EXPECT_TRUE(rejects(
+        c, model.ids(), [&] { (void)c.add_sequence(); }, full));
+    EXPECT_TRUE(rejects(
+        c, model.ids(), [&] { (void)c.add_sequence(); }, full));
     EXPECT_TRUE(holds_all(*cache, model));
     // Room for exactly one more after a removal.
     const SequenceId gone = model.ids().front();
@@ -924,7 +992,8 @@ class CacheConformanceChecks : public ::testing::Test {
     model.remove(gone);
     const SequenceId seq = cache->add_sequence();
     model.add(seq);
-    EXPECT_TRUE(rejects(c, model.ids(), [&] { (void)c.add_sequence(); }, {"add_sequence", "3"}));
+    EXPECT_TRUE(rejects(
+        c, model.ids(), [&] { (void)c.add_sequence(); }, full));
     EXPECT_TRUE(holds_all(*cache, model));
   }
 
@@ -951,38 +1020,57 @@ class CacheConformanceChecks : public ::testing::Test {
       good[static_cast<std::size_t>(p)] = {big.data(), record.plane(p).rows, record.plane(p).cols};
     good[static_cast<std::size_t>(planes)] = {big.data(), 1, 1};
 
+    const auto shape = [](Index rows, Index cols) {
+      return std::to_string(rows) + " x " + std::to_string(cols);
+    };
+    // Plane p's argument, named by its place and the record's name for it.
+    const auto plane_argument = [&](Index p, const std::string& what) {
+      return "planes[" + std::to_string(p) + "] (" + record.plane(p).name + ") " + what;
+    };
+
     for (Index count : {Index(0), planes - 1, planes + 1, Index(-1)}) {
       SCOPED_TRACE("plane count " + std::to_string(count));
-      EXPECT_TRUE(rejects(c, live, [&] { c.append(seq, n, good.data(), count); },
-                          {"append", "planes", std::to_string(count)}));
+      EXPECT_TRUE(
+          rejects(c, live, [&] { c.append(seq, n, good.data(), count); },
+                  {"append", "planes", std::to_string(planes) + " planes", std::to_string(count)}));
     }
-    EXPECT_TRUE(
-        rejects(c, live, [&] { c.append(seq, n, nullptr, planes); }, {"append", "planes", "null"}));
+    EXPECT_TRUE(rejects(c, live, [&] { c.append(seq, n, nullptr, planes); },
+                        {"append", "planes", "non-null", "null"}));
     for (Index p = 0; p < planes; ++p) {
       SCOPED_TRACE("plane " + record.plane(p).name);
+      const Index rows = record.plane(p).rows;
+      const Index cols = record.plane(p).cols;
       std::vector<PlaneInput> bad = good;
       PlaneInput& plane = bad[static_cast<std::size_t>(p)];
       plane.rows = 9001 + p;  // distinctive values, so the message must quote them
-      EXPECT_TRUE(rejects(c, live, [&] { c.append(seq, n, bad.data(), planes); },
-                          {"append", "planes", std::to_string(9001 + p)}));
+      EXPECT_TRUE(rejects(
+          c, live, [&] { c.append(seq, n, bad.data(), planes); },
+          {"append", plane_argument(p, "shape"), shape(rows, cols), shape(9001 + p, cols)}));
       plane = good[static_cast<std::size_t>(p)];
       plane.cols = 7001 + p;
-      EXPECT_TRUE(rejects(c, live, [&] { c.append(seq, n, bad.data(), planes); },
-                          {"append", "planes", std::to_string(7001 + p)}));
+      EXPECT_TRUE(rejects(
+          c, live, [&] { c.append(seq, n, bad.data(), planes); },
+          {"append", plane_argument(p, "shape"), shape(rows, cols), shape(rows, 7001 + p)}));
       plane = good[static_cast<std::size_t>(p)];
       plane.rows = 0;
       EXPECT_TRUE(
-          rejects(c, live, [&] { c.append(seq, n, bad.data(), planes); }, {"append", "planes"}));
+          rejects(c, live, [&] { c.append(seq, n, bad.data(), planes); },
+                  {"append", plane_argument(p, "shape"), shape(rows, cols), shape(0, cols)}));
       plane = good[static_cast<std::size_t>(p)];
       plane.data = nullptr;
       EXPECT_TRUE(rejects(c, live, [&] { c.append(seq, n, bad.data(), planes); },
-                          {"append", "planes", "null"}));
+                          {"append", plane_argument(p, "data"), "non-null", "null"}));
     }
-    // Planes in a different order: every shape differs from the record's.
+    // Planes in a different order: every shape differs from the record's, so the first plane is
+    // refused, quoting the last plane's shape.
     std::vector<PlaneInput> reversed(good.begin(), good.begin() + planes);
     std::reverse(reversed.begin(), reversed.end());
-    EXPECT_TRUE(
-        rejects(c, live, [&] { c.append(seq, n, reversed.data(), planes); }, {"append", "planes"}));
+    const PlaneSpec& first = record.plane(0);
+    const PlaneSpec& last = record.plane(planes - 1);
+    ASSERT_NE(shape(first.rows, first.cols), shape(last.rows, last.cols));
+    EXPECT_TRUE(rejects(c, live, [&] { c.append(seq, n, reversed.data(), planes); },
+                        {"append", plane_argument(0, "shape"), shape(first.rows, first.cols),
+                         shape(last.rows, last.cols)}));
     EXPECT_TRUE(holds_all(*cache, model));
   }
 
@@ -1002,7 +1090,7 @@ class CacheConformanceChecks : public ::testing::Test {
         SCOPED_TRACE("n_tokens " + std::to_string(n));
         EXPECT_TRUE(rejects(c, model.ids(),
                             [&] { c.append(target, n, batch.inputs(), batch.plane_count()); },
-                            {"append", "n_tokens", std::to_string(n)}));
+                            {"append", "n_tokens", ">= 1", std::to_string(n)}));
       }
     }
     EXPECT_TRUE(holds_all(*cache, model));
@@ -1023,12 +1111,15 @@ class CacheConformanceChecks : public ::testing::Test {
 
     // The largest batch that could ever be needed below.
     TokenBatch batch(record, cache->tokens_available(seq) + 2, rng_);
+    // The bound quoted is the room tokens_available() reports; how the room arises (a region,
+    // free pages) is the cache's own gloss.
     const auto too_many = [&](SequenceId target, Index n) {
       SCOPED_TRACE("length " + std::to_string(model.length(target)) + ", appending " +
                    std::to_string(n));
+      const std::string room = "<= " + std::to_string(c.tokens_available(target));
       EXPECT_TRUE(rejects(c, model.ids(),
                           [&] { c.append(target, n, batch.inputs(), batch.plane_count()); },
-                          {"append", "n_tokens", std::to_string(n)}));
+                          {"append", "n_tokens", room, std::to_string(n)}));
     };
     too_many(seq, cache->tokens_available(seq) + 1);  // empty sequence
     too_many(seq, std::numeric_limits<Index>::max());
@@ -1064,25 +1155,30 @@ class CacheConformanceChecks : public ::testing::Test {
                         std::numeric_limits<Index>::max(), std::numeric_limits<Index>::min()}) {
         SCOPED_TRACE("truncate to " + std::to_string(bad) + " of " + std::to_string(length));
         EXPECT_TRUE(rejects(c, model.ids(), [&] { c.truncate(target, bad); },
-                            {"truncate", "new_length", std::to_string(bad)}));
+                            {"truncate", "new_length", "in [0, " + std::to_string(length) + "]",
+                             std::to_string(bad)}));
       }
     }
     EXPECT_TRUE(holds_all(*cache, model));
   }
 
+  // Which constructor argument a bad size reaches is the factory's choice, so only the message's
+  // form is checked: a call, an argument, an expected and an actual part.
   void make_rejects_non_positive_sizes() {
     const CacheRecord record = small_record();
     for (Index max_sequences : {Index(0), Index(-1)})
-      EXPECT_THROW((void)make_(record, max_sequences, 8), tpattn::Error)
+      EXPECT_TRUE(throws_error([&] { (void)make_(record, max_sequences, 8); }, Misuse{}))
           << "max_sequences " << max_sequences;
     for (Index capacity : {Index(0), Index(-5)})
-      EXPECT_THROW((void)make_(record, 2, capacity), tpattn::Error) << "capacity " << capacity;
+      EXPECT_TRUE(throws_error([&] { (void)make_(record, 2, capacity); }, Misuse{}))
+          << "capacity " << capacity;
   }
 
   // A default-constructed CacheRecord has no planes, which CacheRecord's own constructor forbids:
   // a cache must not accept it either.
   void make_rejects_a_record_without_planes() {
-    EXPECT_THROW((void)make_(CacheRecord(), 2, 8), tpattn::Error);
+    EXPECT_TRUE(throws_error([&] { (void)make_(CacheRecord(), 2, 8); },
+                             {"", "record", "at least one plane", "0"}));
   }
 
   // ---- allocation ------------------------------------------------------------------------------

@@ -110,7 +110,9 @@ TEST(CacheRecord, OperatorRecordsNameTheirPlanes) {
   const CacheRecord gqa = records::gqa(3, 5, 7);
   EXPECT_EQ(gqa.plane_index("K"), 0);
   EXPECT_EQ(gqa.plane_index("V"), 1);
-  EXPECT_TRUE(throws_error([&] { (void)gqa.plane_index("Q"); }, {"plane_index", "Q"}));
+  EXPECT_TRUE(
+      throws_error([&] { (void)gqa.plane_index("Q"); },
+                   {"CacheRecord::plane_index", "name", "one of the record's planes", "Q"}));
 }
 
 TEST(CacheRecord, PlanesOfDifferentStorageTypesCountTheirOwnBytes) {
@@ -124,36 +126,39 @@ TEST(CacheRecord, PlanesOfDifferentStorageTypesCountTheirOwnBytes) {
 
 TEST(CacheRecord, RejectsNoPlanesEmptyPlanesAndDuplicateNames) {
   EXPECT_TRUE(throws_error([] { CacheRecord record(std::vector<PlaneSpec>{}); },
-                           {"CacheRecord", "planes", "0"}));
+                           {"CacheRecord", "planes", "at least one plane", "0"}));
   EXPECT_TRUE(throws_error(
       [] {
         CacheRecord record({{"K", 0, 4, StorageType::f32}});
       },
-      {"CacheRecord", "rows", "K", "0"}));
+      {"CacheRecord", "rows", "plane 'K' rows >= 1", "0"}));
   EXPECT_TRUE(throws_error(
       [] {
         CacheRecord record({{"K", -2, 4, StorageType::f32}});
       },
-      {"CacheRecord", "rows", "-2"}));
+      {"CacheRecord", "rows", "plane 'K' rows >= 1", "-2"}));
   EXPECT_TRUE(throws_error(
       [] {
         CacheRecord record({{"K", 1, 4, StorageType::f32}, {"V", 1, 0, StorageType::f32}});
       },
-      {"CacheRecord", "cols", "V", "0"}));
+      {"CacheRecord", "cols", "plane 'V' cols >= 1", "0"}));
   EXPECT_TRUE(throws_error(
       [] {
         CacheRecord record({{"K", 1, -3, StorageType::f32}});
       },
-      {"CacheRecord", "cols", "-3"}));
+      {"CacheRecord", "cols", "plane 'K' cols >= 1", "-3"}));
   EXPECT_TRUE(throws_error(
       [] {
         CacheRecord record({{"K", 1, 4, StorageType::f32},
                             {"V", 1, 4, StorageType::f32},
                             {"K", 2, 2, StorageType::bf16}});
       },
-      {"CacheRecord", "name", "K"}));
-  EXPECT_TRUE(throws_error([] { (void)records::gqa(0, 128, 128); }, {"CacheRecord", "rows"}));
-  EXPECT_TRUE(throws_error([] { (void)records::mla(512, 0); }, {"CacheRecord", "cols"}));
+      {"CacheRecord", "name", "unique plane names", "K"}));
+  // gqa's kv_heads are plane K's rows; mla's rope_dim is plane rope_key's cols.
+  EXPECT_TRUE(throws_error([] { (void)records::gqa(0, 128, 128); },
+                           {"CacheRecord", "rows", "plane 'K' rows >= 1", "0"}));
+  EXPECT_TRUE(throws_error([] { (void)records::mla(512, 0); },
+                           {"CacheRecord", "cols", "plane 'rope_key' cols >= 1", "0"}));
 }
 
 // ---- records with planes of different storage types, in both storages ---------------------------
@@ -247,21 +252,30 @@ TEST(ContiguousKvCache, EachSequenceIsOneBlockOfMaxTokens) {
 TEST(ContiguousKvCache, RejectsNonPositiveSizes) {
   const CacheRecord record = records::mla(8, 4);
   EXPECT_TRUE(throws_error([&] { ContiguousKvCache cache(record, 0, 16); },
-                           {"ContiguousKvCache", "max_sequences", "0"}));
+                           {"ContiguousKvCache", "max_sequences", ">= 1", "0"}));
   EXPECT_TRUE(throws_error([&] { ContiguousKvCache cache(record, -3, 16); },
-                           {"ContiguousKvCache", "max_sequences", "-3"}));
+                           {"ContiguousKvCache", "max_sequences", ">= 1", "-3"}));
   EXPECT_TRUE(throws_error([&] { ContiguousKvCache cache(record, 2, 0); },
-                           {"ContiguousKvCache", "max_tokens", "0"}));
+                           {"ContiguousKvCache", "max_tokens", ">= 1", "0"}));
   EXPECT_TRUE(throws_error([&] { ContiguousKvCache cache(record, 2, -16); },
-                           {"ContiguousKvCache", "max_tokens", "-16"}));
+                           {"ContiguousKvCache", "max_tokens", ">= 1", "-16"}));
 }
 
 // max_sequences x max_tokens x bytes_per_token does not fit in Index: the cache must refuse, not
 // wrap around to a small allocation that later appends would overrun.
 TEST(ContiguousKvCache, RejectsSizesWhoseBytesOverflow) {
   const CacheRecord record = records::gqa(1, 1, 1);  // 8 bytes per token
-  EXPECT_THROW(ContiguousKvCache(record, 4, Index(1) << 61), tpattn::Error);
-  EXPECT_THROW(ContiguousKvCache(record, std::numeric_limits<Index>::max() / 2, 4), tpattn::Error);
+  const std::string fits = "a total byte count that fits in a 64-bit signed integer";
+  // The first product to overflow: a block's tokens x the first plane's (K's) 4 bytes per token.
+  const Index tokens = Index(1) << 61;
+  EXPECT_TRUE(throws_error(
+      [&] { ContiguousKvCache cache(record, 4, tokens); },
+      {"ContiguousKvCache", "sizes", fits, std::to_string(tokens) + " x 4 overflows"}));
+  const Index sequences = std::numeric_limits<Index>::max() / 2;
+  EXPECT_TRUE(
+      throws_error([&] { ContiguousKvCache cache(record, sequences, 4); },
+                   {"ContiguousKvCache", "max_sequences",
+                    "a count whose bookkeeping fits in memory", std::to_string(sequences)}));
 }
 
 // ---- PagedKvCache ------------------------------------------------------------------------------
@@ -436,9 +450,10 @@ TEST(PagedKvCache, SequencesShareThePoolUntilItRunsOut) {
   const auto rejected = [&](SequenceId seq, Index n) {
     SCOPED_TRACE("appending " + std::to_string(n) + " to sequence " + std::to_string(seq));
     const Index free_pages = cache.free_page_count();
+    const std::string room = "<= " + std::to_string(cache.tokens_available(seq));
     EXPECT_TRUE(rejects(cache, live_ids(model),
                         [&] { cache.append(seq, n, big.inputs(), big.plane_count()); },
-                        {"PagedKvCache::append", "n_tokens", std::to_string(n)}));
+                        {"PagedKvCache::append", "n_tokens", room, std::to_string(n)}));
     EXPECT_EQ(cache.free_page_count(), free_pages) << "a rejected append claimed pages";
   };
   rejected(b, 9);   // 8 would fit: nothing may be written
@@ -468,17 +483,17 @@ TEST(PagedKvCache, SequencesShareThePoolUntilItRunsOut) {
 TEST(PagedKvCache, RejectsNonPositiveSizes) {
   const CacheRecord record = records::mla(8, 4);
   EXPECT_TRUE(throws_error([&] { PagedKvCache cache(record, 0, 4, 2); },
-                           {"PagedKvCache", "page_tokens", "0"}));
+                           {"PagedKvCache", "page_tokens", ">= 1", "0"}));
   EXPECT_TRUE(throws_error([&] { PagedKvCache cache(record, -16, 4, 2); },
-                           {"PagedKvCache", "page_tokens", "-16"}));
+                           {"PagedKvCache", "page_tokens", ">= 1", "-16"}));
   EXPECT_TRUE(throws_error([&] { PagedKvCache cache(record, 16, 0, 2); },
-                           {"PagedKvCache", "page_count", "0"}));
+                           {"PagedKvCache", "page_count", ">= 1", "0"}));
   EXPECT_TRUE(throws_error([&] { PagedKvCache cache(record, 16, -4, 2); },
-                           {"PagedKvCache", "page_count", "-4"}));
+                           {"PagedKvCache", "page_count", ">= 1", "-4"}));
   EXPECT_TRUE(throws_error([&] { PagedKvCache cache(record, 16, 4, 0); },
-                           {"PagedKvCache", "max_sequences", "0"}));
+                           {"PagedKvCache", "max_sequences", ">= 1", "0"}));
   EXPECT_TRUE(throws_error([&] { PagedKvCache cache(record, 16, 4, -2); },
-                           {"PagedKvCache", "max_sequences", "-2"}));
+                           {"PagedKvCache", "max_sequences", ">= 1", "-2"}));
 }
 
 // max_tokens_per_sequence caps a sequence's length at exactly that many tokens, page edge or not.
@@ -496,14 +511,15 @@ TEST(PagedKvCache, MaxTokensPerSequenceCapsEachSequence) {
     TokenBatch batch(record, cap + 1, rng);
     ASSERT_TRUE(rejects(cache, live_ids(model),
                         [&] { cache.append(a, cap + 1, batch.inputs(), batch.plane_count()); },
-                        {"PagedKvCache::append", "n_tokens", std::to_string(cap + 1)}));
+                        {"PagedKvCache::append", "n_tokens", "<= " + std::to_string(cap),
+                         std::to_string(cap + 1)}));
     cache.append(a, cap, batch.inputs(), batch.plane_count());
     model.append(a, batch, 0, cap);
     EXPECT_EQ(cache.tokens_available(a), 0);
     EXPECT_EQ(cache.tokens_available(b), cap);  // the pool has plenty; the cap binds
     EXPECT_TRUE(rejects(cache, live_ids(model),
                         [&] { cache.append(a, 1, batch.inputs(), batch.plane_count()); },
-                        {"PagedKvCache::append", "n_tokens", "1"}));
+                        {"PagedKvCache::append", "n_tokens", "<= 0", "1"}));
     EXPECT_TRUE(holds_all(cache, model));
   };
   for (Index cap : {16, 20, 1, 23}) {
@@ -514,12 +530,17 @@ TEST(PagedKvCache, MaxTokensPerSequenceCapsEachSequence) {
 
 TEST(PagedKvCache, RejectsANegativeMaxTokensPerSequence) {
   EXPECT_TRUE(throws_error([] { PagedKvCache cache(records::mla(8, 4), 16, 4, 2, -1); },
-                           {"PagedKvCache", "max_tokens_per_sequence", "-1"}));
+                           {"PagedKvCache", "max_tokens_per_sequence", ">= 0", "-1"}));
 }
 
 TEST(PagedKvCache, RejectsSizesWhoseBytesOverflow) {
   const CacheRecord record = records::gqa(1, 1, 1);  // 8 bytes per token
-  EXPECT_THROW(PagedKvCache(record, Index(1) << 61, 4, 1), tpattn::Error);
+  // The first product to overflow: a page's tokens x the first plane's (K's) 4 bytes per token.
+  const Index tokens = Index(1) << 61;
+  EXPECT_TRUE(throws_error(
+      [&] { PagedKvCache cache(record, tokens, 4, 1); },
+      {"PagedKvCache", "sizes", "a total byte count that fits in a 64-bit signed integer",
+       std::to_string(tokens) + " x 4 overflows"}));
 }
 
 // ---- the allocation counter itself ----------------------------------------------------------
@@ -594,16 +615,9 @@ TEST(SequenceView, PrefixRejectsALengthOutsideTheSequence) {
   EXPECT_EQ(view.prefix(5).length(), 5);
   EXPECT_EQ(view.prefix(5).block_count(), 2);
   EXPECT_EQ(view.prefix(6).length(), 6);
-  for (const Index bad : {Index(-1), Index(7)}) {
-    try {
-      (void)view.prefix(bad);
-      ADD_FAILURE() << "prefix(" << bad << ") did not throw";
-    } catch (const Error& error) {
-      EXPECT_EQ(error.call(), "SequenceView::prefix");
-      EXPECT_EQ(error.argument(), "length");
-      EXPECT_NE(std::string(error.what()).find(std::to_string(bad)), std::string::npos);
-    }
-  }
+  for (const Index bad : {Index(-1), Index(7)})
+    EXPECT_TRUE(throws_error([&] { (void)view.prefix(bad); },
+                             {"SequenceView::prefix", "length", "in [0, 6]", std::to_string(bad)}));
 }
 
 }  // namespace
