@@ -1183,7 +1183,7 @@ class CacheConformanceChecks : public ::testing::Test {
 
   // ---- allocation ------------------------------------------------------------------------------
 
-  void append_view_length_and_truncate_do_not_allocate() {
+  void sequence_changes_appends_and_views_do_not_allocate() {
     ASSERT_TRUE(AllocationCounter::installed())
         << "include support/counting_new.hpp in exactly one TU of this test executable";
     const CacheRecord record = small_record();
@@ -1227,18 +1227,23 @@ class CacheConformanceChecks : public ::testing::Test {
     EXPECT_EQ(cache->length(a), block + 2);
     EXPECT_EQ(cache->length(b), 1);
 
-    // A sequence added into a slot or memory freed by a removal appends without allocating too.
-    cache->remove_sequence(a);
-    const SequenceId c = cache->add_sequence();
+    // Removing a sequence, adding one into its slot and into a slot never used before, and
+    // appending to them allocate nothing either.
+    SequenceId c = -1, d = -1;
     {
       const AllocationCounter counter;
+      cache->remove_sequence(a);
+      c = cache->add_sequence();
+      d = cache->add_sequence();  // the third slot, first use
+      cache->append(d, 1, input, planes);
       cache->append(c, 2 * block + 1, input, planes);
       sink += touch(c);
       cache->truncate(c, block - 1 > 0 ? block - 1 : 0);
       cache->append(c, 2, input, planes);
       allocations = counter.allocations();
     }
-    EXPECT_EQ(allocations, 0u) << "heap allocations appending to a re-added sequence";
+    EXPECT_EQ(allocations, 0u) << "heap allocations in remove/add_sequence or appending after";
+    EXPECT_EQ(cache->length(d), 1);
     EXPECT_TRUE(std::isfinite(sink));
   }
 
@@ -1322,8 +1327,8 @@ TYPED_TEST_P(KvCacheConformance, MakeRejectsNonPositiveSizes) {
 TYPED_TEST_P(KvCacheConformance, MakeRejectsARecordWithoutPlanes) {
   this->make_rejects_a_record_without_planes();
 }
-TYPED_TEST_P(KvCacheConformance, AppendViewLengthAndTruncateDoNotAllocate) {
-  this->append_view_length_and_truncate_do_not_allocate();
+TYPED_TEST_P(KvCacheConformance, SequenceChangesAppendsAndViewsDoNotAllocate) {
+  this->sequence_changes_appends_and_views_do_not_allocate();
 }
 
 REGISTER_TYPED_TEST_SUITE_P(
@@ -1337,6 +1342,6 @@ REGISTER_TYPED_TEST_SUITE_P(
     AppendWithWrongPlanesIsRejected, AppendOfNoOrNegativeTokensIsRejected,
     AppendBeyondTheRoomIsRejectedWithoutWritingAnything, TruncateOutsideTheSequenceIsRejected,
     MakeRejectsNonPositiveSizes, MakeRejectsARecordWithoutPlanes,
-    AppendViewLengthAndTruncateDoNotAllocate);
+    SequenceChangesAppendsAndViewsDoNotAllocate);
 
 }  // namespace tpattn::test

@@ -196,6 +196,15 @@ void round_trip_mixed(KvCache& cache, std::mt19937& rng) {
   EXPECT_TRUE(holds_all(cache, model));
 }
 
+TEST(CacheRecord, RejectsAStorageValueOutsideTheEnum) {
+  EXPECT_TRUE(throws_error(
+      [] {
+        CacheRecord record(
+            {{"K", 1, 4, StorageType::f32}, {"V", 1, 4, static_cast<StorageType>(9)}});
+      },
+      {"CacheRecord", "storage", "plane 'V' storage f32, bf16 or f16", "9"}));
+}
+
 TEST(MixedStorageRecord, RoundTripsThroughAContiguousCache) {
   std::mt19937 rng(11);
   ContiguousKvCache cache(mixed_record(), 2, 51);  // odd: plane K follows 51 f16 values
@@ -526,6 +535,33 @@ TEST(PagedKvCache, MaxTokensPerSequenceCapsEachSequence) {
     SCOPED_TRACE("max_tokens_per_sequence " + std::to_string(cap));
     check(cap);
   }
+}
+
+// Block tables: one address per block a sequence may hold, for every slot, made at construction.
+TEST(BlockTables, TableBytesCountOneAddressPerBlockASequenceMayHoldInEverySlot) {
+  const CacheRecord record = records::gqa(2, 8, 8);
+  EXPECT_EQ(ContiguousKvCache(record, 3, 100).table_bytes(), 3 * 1 * 8);
+  EXPECT_EQ(PagedKvCache(record, 16, 100, 4).table_bytes(), 4 * 100 * 8);    // the whole pool
+  EXPECT_EQ(PagedKvCache(record, 16, 100, 4, 40).table_bytes(), 4 * 3 * 8);  // ceil(40 / 16)
+  EXPECT_EQ(PagedKvCache(record, 16, 100, 4, 48).table_bytes(), 4 * 3 * 8);  // 48 / 16
+  EXPECT_EQ(PagedKvCache(record, 16, 2, 4, 4000).table_bytes(), 4 * 2 * 8);  // pool < cap
+}
+
+TEST(PagedKvCache, AnAppendBeyondTheCapSaysTheCapBinds) {
+  const CacheRecord record = records::mla(8, 4);
+  PagedKvCache cache(record, 8, 100, 1, 10);
+  const SequenceId seq = cache.add_sequence();
+  std::mt19937 rng(3);
+  TokenBatch batch(record, 11, rng);
+  try {
+    cache.append(seq, 11, batch.inputs(), batch.plane_count());
+    ADD_FAILURE() << "no error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("max_tokens_per_sequence = 10 caps the sequence"),
+              std::string::npos)
+        << error.what();
+  }
+  EXPECT_EQ(cache.length(seq), 0);
 }
 
 TEST(PagedKvCache, RejectsANegativeMaxTokensPerSequence) {

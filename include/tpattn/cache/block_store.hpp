@@ -77,6 +77,7 @@ class BlockStore {
   Index max_sequences() const { return static_cast<Index>(sequences_.size()); }
   Index sequence_count() const { return max_sequences() - static_cast<Index>(free_slots_.size()); }
   Index tokens_held() const { return tokens_held_; }
+  Index max_tokens_per_sequence() const { return max_tokens_per_sequence_; }
   Index table_bytes() const { return static_cast<Index>(tables_.size() * sizeof(std::byte*)); }
 
   bool contains(SequenceId seq) const {

@@ -39,7 +39,10 @@ class PagedKvCache final : public detail::BlockCache {
   Index bytes_in_pages() const { return (page_count() - free_page_count()) * page_bytes(); }
 
  private:
-  std::string describe_room(SequenceId) const override {
+  std::string describe_room(SequenceId seq) const override {
+    const Index cap = store().max_tokens_per_sequence();
+    if (store().length(seq) + store().tokens_available(seq) == cap)
+      return "max_tokens_per_sequence = " + detail::to_text(cap) + " caps the sequence";
     return "room in the sequence's last page plus the free pages it may take: " +
            detail::to_text(free_page_count()) + " free pages of " + detail::to_text(page_tokens()) +
            " tokens";
