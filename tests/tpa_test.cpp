@@ -6,10 +6,12 @@
 //   §6 hand-checked cases      bare TpaKernel, both contraction orders
 //   §6.1 / §6.8                layer decode, prefill, chunked prefill == reference, odd shapes,
 //                              f32 / bf16 / f16 caches, contiguous and paged; orders agree
+//   §3 cache contents          every token's A_K, B_K (rotated), A_V, B_V as the reference's
 //   §6.2                       TPA set up as MHA / MQA / GQA == those operators
 //   §6.5, §6.6, §6.7           RoPE offsets and write-vs-read rotation, gauge freedom, split+merge
 //   §3 layout, §5 / §6.9       head-major A rows, cache sizes and bytes
-//   and batched decode, misuse (errors that change nothing), no allocation in steady decode.
+//   and batched decode, misuse (errors that change nothing, the bare kernel's argument checks),
+//   no allocation in steady decode.
 //
 // Errors are measured as max |actual - expected| / max |expected| over the whole output.
 // clang-format off
@@ -72,9 +74,9 @@ constexpr double kAgreementTolerance = 1e-5;
 // bf16 / f16 caches against a reference that rounds the same cached factors through the same
 // type. The kernel's fp32 projection can land on the other side of a rounding boundary from the
 // double one for a few elements (one storage ulp of that element: ~2^-8 bf16, ~2^-11 f16), which
-// moves the output a little. Measured worst: 5e-7 (bf16, no element flipped), 1.4e-5 (f16, a few
-// flipped); a single bf16 flip is estimated at ~1e-4. Without the rounding in the reference the
-// same cases are off by 2.6e-3..3.3e-3 (bf16) and 2.5e-4..8e-4 (f16), and storing by truncation
+// moves the output a little. Measured worst: 5.6e-7 (bf16, no element flipped), 2.5e-5 (f16, a
+// few flipped); a single bf16 flip is estimated at ~1e-4. Without the rounding in the reference the
+// same cases are off by 1.2e-3..3.3e-3 (bf16) and 2.2e-4..7.8e-4 (f16), and storing by truncation
 // instead of round-to-nearest is caught, so the bounds still see a wrong conversion.
 double tolerance(StorageType storage) {
   switch (storage) {
@@ -84,6 +86,31 @@ double tolerance(StorageType storage) {
   }
   return 0.0;
 }
+
+// bf16 / f16 caches against the exact (unrounded) double reference. Rounding to nearest moves
+// each cached factor entry by <= u of itself (u = 2^-8 = 3.9e-3 bf16, 2^-11 = 4.9e-4 f16).
+// K = (1/R_K) A_K^T B_K and V = (1/R_V) A_V^T B_V are sums of R products of two such entries, so
+// each entry of K and V moves by <= 2u of its terms' magnitude, ~u of K's and V's scale with
+// random signs. The scores q.k / sqrt(d_h) are O(1) (the weights make them ~ N(0, 1)), so they
+// move by ~u absolute; the softmax turns that into a weight change p (ds - E_p ds) and the
+// output sum_s p_s v_s moves by ~u of its scale through p and ~u through V; W_O, a random-sign
+// average, does not amplify it. A few u, then: 1e-2 = 2.6u (bf16), 2e-3 = 4.1u (f16). Measured
+// over the cases: 1.2e-3..3.3e-3 (bf16) and 2.2e-4..7.8e-4 (f16). The rounded-reference bounds
+// above stay the sharp check.
+double exact_reference_tolerance(StorageType storage) {
+  switch (storage) {
+    case StorageType::f32: return kFloatTolerance;
+    case StorageType::bf16: return 1e-2;
+    case StorageType::f16: return 2e-3;
+  }
+  return 0.0;
+}
+
+// Cached factor entries against the reference's own (in double): float storage holds the fp32
+// projection, which differs from the double one by fp32 rounding of a d_model-long dot product and
+// of the rotation (measured worst 2.6e-7 of the plane's scale); bf16 / f16 hold that rounded to
+// nearest, <= u of the entry away, plus the same slack.
+constexpr double kCachedFactorSlack = 1e-5;
 
 // ---- small helpers ------------------------------------------------------------------------------
 
@@ -245,9 +272,11 @@ CacheState state_of(const KvCache& cache, const std::vector<SequenceId>& seqs) {
   return state;
 }
 
-// fn() must throw tpattn::Error from `call` about `argument`.
+// fn() must throw tpattn::Error from `call` about `argument`, its message containing each of
+// `message_parts` too (e.g. the expected and the actual value).
 template <class Fn>
-void expect_error(Fn&& fn, const std::string& call, const std::string& argument) {
+void expect_error(Fn&& fn, const std::string& call, const std::string& argument,
+                  const std::vector<std::string>& message_parts = {}) {
   try {
     fn();
     ADD_FAILURE() << "expected tpattn::Error from " << call << " about " << argument;
@@ -255,7 +284,27 @@ void expect_error(Fn&& fn, const std::string& call, const std::string& argument)
     EXPECT_EQ(error.call(), call) << error.what();
     EXPECT_EQ(error.argument(), argument) << error.what();
     EXPECT_NE(std::string(error.what()).find(argument), std::string::npos) << error.what();
+    for (const std::string& part : message_parts)
+      EXPECT_NE(std::string(error.what()).find(part), std::string::npos)
+          << "\"" << part << "\" not in: " << error.what();
   }
+}
+
+// A plane of a cached sequence as doubles [tokens, rows, cols]: exactly what the kernel reads.
+Tensor3 read_plane(const SequenceView& view, Index plane) {
+  const tpattn::PlaneSpec& spec = view.record().plane(plane);
+  const Index width = spec.rows * spec.cols;
+  Tensor3 values(view.length(), spec.rows, spec.cols);
+  with_storage(spec.storage, [&](auto tag) {
+    using Storage = decltype(tag);
+    for (Index t = 0; t < view.length(); ++t) {
+      const Storage* row = view.plane_block<Storage>(plane, t / view.block_tokens()) +
+                           (t % view.block_tokens()) * width;
+      for (Index n = 0; n < width; ++n)
+        values.row(t, 0)[n] = static_cast<double>(static_cast<float>(row[n]));
+    }
+  });
+  return values;
 }
 
 // ---- §6.1 / §6.8: the layer against the reference, parameterised ------------------------------
@@ -292,8 +341,8 @@ constexpr StorageType kF16 = StorageType::f16;
 constexpr CacheKind kContiguous = CacheKind::contiguous;
 constexpr CacheKind kPaged = CacheKind::paged;
 
-// Lengths 1, 2, 17, 113 and the page size 16 +- 1; h 1, 3, 17; d_h 8, 64, 129; d_v != d_h;
-// R_Q 1, 2, 6, 16 (on both sides of h d_h / (h + d_h), so both automatic orders run);
+// Lengths 1, 2, 17, 113 and the page size 16 +- 1; h 1..5, 17; d_h 8, 40, 64, 96, 128, 129 and
+// d_v != d_h; R_Q 1, 2, 6, 16 (on both sides of h d_h / (h + d_h), so both automatic orders run);
 // R_K, R_V in 1..3 with R_K != R_V; both pairings and directions, partial and no RoPE.
 const std::vector<LayerCase> kTpaCases = {
     // {name, d_model, h, d_h, d_v, R_Q, R_K, R_V, rope, storage, cache, length, chunk}
@@ -319,6 +368,15 @@ const std::vector<LayerCase> kTpaCases = {
      2, rope(kInterleaved, kReversed, 128), kF32, kPaged, 113, 8},
     {"Len300_H3_D64_Rq2_Rk2_Rv1_Reversed_Paged", 24, 3, 64, 64, 2, 2, 1, rope(kHalf, kReversed),
      kF32, kPaged, 300, 33},
+    // d_h 40, 96, 128 (common head sizes besides 64): short, with few heads, to stay fast.
+    {"Len19_H3_D40_Dv24_Rq2_Rk2_Rv3_Reversed_Paged", 24, 3, 40, 24, 2, 2, 3, rope(kHalf, kReversed),
+     kF32, kPaged, 19, 7},
+    {"Len17_H2_D96_Rq6_Rk3_Rv2_Interleaved_Contiguous", 32, 2, 96, 96, 6, 3, 2,
+     rope(kInterleaved, kStandard), kF32, kContiguous, 17, 5},
+    {"Len33_H4_D128_Rq1_Rk2_Rv2_Rotary64Reversed_Paged", 32, 4, 128, 128, 1, 2, 2,
+     rope(kHalf, kReversed, 64), kF32, kPaged, 33, 16},
+    {"Len9_H5_D128_Dv40_Rq16_Rk1_Rv3_InterleavedReversed_Contiguous", 24, 5, 128, 40, 16, 1, 3,
+     rope(kInterleaved, kReversed), kF32, kContiguous, 9, 4},
     {"Bf16_Len2_H1_D129_Dv8_Rq16_Rk1_Rv3_NoRope_Contiguous", 16, 1, 129, 8, 16, 1, 3, no_rope(),
      kBf16, kContiguous, 2, 1},
     {"Bf16_Len17_H3_D64_Rq6_Rk2_Rv3_Reversed_Paged", 32, 3, 64, 64, 6, 2, 3, rope(kHalf, kReversed),
@@ -331,6 +389,12 @@ const std::vector<LayerCase> kTpaCases = {
      rope(kInterleaved, kStandard), kF16, kPaged, 15, 4},
     {"F16_Len113_H1_D64_Rq1_Rk2_Rv3_Reversed_Paged", 16, 1, 64, 64, 1, 2, 3, rope(kHalf, kReversed),
      kF16, kPaged, 113, 17},
+    {"Bf16_Len18_H2_D128_Rq2_Rk2_Rv2_Reversed_Paged", 24, 2, 128, 128, 2, 2, 2,
+     rope(kHalf, kReversed), kBf16, kPaged, 18, 5},
+    {"F16_Len17_H3_D96_Dv40_Rq6_Rk2_Rv1_Interleaved_Contiguous", 24, 3, 96, 40, 6, 2, 1,
+     rope(kInterleaved, kStandard), kF16, kContiguous, 17, 16},
+    {"F16_Len12_H2_D40_Rq16_Rk3_Rv2_Rotary16Reversed_Paged", 16, 2, 40, 40, 16, 3, 2,
+     rope(kHalf, kReversed, 16), kF16, kPaged, 12, 5},
 };
 
 const std::vector<LayerCase> kKvOnlyCases = {
@@ -344,6 +408,12 @@ const std::vector<LayerCase> kKvOnlyCases = {
      rope(kInterleaved, kStandard), kBf16, kPaged, 15, 4},
     {"F16_Len113_H17_D8_Rk2_Rv1_InterleavedReversed_Paged", 24, 17, 8, 8, 0, 2, 1,
      rope(kInterleaved, kReversed), kF16, kPaged, 113, 16},
+    {"Len17_H3_D40_Rk2_Rv2_Interleaved_Paged", 24, 3, 40, 40, 0, 2, 2,
+     rope(kInterleaved, kStandard), kF32, kPaged, 17, 16},
+    {"Bf16_Len16_H2_D96_Dv32_Rk1_Rv2_Reversed_Contiguous", 24, 2, 96, 32, 0, 1, 2,
+     rope(kHalf, kReversed), kBf16, kContiguous, 16, 5},
+    {"Len20_H4_D128_Rk3_Rv1_Reversed_Paged", 32, 4, 128, 128, 0, 3, 1, rope(kHalf, kReversed), kF32,
+     kPaged, 20, 7},
 };
 
 class TpaLayer : public ::testing::TestWithParam<LayerCase> {};
@@ -357,6 +427,10 @@ TEST_P(TpaLayer, DecodePrefillAndChunkedPrefillEqualMaterialisedAttention) {
   options.cache_storage = c.storage;
   const tpattn_test::TpaReference ref =
       tpattn_test::tpa_layer_reference(config, weights, x.cast<double>(), options);
+  // bf16 / f16: also the reference that keeps the cached factors exact.
+  const Eigen::MatrixXd exact =
+      c.storage == kF32 ? ref.y
+                        : tpattn_test::tpa_layer_reference(config, weights, x.cast<double>()).y;
 
   with_storage(c.storage, [&](auto tag) {
     using Storage = decltype(tag);
@@ -366,19 +440,29 @@ TEST_P(TpaLayer, DecodePrefillAndChunkedPrefillEqualMaterialisedAttention) {
         const SequenceId seq = cache->add_sequence();
         const RowMatrix y = run_layer(op, *cache, seq, x, feed, c.chunk);
         EXPECT_LE(relative_error(y, ref.y), tolerance(c.storage)) << name_of(feed);
+        EXPECT_LE(relative_error(y, exact), exact_reference_tolerance(c.storage))
+            << name_of(feed) << ", against the reference with exact cached factors";
         EXPECT_EQ(cache->length(seq), c.length) << name_of(feed);
       }
     });
   });
 }
 
-// §6.9 on the same shapes: bytes_used is the token count times the record's bytes, and the
-// record's elements are R_K (h + d_h) + R_V (h + d_v).
-TEST_P(TpaLayer, CacheHoldsExactlyTheFactorsOfEveryToken) {
+// §3 and §6.9 on the same shapes, after a chunked prefill of the whole sequence:
+//  - the record holds R_K (h + d_h) + R_V (h + d_v) elements a token, bytes_used that times the
+//    token count;
+//  - the planes hold, for every token t, the reference's own factors: A_K and A_V rank-major
+//    (R x h, row r = rank r of every head, although the weights are head-major), B_K rotated at
+//    position t, B_V unrotated, none of them scaled by 1/R (the kernel applies 1/R_K to the scores
+//    and 1/R_V to the output). Float storage within kCachedFactorSlack of each plane's scale,
+//    bf16 / f16 within the rounding to nearest of the exact entry (u |entry|) plus that slack.
+TEST_P(TpaLayer, CacheHoldsEveryTokensRankMajorAAndRotatedBKUnrotatedBV) {
   const LayerCase& c = GetParam();
   const TpaConfig config = c.config();
   const TpaWeights weights = tpattn_test::random_tpa_weights(config, 1000);
   const RowMatrix x = random_inputs(c.length, c.d_model, 2000);
+  const tpattn_test::TpaReference ref =
+      tpattn_test::tpa_layer_reference(config, weights, x.cast<double>());
   with_storage(c.storage, [&](auto tag) {
     using Storage = decltype(tag);
     with_layer<Storage>(config, weights, [&](TensorProductAttention<Storage>& op) {
@@ -391,6 +475,38 @@ TEST_P(TpaLayer, CacheHoldsExactlyTheFactorsOfEveryToken) {
       const SequenceId seq = cache->add_sequence();
       run_layer(op, *cache, seq, x, Feed::chunked_prefill, c.chunk);
       EXPECT_EQ(cache->bytes_used(), c.length * elements * static_cast<Index>(sizeof(Storage)));
+
+      const SequenceView view = cache->view(seq);
+      ASSERT_EQ(view.length(), c.length);
+      ASSERT_EQ(view.record().plane_count(), 4);
+      const double u = c.storage == kF32 ? 0.0 : tpattn_test::unit_roundoff(c.storage);
+      const Tensor3* expected[] = {&ref.factors.a_k, &ref.factors.b_k, &ref.factors.a_v,
+                                   &ref.factors.b_v};
+      const char* names[] = {"A_K", "B_K (rotated)", "A_V", "B_V"};
+      for (Index p = 0; p < 4; ++p) {
+        const Tensor3& want = *expected[p];
+        const Tensor3 cached = read_plane(view, p);
+        ASSERT_EQ(cached.heads, want.heads) << names[p] << ": rows (the rank)";
+        ASSERT_EQ(cached.width, want.width) << names[p] << ": columns";
+        const double slack = kCachedFactorSlack * tpattn_test::max_abs(want);
+        double worst_excess = -1.0;  // max over entries of |cached - want| - u |want|
+        Index worst = 0;
+        for (Index n = 0; n < want.size(); ++n) {
+          const double w = want.data[static_cast<std::size_t>(n)];
+          const double excess =
+              std::abs(cached.data[static_cast<std::size_t>(n)] - w) - u * std::abs(w);
+          if (excess > worst_excess) {
+            worst_excess = excess;
+            worst = n;
+          }
+        }
+        const Index per_token = want.heads * want.width;
+        EXPECT_LE(worst_excess, slack)
+            << names[p] << " of token " << worst / per_token << ", rank "
+            << worst % per_token / want.width << ", column " << worst % want.width << ": cached "
+            << cached.data[static_cast<std::size_t>(worst)] << ", reference "
+            << want.data[static_cast<std::size_t>(worst)];
+      }
     });
   });
 }
@@ -1170,6 +1286,9 @@ TEST(Tpa, InvalidConfigThrowsNamingOperatorAndArgument) {
   expect_error([] { TpaKernel<float> k(TpaShape{3, 8, 8, 2, 0, 1}); }, "TpaKernel", "rank_k");
   expect_error([] { TpaKernel<float> k(TpaShape{3, 8, 8, -1, 1, 1}); }, "TpaKernel", "rank_q");
   expect_error([] { TpaKernel<float> k(TpaShape{3, 0, 8, 2, 1, 1}); }, "TpaKernel", "head_dim");
+  expect_error([] { TpaKernel<float> k(TpaShape{0, 8, 8, 2, 1, 1}); }, "TpaKernel", "heads");
+  expect_error([] { TpaKernel<float> k(TpaShape{3, 8, 0, 2, 1, 1}); }, "TpaKernel", "value_dim");
+  expect_error([] { TpaKernel<float> k(TpaShape{3, 8, 8, 2, 1, 0}); }, "TpaKernel", "rank_v");
 }
 
 TEST(Tpa, WrongWeightShapeThrowsNamingTheWeight) {
@@ -1278,6 +1397,160 @@ TEST(Tpa, DecodeAndPrefillMisuseThrowsAndLeavesTheCacheUnchanged) {
   op.decode(cache, pair, 2, x.data(), y.data());
   EXPECT_EQ(cache.length(a), 6);
   EXPECT_EQ(cache.length(empty), 1);
+}
+
+// Every argument check of the bare kernel's two attend() overloads (factored queries a_q, b_q;
+// materialised queries q) throws naming TpaKernel::attend and the argument, with what was
+// expected and what came, and before writing anything: out and lse keep their sentinels.
+TEST(TpaKernel, AttendRejectsEachBadArgumentNamingItAndWritesNothing) {
+  const TpaShape shape{3, 8, 4, 2, 2, 1};
+  const Index m = 4, h = shape.heads, dh = shape.head_dim, dv = shape.value_dim;
+  const TpaKernel<float> kernel(shape);
+  const TpaKernel<float> kv_only(TpaShape{h, dh, dv, 0, 2, 1});  // materialised queries only
+  ASSERT_EQ(kv_only.cache_record(), kernel.cache_record());      // R_Q is not cached
+  const RopeConfig rope_config = rope(kHalf, kStandard);
+  const tpattn::Rope rotation(rope_config, dh);
+  const KernelFactors f = random_factors(shape, m, 11);
+  ContiguousKvCache cache(kernel.cache_record(), 1, m);
+  const SequenceId seq = cache.add_sequence();
+  append_tokens(cache, seq, f, 0, m, rotation, 0);
+  const SequenceView view = cache.view(seq);
+  // Views of caches the kernel did not make: R_K 3 instead of 2, and the same shape in bf16.
+  const TpaShape other_shape{h, dh, dv, 2, 3, 1};
+  ContiguousKvCache other_rank(TpaKernel<float>(other_shape).cache_record(), 1, m);
+  const SequenceId other_seq = other_rank.add_sequence();
+  append_tokens(other_rank, other_seq, random_factors(other_shape, m, 12), 0, m, rotation, 0);
+  ContiguousKvCache bf16(TpaKernel<Eigen::bfloat16>(shape).cache_record(), 1, m);
+  const SequenceId bf16_seq = bf16.add_sequence();
+  append_tokens(bf16, bf16_seq, f, 0, m, rotation, 0);
+
+  // Queries for up to m + 1 tokens, so n = m + 1 is refused by the check and not by a read.
+  tpattn_test::Random random(13);
+  const std::vector<float> a_q = random.floats((m + 1) * shape.rank_q * h);
+  const std::vector<float> b_q = random.floats((m + 1) * shape.rank_q * dh);
+  const std::vector<float> q = random.floats((m + 1) * h * dh);
+  constexpr float kSentinel = 12345.0f;
+  std::vector<float> out(static_cast<std::size_t>((m + 1) * h * dv), kSentinel);
+  std::vector<float> lse(static_cast<std::size_t>((m + 1) * h), kSentinel);
+  std::vector<float> workspace(static_cast<std::size_t>(kernel.workspace_floats()));
+  auto reset = [&] {
+    std::fill(out.begin(), out.end(), kSentinel);
+    std::fill(lse.begin(), lse.end(), kSentinel);
+  };
+  auto untouched = [&] {
+    return std::all_of(out.begin(), out.end(), [&](float v) { return v == kSentinel; }) &&
+           std::all_of(lse.begin(), lse.end(), [&](float v) { return v == kSentinel; });
+  };
+
+  const std::string call = "TpaKernel::attend";
+  struct Bad {
+    std::string what;  // for failure messages
+    std::function<void()> attend;
+    std::string argument;
+    std::vector<std::string> message;  // expected and actual
+  };
+  auto factored = [&](const TpaKernel<float>& k, const float* aq, const float* bq, Index n,
+                      const SequenceView& v, float* o, float* w) {
+    return [&k, aq, bq, n, v, o, w, &lse] { k.attend(aq, bq, n, v, o, lse.data(), w); };
+  };
+  auto materialised = [&](const float* query, Index n, const SequenceView& v, float* o, float* w) {
+    return [&kernel, query, n, v, o, w, &lse] { kernel.attend(query, n, v, o, lse.data(), w); };
+  };
+  const std::string view_expected = "a view of a cache built with this kernel's cache_record()";
+  float* const o = out.data();
+  float* const w = workspace.data();
+  const std::vector<Bad> cases = {
+      {"empty view",
+       factored(kernel, a_q.data(), b_q.data(), 1, SequenceView(), o, w),
+       "view",
+       {view_expected, "got an empty view"}},
+      {"view with R_K 3",
+       factored(kernel, a_q.data(), b_q.data(), 1, other_rank.view(other_seq), o, w),
+       "view",
+       {view_expected, "got a view with another record"}},
+      {"bf16 view",
+       factored(kernel, a_q.data(), b_q.data(), 1, bf16.view(bf16_seq), o, w),
+       "view",
+       {"got a view with another record"}},
+      {"n = 0",
+       factored(kernel, a_q.data(), b_q.data(), 0, view, o, w),
+       "n",
+       {"expected in [1, view.length() = 4]", "got 0"}},
+      {"n = -1", factored(kernel, a_q.data(), b_q.data(), -1, view, o, w), "n", {"got -1"}},
+      {"n = m + 1",
+       factored(kernel, a_q.data(), b_q.data(), m + 1, view, o, w),
+       "n",
+       {"expected in [1, view.length() = 4]", "got 5"}},
+      {"null b_q",
+       factored(kernel, a_q.data(), nullptr, 1, view, o, w),
+       "b_q",
+       {"expected non-null", "got null"}},
+      {"null out",
+       factored(kernel, a_q.data(), b_q.data(), 1, view, nullptr, w),
+       "out",
+       {"expected non-null", "got null"}},
+      {"null workspace",
+       factored(kernel, a_q.data(), b_q.data(), 1, view, o, nullptr),
+       "workspace",
+       {"expected non-null (workspace_floats() floats)", "got null"}},
+      {"factored queries to a kernel with rank_q = 0",
+       factored(kv_only, a_q.data(), b_q.data(), 1, view, o, w),
+       "a_q, b_q",
+       {"expected a kernel with rank_q >= 1", "got rank_q = 0"}},
+      {"materialised: empty view",
+       materialised(q.data(), 1, SequenceView(), o, w),
+       "view",
+       {view_expected, "got an empty view"}},
+      {"materialised: view with R_K 3",
+       materialised(q.data(), 1, other_rank.view(other_seq), o, w),
+       "view",
+       {"got a view with another record"}},
+      {"materialised: n = 0",
+       materialised(q.data(), 0, view, o, w),
+       "n",
+       {"expected in [1, view.length() = 4]", "got 0"}},
+      {"materialised: n = m + 1", materialised(q.data(), m + 1, view, o, w), "n", {"got 5"}},
+      {"materialised: null q",
+       materialised(nullptr, 1, view, o, w),
+       "q",
+       {"expected non-null", "got null"}},
+      {"materialised: null out",
+       materialised(q.data(), 1, view, nullptr, w),
+       "out",
+       {"expected non-null", "got null"}},
+      {"materialised: null workspace",
+       materialised(q.data(), 1, view, o, nullptr),
+       "workspace",
+       {"got null"}},
+  };
+  for (const Bad& bad : cases) {
+    SCOPED_TRACE(bad.what);
+    reset();
+    expect_error(bad.attend, call, bad.argument, bad.message);
+    EXPECT_TRUE(untouched()) << "out or lse written";
+  }
+  reset();
+  // A null a_q is refused too. The library names it "q" (check_attend's name for the query pointer
+  // of either overload), not this overload's "a_q", so the argument is left unchecked here.
+  try {
+    kernel.attend(nullptr, b_q.data(), 1, view, o, lse.data(), w);
+    ADD_FAILURE() << "a null a_q was accepted";
+  } catch (const tpattn::Error& error) {
+    EXPECT_EQ(error.call(), call) << error.what();
+  }
+  EXPECT_TRUE(untouched()) << "out or lse written for a null a_q";
+
+  // Good arguments go through and write all n tokens' outputs (and LSEs; lse may be null).
+  auto written = [](const std::vector<float>& values, Index count) {
+    return std::none_of(values.begin(), values.begin() + count,
+                        [](float v) { return v == kSentinel || std::isnan(v); });
+  };
+  EXPECT_NO_THROW(kernel.attend(a_q.data(), b_q.data(), m, view, o, lse.data(), w));
+  EXPECT_TRUE(written(out, m * h * dv));
+  EXPECT_TRUE(written(lse, m * h));
+  reset();
+  EXPECT_NO_THROW(kv_only.attend(q.data(), m, view, o, nullptr, w));
+  EXPECT_TRUE(written(out, m * h * dv));
 }
 
 // A shared page pool that runs dry halfway through a batch: the append of a later sequence fails
