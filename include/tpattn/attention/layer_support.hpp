@@ -49,14 +49,16 @@ inline void check_cache_record(const char* call, const KvCache& cache,
 
 // The always-on checks of a bare kernel's attend(): the view comes from a cache with the
 // kernel's record and holds the n query tokens; the buffers exist.
+// query_name: the query pointer's parameter name ("q", or "a_q" for TPA's factored queries).
 inline void check_attend(const char* call, const CacheRecord& record, const SequenceView& view,
-                         Index n, const void* query, const void* out, const void* workspace) {
+                         Index n, const void* query, const void* out, const void* workspace,
+                         const char* query_name = "q") {
   TPATTN_CHECK(view.valid() && view.record() == record, call, "view",
                "a view of a cache built with this kernel's cache_record()",
                view.valid() ? "a view with another record" : "an empty view");
   TPATTN_CHECK(n >= 1 && n <= view.length(), call, "n",
                "in [1, view.length() = " + to_text(view.length()) + "]", n);
-  TPATTN_CHECK(query != nullptr, call, "q", "non-null", "null");
+  TPATTN_CHECK(query != nullptr, call, query_name, "non-null", "null");
   TPATTN_CHECK(out != nullptr, call, "out", "non-null", "null");
   TPATTN_CHECK(workspace != nullptr, call, "workspace", "non-null (workspace_floats() floats)",
                "null");

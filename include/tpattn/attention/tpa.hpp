@@ -78,7 +78,7 @@ class TpaKernel {
   // (rotated). out: [n, h, d_v]; lse: [n, h] or null. Causal.
   void attend(const float* a_q, const float* b_q, Index n, const SequenceView& view, float* out,
               float* lse, float* workspace, TpaOrder order = TpaOrder::automatic) const {
-    detail::check_attend("TpaKernel::attend", record_, view, n, a_q, out, workspace);
+    detail::check_attend("TpaKernel::attend", record_, view, n, a_q, out, workspace, "a_q");
     TPATTN_CHECK(shape().rank_q > 0, "TpaKernel::attend", "a_q, b_q",
                  "a kernel with rank_q >= 1 (this one takes materialised queries only)",
                  "rank_q = 0");
