@@ -51,10 +51,11 @@ class AttentionCore {
 
   // Workspace floats one run() needs, whatever its number of query tokens.
   Index workspace_floats() const {
-    const Index rows = kQueryTokens * group_;
+    const Index rows = kQueryTokens * heads_;
     return WorkspaceCarver::floats_for(
-        rows * layout_.key_width(), rows * kTileTokens, kTileTokens * layout_.key_width(),
-        kTileTokens * layout_.value.width, rows, rows, rows * layout_.value.width);
+        rows * layout_.key_width(), kQueryTokens * group_ * kTileTokens,
+        kTileTokens * layout_.key_width(), kTileTokens * layout_.value.width, rows, rows,
+        rows * layout_.value.width);
   }
 
   // q:   [query_tokens, heads, key_width], already rotated;
@@ -65,61 +66,78 @@ class AttentionCore {
            float* lse, float* workspace) const {
     for (Index first = 0; first < query_tokens; first += kQueryTokens) {
       const Index count = query_tokens - first < kQueryTokens ? query_tokens - first : kQueryTokens;
-      for (Index j = 0; j < layout_.kv_heads; ++j)
-        run_group(q + first * heads_ * layout_.key_width(), count, view, visible + first, j,
-                  out + first * heads_ * layout_.value.width,
-                  lse == nullptr ? nullptr : lse + first * heads_, workspace);
+      run_chunk(q + first * heads_ * layout_.key_width(), count, view, visible + first,
+                out + first * heads_ * layout_.value.width,
+                lse == nullptr ? nullptr : lse + first * heads_, workspace);
     }
   }
 
  private:
-  // Query heads [j g, (j + 1) g) of `count` query tokens against KV head j.
-  void run_group(const float* q, Index count, const SequenceView& view, Index visible, Index j,
+  // `count` query tokens against the cache, one tile of cached tokens at a time, every KV head
+  // on a tile before the next tile: a tile's tokens are read from memory once, while they are
+  // in cache, whatever the number of KV heads (head-by-head passes over the whole context would
+  // read each token's rows g times at a stride of a whole token, defeating the prefetchers).
+  // State rows are grouped by KV head: row (j count + t) group + i is query token t, head
+  // j group + i.
+  void run_chunk(const float* q, Index count, const SequenceView& view, Index visible,
                  float* out, float* lse, float* workspace) const {
     const Index key_width = layout_.key_width();
     const Index value_width = layout_.value.width;
-    const Index rows = count * group_;  // row t * group + i: query token t, head j * group + i
+    const Index rows = count * group_;  // state rows of one KV head
 
     WorkspaceCarver carve(workspace);  // same order as workspace_floats()
-    float* queries = carve.take(kQueryTokens * group_ * key_width);
+    float* queries = carve.take(kQueryTokens * heads_ * key_width);
     float* scores = carve.take(kQueryTokens * group_ * kTileTokens);  // row stride kTileTokens
     float* key_scratch = carve.take(kTileTokens * key_width);
     float* value_scratch = carve.take(kTileTokens * value_width);
-    float* max = carve.take(kQueryTokens * group_);
-    float* sum = carve.take(kQueryTokens * group_);
-    float* acc = carve.take(kQueryTokens * group_ * value_width);
-    SoftmaxState state(max, sum, acc, rows, value_width);
-    state.reset();
+    float* max = carve.take(kQueryTokens * heads_);
+    float* sum = carve.take(kQueryTokens * heads_);
+    float* acc = carve.take(kQueryTokens * heads_ * value_width);
+    const auto state_of = [&](Index j) {
+      return SoftmaxState(max + j * rows, sum + j * rows, acc + j * rows * value_width, rows,
+                          value_width);
+    };
 
-    // Gather this group's query rows, pre-scaled, so one GEMM per tile scores them all.
-    MatrixMap group_queries = map_matrix(queries, rows, key_width);
-    for (Index t = 0; t < count; ++t)
-      group_queries.middleRows(t * group_, group_) =
-          map_matrix(q + (t * heads_ + j * group_) * key_width, group_, key_width) * scale_;
+    // Gather each KV head's query rows, pre-scaled, so one GEMM per tile scores them all.
+    for (Index j = 0; j < layout_.kv_heads; ++j) {
+      MatrixMap group_queries = map_matrix(queries + j * rows * key_width, rows, key_width);
+      for (Index t = 0; t < count; ++t)
+        group_queries.middleRows(t * group_, group_) =
+            map_matrix(q + (t * heads_ + j * group_) * key_width, group_, key_width) * scale_;
+      state_of(j).reset();
+    }
 
     const Index limit = visible + count - 1;  // the last query token sees this many tokens
     for_each_tile(view, limit, kTileTokens, [&](const CacheTile& tile) {
       MatrixMap tile_scores = map_matrix(scores, rows, tile.tokens, kTileTokens);
-      Index column = 0;
-      for (Index s = 0; s < layout_.key_segments(); ++s) {
-        const KeyValueLayout::Segment& segment = layout_.key[s];
-        const ConstMatrixMap keys =
-            read_tile<Storage>(view, segment.plane, tile, j * segment.width, segment.width,
-                               key_scratch + column * kTileTokens);
-        multiply(group_queries.middleCols(column, segment.width), keys.transpose(), tile_scores,
-                 /*accumulate=*/s > 0);
-        column += segment.width;
+      for (Index j = 0; j < layout_.kv_heads; ++j) {
+        const ConstMatrixMap group_queries =
+            map_matrix(static_cast<const float*>(queries) + j * rows * key_width, rows, key_width);
+        Index column = 0;
+        for (Index s = 0; s < layout_.key_segments(); ++s) {
+          const KeyValueLayout::Segment& segment = layout_.key[s];
+          const ConstMatrixMap keys =
+              read_tile<Storage>(view, segment.plane, tile, j * segment.width, segment.width,
+                                 key_scratch + column * kTileTokens);
+          multiply(group_queries.middleCols(column, segment.width), keys.transpose(),
+                   tile_scores, /*accumulate=*/s > 0);
+          column += segment.width;
+        }
+        mask_future(tile_scores, tile, visible);
+        SoftmaxState state = state_of(j);
+        state.absorb_scores(tile_scores);
+        const ConstMatrixMap values = read_tile<Storage>(
+            view, layout_.value.plane, tile, j * value_width, value_width, value_scratch);
+        multiply(tile_scores, values, state.acc(), /*accumulate=*/true);
       }
-      mask_future(tile_scores, tile, visible);
-      state.absorb_scores(tile_scores);
-      const ConstMatrixMap values = read_tile<Storage>(view, layout_.value.plane, tile,
-                                                       j * value_width, value_width, value_scratch);
-      multiply(tile_scores, values, state.acc(), /*accumulate=*/true);
     });
 
-    for (Index t = 0; t < count; ++t)
-      state.finish(t * group_, group_, out + (t * heads_ + j * group_) * value_width, value_width,
-                   lse == nullptr ? nullptr : lse + t * heads_ + j * group_);
+    for (Index j = 0; j < layout_.kv_heads; ++j) {
+      const SoftmaxState state = state_of(j);
+      for (Index t = 0; t < count; ++t)
+        state.finish(t * group_, group_, out + (t * heads_ + j * group_) * value_width,
+                     value_width, lse == nullptr ? nullptr : lse + t * heads_ + j * group_);
+    }
   }
 
   // Row t * group + i may see tokens before visible + t only.
