@@ -1,6 +1,7 @@
 // tests/mla_test.cpp -- MultiHeadLatentAttention and the bare MlaKernel against a plain
 // double-precision reference (tests/support/mla_reference.hpp) that builds EXPLICIT per-head keys
-// and values (docs/attention.md §2, §6.4), plus cache sizes (§5), misuse, and allocation.
+// and values (docs/attention.md §2, §6.4), RoPE offsets and write- vs read-time rotation (§6.5),
+// split-and-merge (§6.7), plus cache sizes (§5), misuse, and allocation.
 //
 // Tolerances (all relative to the largest reference entry, i.e. max|got - ref| / max|ref|):
 //  - kLayerTolerance = 1e-5. The operator computes in fp32 (unit roundoff 6e-8). Its longest
@@ -17,10 +18,33 @@
 //    within fp32 error of a rounding midpoint may round the other way in the operator; the
 //    reference adopts the cache's rounding there (and only there, see round_like_cache). Without
 //    that, 6 of the bf16/f16 cases would miss by up to 2.8e-5 from one-ulp flips alone.
+//  - storage_tolerance = 2.5 u: the same bf16 / half outputs also against the EXACT reference,
+//    whose cached values are not rounded (u = 2^-8 bf16, 2^-11 half: 9.8e-3 and 1.2e-3). The
+//    cache holds c_s (1 + e) and kR_s (1 + e') entrywise, |e|, |e'| <= u, of random sign (rms
+//    u / sqrt 3). Two paths reach y, both estimated, not worst-case bounds:
+//    (a) values: y is linear in c_s (v_s = W_UV_i c_s, then W_O): moved by <= u relative;
+//    (b) scores: score_s moves by d_s = scale (q^_i . (e c_s) + qR_i . (e' kR_s)), a random-sign
+//    sum of the terms of the score itself, rms ~ u / sqrt 3 x rms(score) ~ 0.6 u, as the scores
+//    are O(1) (random_mla_weights); the weights move by p_s (d_s - mean_p d), so o_i moves by
+//    sum_s p_s (d_s - mean_p d)(v_s - o_i), at most max|d - mean d| ~ 1.5 u times the spread of
+//    the values. Together <= 2.5 u. Measured over every layer case: 3.1e-3 (0.8 u) bf16, 3.7e-4
+//    (0.75 u) half. A sanity bound, for gross errors: an f16 cache keeping only bf16's 8 bits
+//    fails it in 44 of the 52 half cases (up to 3.1e-3), while a bf16 cache keeping 6 bits still
+//    passes (9.5e-3); finer errors are round_like_cache's to catch. gqa_test uses 1e-2 / 2e-3.
 //  - kKernelTolerance = 1e-5 for the bare kernel's latent output and its LSE (absolute on LSE
 //    values of O(1) .. O(10), i.e. ~1e-6 relative): its inputs are read back from the cache
 //    exactly, so only the fp32 score dot products (d_c + d_R <= 576 terms) and the online
 //    softmax differ from the double reference. Measured: at most 9e-7 for both.
+//  - §6.5 (offset invariance, rotating kR at write time == at read time) on the bare kernel:
+//    kKernelTolerance (measured: 4.9e-7 on the latent output, 3.4e-7 on the LSE); through the
+//    layer: kLayerTolerance (measured: 3.6e-7). The two double computations (write-time and
+//    read-time rotation) agree to 1e-12.
+//  - kMergeTolerance = 1e-6 (§6.7): merged partial results vs one pass over the same cached
+//    values, two fp32 computations in different orders, compared as max|diff| / max(1, max|one
+//    pass|): the latents are O(1) (N(0, 1)) and the merge forms convex combinations of the parts'
+//    outputs, which are larger than the whole's (fewer keys averaged). Measured: 4.8e-7 (output,
+//    ~8 ulps of O(1) values) and 8e-8 (LSE ~ 6, relative); the output margin is only ~2x: fp32
+//    sums over 77 keys differ by that much when taken in another order.
 // clang-format off
 #include "support/heap_counter.hpp"  // first: it hooks Eigen's malloc before Eigen is seen
 // clang-format on
@@ -46,6 +70,8 @@
 #include "support/reference.hpp"
 #include "tpattn/cache/contiguous_cache.hpp"
 #include "tpattn/cache/paged_cache.hpp"
+#include "tpattn/kernels/rope.hpp"
+#include "tpattn/kernels/softmax_state.hpp"
 
 namespace {
 
@@ -58,6 +84,8 @@ using tpattn::MlaKernel;
 using tpattn::MlaWeights;
 using tpattn::MultiHeadLatentAttention;
 using tpattn::PagedKvCache;
+using tpattn::Rope;
+using tpattn::RopeConfig;
 using tpattn::RopeDirection;
 using tpattn::RopePairing;
 using tpattn::RowMatrix;
@@ -69,12 +97,20 @@ using tpattn_test::Tensor3;
 
 constexpr double kLayerTolerance = 1e-5;
 constexpr double kKernelTolerance = 1e-5;
+constexpr double kMergeTolerance = 1e-6;
 // A wrong option must miss the reference by this many tolerances for its contrast check to count.
 constexpr double kContrastFactor = 100.0;
 // fp32 error allowed on a cached value before its storage rounding, relative to the plane's
 // largest value (see round_like_cache): the latent is a d_model-term dot product and an RMSNorm.
 constexpr double kCachedValueSlack = 1e-5;
 constexpr Index kPageTokens = 16;
+
+// Against the UNROUNDED double reference when the cache rounds c_s and kR_s: 2.5 u (see the
+// header), i.e. 9.8e-3 for bf16 (u = 2^-8) and 1.2e-3 for half (u = 2^-11).
+double storage_tolerance(StorageType storage) {
+  if (storage == StorageType::f32) return kLayerTolerance;
+  return 2.5 * tpattn_test::unit_roundoff(storage);
+}
 
 // ---- storage types and caches -------------------------------------------------------------------
 
@@ -376,6 +412,12 @@ TEST_P(MlaLayer, AbsorbedLayerEqualsExplicitPerHeadKeysAndValues) {
     const RowMatrix y = run_steps(op, *cache, seq, x, steps_for(c.schedule, c.length));
     EXPECT_EQ(cache->length(seq), c.length);
     EXPECT_TRUE(matches_explicit_reference(c.config, weights, x, y, *cache, seq, kLayerTolerance));
+    // And against the exact reference, whose cached values are not rounded at all: the cache's
+    // own rounding of c_s and kR_s may move the outputs by a few u, no more.
+    const Eigen::MatrixXd exact =
+        tpattn_test::mla_layer_reference(c.config, weights, tpattn_test::to_double(x));
+    EXPECT_LE(relative_error(y, exact), storage_tolerance(c.storage))
+        << "vs the unrounded double reference, " << tpattn::name_of(c.storage) << " cache";
   });
 }
 
@@ -421,6 +463,47 @@ std::vector<LayerCase> shape_cases() {
   return cases;
 }
 
+// Head dims beyond 16, 64 and 128: the smallest useful one (8), widths that are no multiple of
+// a SIMD register (40, 96 = 3 x 32) and an odd one (129), each with d_v != d_h, its own d_R and
+// d_c, and its own RoPE and query options.
+std::vector<LayerCase> head_dim_cases() {
+  struct Dims {
+    Index head_dim, value_dim, rope_dim, kv_latent_dim, q_latent_dim, heads, d_model;
+    RopePairing pairing;
+    RopeDirection direction;
+    Index rotary_dim;  // 0 = all of d_R
+  };
+  const Dims dims[] = {
+      {8, 12, 4, 16, 24, 3, 40, RopePairing::interleaved, RopeDirection::standard, 0},
+      {40, 24, 8, 48, 32, 4, 64, RopePairing::half_split, RopeDirection::reversed, 0},
+      {96, 64, 16, 128, 48, 2, 96, RopePairing::interleaved, RopeDirection::standard, 8},
+      {129, 65, 32, 96, 0, 2, 80, RopePairing::half_split, RopeDirection::standard, 0},
+  };
+  std::vector<LayerCase> cases;
+  for (const Dims& d : dims) {
+    MlaConfig config;
+    config.d_model = d.d_model;
+    config.heads = d.heads;
+    config.head_dim = d.head_dim;
+    config.value_dim = d.value_dim;
+    config.rope_dim = d.rope_dim;
+    config.kv_latent_dim = d.kv_latent_dim;
+    config.q_latent_dim = d.q_latent_dim;
+    config.rope.pairing = d.pairing;
+    config.rope.direction = d.direction;
+    config.rope.rotary_dim = d.rotary_dim;
+    const std::string prefix =
+        "Dh" + std::to_string(d.head_dim) + "_Dv" + std::to_string(d.value_dim) + "_";
+    for (StorageType storage : kAllStorage) {
+      cases.push_back({case_name(prefix, storage, Schedule::chunked, CacheKind::paged, 37), config,
+                       storage, Schedule::chunked, CacheKind::paged, 37});
+      cases.push_back({case_name(prefix, storage, Schedule::decode, CacheKind::contiguous, 17),
+                       config, storage, Schedule::decode, CacheKind::contiguous, 17});
+    }
+  }
+  return cases;
+}
+
 std::string layer_case_name(const ::testing::TestParamInfo<LayerCase>& info) {
   return info.param.name;
 }
@@ -428,6 +511,8 @@ std::string layer_case_name(const ::testing::TestParamInfo<LayerCase>& info) {
 INSTANTIATE_TEST_SUITE_P(Lengths, MlaLayer, ::testing::ValuesIn(grid_cases()), layer_case_name);
 INSTANTIATE_TEST_SUITE_P(Heads, MlaLayer, ::testing::ValuesIn(head_cases()), layer_case_name);
 INSTANTIATE_TEST_SUITE_P(Shapes, MlaLayer, ::testing::ValuesIn(shape_cases()), layer_case_name);
+INSTANTIATE_TEST_SUITE_P(HeadDims, MlaLayer, ::testing::ValuesIn(head_dim_cases()),
+                         layer_case_name);
 
 // ---- options: each one honoured, and each one mattering ----------------------------------------
 
@@ -704,6 +789,375 @@ INSTANTIATE_TEST_SUITE_P(Shapes, MlaKernelLatent, ::testing::ValuesIn(kernel_cas
                          [](const ::testing::TestParamInfo<KernelCase>& info) {
                            return info.param.name;
                          });
+
+// ---- §6.5 RoPE and §6.7 split-and-merge, on the bare kernel ------------------------------------
+
+// The kernel's inputs before RoPE: M cached tokens (latent c_s, rope key kR_s UNROTATED) and the
+// absorbed queries of the last n of them (q^_i and UNROTATED qR_i per head). Latent entries are
+// N(0, 1), rope entries N(0, 1.5^2), and scale = 1.5 / sqrt(d_c + 1.5^4 d_R): the scores are
+// N(0, 1.5^2) and, at d_c 32 and d_R 16, the rope part carries ~70% of their variance, so a
+// wrong rotation moves the outputs far.
+struct LatentInputs {
+  Index heads = 0, dc = 0, dr = 0, tokens = 0, queries = 0;
+  float scale = 0.0f;
+  std::vector<float> latent;    // [M, d_c]
+  std::vector<float> rope_key;  // [M, d_R], unrotated
+  std::vector<float> q_latent;  // [n, h, d_c]
+  std::vector<float> q_rope;    // [n, h, d_R], unrotated
+};
+
+LatentInputs random_latent_inputs(Index heads, Index dc, Index dr, Index tokens, Index queries,
+                                  std::uint32_t seed) {
+  tpattn_test::Random random(seed);
+  LatentInputs in;
+  in.heads = heads;
+  in.dc = dc;
+  in.dr = dr;
+  in.tokens = tokens;
+  in.queries = queries;
+  in.scale = 1.5f / std::sqrt(static_cast<float>(dc) + 5.0625f * static_cast<float>(dr));
+  in.latent = random.floats(tokens * dc);
+  in.rope_key = random.floats(tokens * dr, 1.5);
+  in.q_latent = random.floats(queries * heads * dc);
+  in.q_rope = random.floats(queries * heads * dr, 1.5);
+  return in;
+}
+
+// Appends tokens [first, first + count) to `seq`, their rope keys rotated by the library at
+// positions first + s + offset (as the layer writes them).
+void append_latents(KvCache& cache, SequenceId seq, const LatentInputs& in, const Rope& rope,
+                    Index first, Index count, Index offset) {
+  std::vector<float> keys(in.rope_key.begin() + first * in.dr,
+                          in.rope_key.begin() + (first + count) * in.dr);
+  for (Index s = 0; s < count; ++s)
+    rope.apply(keys.data() + s * in.dr, 1, in.dr, first + s + offset);
+  cache.append(seq, count, {{in.latent.data() + first * in.dc, 1, in.dc}, {keys.data(), 1, in.dr}});
+}
+
+// Absorbed queries [n, h, d_c + d_R] = [q^_i | qR_i], query t (the token at M - n + t) with its
+// qR rotated by the library at position M - n + t + offset.
+std::vector<float> absorbed_queries(const LatentInputs& in, const Rope& rope, Index offset) {
+  const Index h = in.heads, width = in.dc + in.dr;
+  std::vector<float> q(static_cast<std::size_t>(in.queries * h * width));
+  for (Index t = 0; t < in.queries; ++t) {
+    for (Index i = 0; i < h; ++i) {
+      std::copy_n(in.q_latent.begin() + (t * h + i) * in.dc, in.dc,
+                  q.begin() + (t * h + i) * width);
+      std::copy_n(in.q_rope.begin() + (t * h + i) * in.dr, in.dr,
+                  q.begin() + (t * h + i) * width + in.dc);
+    }
+    rope.apply(q.data() + t * h * width + in.dc, h, width, in.tokens - in.queries + t + offset);
+  }
+  return q;
+}
+
+// The same queries and cached tokens in double, NOT rotated: q [n, h, d_c + d_R], keys
+// [M, 1, d_c + d_R] = [c_s | kR_s], values [M, 1, d_c] = c_s.
+struct UnrotatedLatents {
+  Tensor3 q, keys, values;
+};
+
+UnrotatedLatents unrotated_latents(const LatentInputs& in) {
+  const Index h = in.heads, dc = in.dc, dr = in.dr;
+  UnrotatedLatents u{Tensor3(in.queries, h, dc + dr), Tensor3(in.tokens, 1, dc + dr),
+                     Tensor3::from_floats(in.latent.data(), in.tokens, 1, dc)};
+  for (Index t = 0; t < in.queries; ++t)
+    for (Index i = 0; i < h; ++i) {
+      for (Index c = 0; c < dc; ++c) u.q.at(t, i, c) = in.q_latent[(t * h + i) * dc + c];
+      for (Index c = 0; c < dr; ++c) u.q.at(t, i, dc + c) = in.q_rope[(t * h + i) * dr + c];
+    }
+  for (Index s = 0; s < in.tokens; ++s) {
+    for (Index c = 0; c < dc; ++c) u.keys.at(s, 0, c) = in.latent[s * dc + c];
+    for (Index c = 0; c < dr; ++c) u.keys.at(s, 0, dc + c) = in.rope_key[s * dr + c];
+  }
+  return u;
+}
+
+// Causal attention in double with RoPE applied at READ time. q [Tq, h, w] and k [Tk, g, w] hold
+// their rope parts (columns [rope_first, rope_first + rope_width)) UNROTATED; query t sits at
+// position p = Tk - Tq + t (as in attention_reference) and meets key s as R(p - s) q . k. Each
+// RoPE pair turns by position x a fixed frequency (the reversed direction by minus that), so
+// R(p) q . R(s) k = q . R(s - p) k = R(p - s) q . k: rotating both at read time by their own
+// positions, of which only the offset is left.
+AttentionResult read_time_rope_attention(const Tensor3& q, const Tensor3& k, const Tensor3& v,
+                                         Index rope_first, Index rope_width, const RopeConfig& rope,
+                                         double scale) {
+  const Index group = q.heads / k.heads;
+  AttentionResult result{Tensor3(q.tokens, q.heads, v.width),
+                         std::vector<double>(static_cast<std::size_t>(q.tokens * q.heads))};
+  std::vector<double> query(static_cast<std::size_t>(q.width));
+  std::vector<double> scores(static_cast<std::size_t>(k.tokens));
+  for (Index t = 0; t < q.tokens; ++t) {
+    const Index position = k.tokens - q.tokens + t;
+    for (Index i = 0; i < q.heads; ++i) {
+      const Index kv = i / group;
+      double top = -std::numeric_limits<double>::infinity();
+      for (Index s = 0; s <= position; ++s) {
+        std::copy_n(q.row(t, i), q.width, query.begin());
+        tpattn_test::rope_reference(query.data() + rope_first, rope_width,
+                                    static_cast<double>(position - s), rope);
+        double dot = 0.0;
+        for (Index c = 0; c < q.width; ++c)
+          dot += query[static_cast<std::size_t>(c)] * k.at(s, kv, c);
+        scores[static_cast<std::size_t>(s)] = scale * dot;
+        top = std::max(top, scale * dot);
+      }
+      double sum = 0.0;
+      double* out = result.out.row(t, i);
+      for (Index s = 0; s <= position; ++s) {
+        const double weight = std::exp(scores[static_cast<std::size_t>(s)] - top);
+        sum += weight;
+        for (Index c = 0; c < v.width; ++c) out[c] += weight * v.at(s, kv, c);
+      }
+      for (Index c = 0; c < v.width; ++c) out[c] /= sum;
+      result.lse[static_cast<std::size_t>(t * q.heads + i)] = top + std::log(sum);
+    }
+  }
+  return result;
+}
+
+// The write-time double reference of the kernel: q and the keys rotated by rope_reference at
+// their positions (+ offset), then mla_latent_reference.
+AttentionResult write_time_latent_reference(const LatentInputs& in, const RopeConfig& rope,
+                                            Index offset) {
+  UnrotatedLatents u = unrotated_latents(in);
+  Tensor3 rope_key(in.tokens, 1, in.dr);
+  for (Index s = 0; s < in.tokens; ++s) {
+    for (Index c = 0; c < in.dr; ++c) rope_key.at(s, 0, c) = u.keys.at(s, 0, in.dc + c);
+    tpattn_test::rope_reference(rope_key.row(s, 0), in.dr, static_cast<double>(s + offset), rope);
+  }
+  for (Index t = 0; t < in.queries; ++t)
+    for (Index i = 0; i < in.heads; ++i)
+      tpattn_test::rope_reference(u.q.row(t, i) + in.dc, in.dr,
+                                  static_cast<double>(in.tokens - in.queries + t + offset), rope);
+  return tpattn_test::mla_latent_reference(u.q, u.values, rope_key, static_cast<double>(in.scale));
+}
+
+struct KernelRun {
+  std::vector<float> out;  // [n, h, d_c]
+  std::vector<float> lse;  // [n, h]
+};
+
+template <class S>
+KernelRun attend_latent(const MlaKernel<S>& kernel, const LatentInputs& in,
+                        const std::vector<float>& q, const SequenceView& view) {
+  KernelRun r{std::vector<float>(static_cast<std::size_t>(in.queries * in.heads * in.dc),
+                                 std::numeric_limits<float>::quiet_NaN()),
+              std::vector<float>(static_cast<std::size_t>(in.queries * in.heads),
+                                 std::numeric_limits<float>::quiet_NaN())};
+  std::vector<float> workspace(static_cast<std::size_t>(kernel.workspace_floats()));
+  kernel.attend(q.data(), in.queries, view, r.out.data(), r.lse.data(), workspace.data());
+  return r;
+}
+
+// max|actual - expected| / max|expected| (NaN: +inf), and the same without the division.
+double max_difference(const std::vector<float>& actual, const std::vector<double>& expected) {
+  if (actual.size() != expected.size()) return std::numeric_limits<double>::infinity();
+  return tpattn_test::max_abs_error(actual.data(), expected.data(),
+                                    static_cast<Index>(expected.size()));
+}
+double max_difference(const std::vector<float>& actual, const std::vector<float>& expected) {
+  return max_difference(actual, std::vector<double>(expected.begin(), expected.end()));
+}
+template <class Expected>
+double relative_difference(const std::vector<float>& actual, const Expected& expected) {
+  const std::vector<double> e(expected.begin(), expected.end());
+  return max_difference(actual, e) / std::max(tpattn_test::max_abs(e), 1e-30);
+}
+// max|actual - expected| / max(1, max|expected|), for kMergeTolerance.
+double scaled_difference(const std::vector<float>& actual, const std::vector<float>& expected) {
+  const std::vector<double> e(expected.begin(), expected.end());
+  return max_difference(actual, e) / std::max(tpattn_test::max_abs(e), 1.0);
+}
+
+// The four RoPE variants of §4 on d_R, the last one partial (rotary_dim `partial` of d_R).
+std::vector<std::pair<std::string, RopeConfig>> rope_variants(Index partial) {
+  const auto make = [](RopePairing pairing, RopeDirection direction, Index rotary) {
+    RopeConfig c;
+    c.pairing = pairing;
+    c.direction = direction;
+    c.rotary_dim = rotary;
+    return c;
+  };
+  return {
+      {"interleaved standard (DeepSeek)",
+       make(RopePairing::interleaved, RopeDirection::standard, 0)},
+      {"half-split reversed (T6)", make(RopePairing::half_split, RopeDirection::reversed, 0)},
+      {"half-split standard", make(RopePairing::half_split, RopeDirection::standard, 0)},
+      {"interleaved reversed, partial rotary " + std::to_string(partial),
+       make(RopePairing::interleaved, RopeDirection::reversed, partial)},
+  };
+}
+
+// §6.5: rotating every cached kR and every qR at positions shifted by one constant leaves the
+// scores, so the latent outputs and the LSEs, unchanged: only position differences matter.
+TEST(MlaKernelRope, AddingOneOffsetToEveryPositionLeavesOutputsAndLseUnchanged) {
+  const Index h = 3, dc = 32, dr = 16, m = 40, n = 5;  // 5 causal queries, across 3 pages
+  const LatentInputs in = random_latent_inputs(h, dc, dr, m, n, 51u);
+  const MlaKernel<float> kernel(h, dc, dr, in.scale);
+  for (const auto& [name, config] : rope_variants(8)) {
+    SCOPED_TRACE(name);
+    const Rope rope(config, dr);
+    auto cache = make_cache(CacheKind::paged, kernel.cache_record(), 2, m);
+    const SequenceId base = cache->add_sequence(), shifted = cache->add_sequence();
+    append_latents(*cache, base, in, rope, 0, m, 0);
+    const KernelRun expected =
+        attend_latent(kernel, in, absorbed_queries(in, rope, 0), cache->view(base));
+    const AttentionResult exact = write_time_latent_reference(in, config, 0);
+    EXPECT_LE(relative_difference(expected.out, exact.out.data), kKernelTolerance);
+    EXPECT_LE(max_difference(expected.lse, exact.lse), kKernelTolerance);
+    for (Index offset : {1, 17, 1000, 12345, 1000003}) {
+      SCOPED_TRACE("offset " + std::to_string(offset));
+      cache->truncate(shifted, 0);
+      append_latents(*cache, shifted, in, rope, 0, m, offset);
+      const KernelRun r =
+          attend_latent(kernel, in, absorbed_queries(in, rope, offset), cache->view(shifted));
+      EXPECT_LE(relative_difference(r.out, expected.out), kKernelTolerance)
+          << "latent output, relative";
+      EXPECT_LE(max_difference(r.lse, expected.lse), kKernelTolerance) << "LSE, absolute";
+    }
+    // Not vacuous: shifting the keys alone changes the scores.
+    cache->truncate(shifted, 0);
+    append_latents(*cache, shifted, in, rope, 0, m, 5);
+    const KernelRun moved =
+        attend_latent(kernel, in, absorbed_queries(in, rope, 0), cache->view(shifted));
+    EXPECT_GT(relative_difference(moved.out, expected.out), kContrastFactor * kKernelTolerance);
+  }
+}
+
+// §6.5: the kernel over a cache holding kR rotated at WRITE time (by the library's Rope, at each
+// token's position) equals attention that keeps kR unrotated and rotates at READ time
+// (read_time_rope_attention, in double), for every query-key offset 0 .. 44.
+TEST(MlaKernelRope, RotatingKrAtWriteTimeEqualsRotatingAtReadTime) {
+  const Index h = 3, dc = 32, dr = 16, m = 45;
+  const LatentInputs in = random_latent_inputs(h, dc, dr, m, m, 52u);  // every token queries
+  const MlaKernel<float> kernel(h, dc, dr, in.scale);
+  const UnrotatedLatents u = unrotated_latents(in);
+  const double scale = static_cast<double>(in.scale);
+  for (const auto& [name, config] : rope_variants(8)) {
+    SCOPED_TRACE(name);
+    const AttentionResult read =
+        read_time_rope_attention(u.q, u.keys, u.values, dc, dr, config, scale);
+    // In double the two orders agree to rounding.
+    const AttentionResult write = write_time_latent_reference(in, config, 0);
+    EXPECT_LE(
+        tpattn_test::max_abs_error(write.out.data.data(), read.out.data.data(), read.out.size()),
+        1e-12 * tpattn_test::max_abs(read.out));
+    EXPECT_LE(tpattn_test::max_abs_error(write.lse.data(), read.lse.data(),
+                                         static_cast<Index>(read.lse.size())),
+              1e-12 * tpattn_test::max_abs(read.lse));
+
+    const Rope rope(config, dr);
+    auto cache = make_cache(CacheKind::paged, kernel.cache_record(), 1, m);
+    const SequenceId seq = cache->add_sequence();
+    append_latents(*cache, seq, in, rope, 0, m, 0);
+    const KernelRun r = attend_latent(kernel, in, absorbed_queries(in, rope, 0), cache->view(seq));
+    EXPECT_LE(relative_difference(r.out, read.out.data), kKernelTolerance)
+        << "latent output, relative";
+    EXPECT_LE(max_difference(r.lse, read.lse), kKernelTolerance) << "LSE, absolute";
+    // Not vacuous: without any rotation the outputs are far off.
+    RopeConfig none = config;
+    none.enabled = false;
+    const AttentionResult unrotated =
+        read_time_rope_attention(u.q, u.keys, u.values, dc, dr, none, scale);
+    EXPECT_GT(relative_difference(r.out, unrotated.out.data), kContrastFactor * kKernelTolerance);
+  }
+}
+
+// §6.5 through the layer: MultiHeadLatentAttention rotates kR before caching it; the explicit
+// per-head reference with kR and qR left unrotated by the projections and rotated at read time
+// gives the same outputs.
+TEST(MlaRope, LayerRotatingKrAtWriteTimeEqualsRotatingAtReadTime) {
+  const Index length = 40;
+  for (const auto& [name, rope] : rope_variants(4)) {
+    SCOPED_TRACE(name);
+    MlaConfig config = small_config();  // d_R 8
+    config.rope = rope;
+    const MlaWeights weights = tpattn_test::random_mla_weights(config, 53u);
+    const RowMatrix x = tpattn_test::random_inputs(length, config.d_model, 54u);
+    const Eigen::MatrixXd xd = tpattn_test::to_double(x);
+    MlaConfig unrotated = config;
+    unrotated.rope.enabled = false;
+    const tpattn_test::MlaProjections p = tpattn_test::mla_projections(unrotated, weights, xd);
+    const tpattn_test::MlaExplicitKeysValues kv =
+        tpattn_test::mla_explicit_keys_values(config, weights, p.latent, p.rope_key);
+    const Eigen::MatrixXd read_time = tpattn_test::mla_output(
+        weights, read_time_rope_attention(p.q, kv.k, kv.v, config.head_dim, config.rope_dim,
+                                          config.rope, tpattn_test::mla_scale(config))
+                     .out);
+    const Eigen::MatrixXd write_time = tpattn_test::mla_layer_reference(config, weights, xd);
+    EXPECT_LE((read_time - write_time).cwiseAbs().maxCoeff(),
+              1e-12 * write_time.cwiseAbs().maxCoeff());
+
+    MultiHeadLatentAttention<float> op(config, weights);
+    auto cache = make_cache(CacheKind::paged, op.cache_record(), 1, length);
+    const SequenceId seq = cache->add_sequence();
+    const RowMatrix y = run_steps(op, *cache, seq, x, steps_for(Schedule::chunked, length));
+    EXPECT_LE(relative_error(y, read_time), kLayerTolerance);
+    EXPECT_GT(relative_error(y, tpattn_test::mla_layer_reference(unrotated, weights, xd)),
+              kContrastFactor * kLayerTolerance)
+        << "the outputs do not depend on the rotation";
+  }
+}
+
+// §6.7: the cached tokens of one sequence split into 2 or 3 parts (the first a prefix view of the
+// whole sequence, the others sequences of their own holding the later tokens, kR rotated at the
+// tokens' true positions); the kernel on each part, the (latent output, LSE) pairs merged with
+// merge_partial, equal one pass over all tokens. The last token queries, seeing every key.
+TEST(MlaKernelMerge, MergingPartialResultsOverSplitKeysEqualsOnePass) {
+  const Index h = 4, dc = 64, dr = 16, m = 77;
+  const LatentInputs in = random_latent_inputs(h, dc, dr, m, 1, 61u);
+  const Rope rope(rope_variants(8)[0].second, dr);
+  const std::vector<float> q = absorbed_queries(in, rope, 0);
+  const std::vector<std::vector<Index>> splits = {{1},      {16},     {40},     {76},     {1, 2},
+                                                  {15, 16}, {16, 33}, {32, 64}, {40, 76}, {5, 70}};
+  for (StorageType storage : kAllStorage)
+    for (CacheKind kind : kAllCaches) {
+      SCOPED_TRACE(std::string(tpattn::name_of(storage)) + " " + name_of(kind));
+      with_storage(storage, [&](auto tag) {
+        using S = typename decltype(tag)::type;
+        const MlaKernel<S> kernel(h, dc, dr, in.scale);
+        auto cache = make_cache(kind, kernel.cache_record(), 3, m);
+        const SequenceId whole = cache->add_sequence();
+        append_latents(*cache, whole, in, rope, 0, m, 0);
+        const KernelRun one_pass = attend_latent(kernel, in, q, cache->view(whole));
+        const SequenceView view = cache->view(whole);
+        const AttentionResult exact = tpattn_test::mla_latent_reference(
+            Tensor3::from_floats(q.data(), 1, h, dc + dr), read_plane(view, 0), read_plane(view, 1),
+            static_cast<double>(in.scale));
+        EXPECT_LE(relative_difference(one_pass.out, exact.out.data), kKernelTolerance);
+        EXPECT_LE(max_difference(one_pass.lse, exact.lse), kKernelTolerance);
+
+        for (const std::vector<Index>& cuts : splits) {
+          // (Views are fetched afresh: adding a sequence may move the cache's block tables.)
+          std::vector<KernelRun> parts{
+              attend_latent(kernel, in, q, cache->view(whole).prefix(cuts[0]))};
+          for (std::size_t k = 0; k < cuts.size(); ++k) {
+            const Index first = cuts[k], last = k + 1 < cuts.size() ? cuts[k + 1] : m;
+            const SequenceId part = cache->add_sequence();
+            append_latents(*cache, part, in, rope, first, last - first, 0);
+            parts.push_back(attend_latent(kernel, in, q, cache->view(part)));
+            cache->remove_sequence(part);
+          }
+          for (bool reverse : {false, true}) {
+            std::string label = std::to_string(cuts.size() + 1) + " parts, cuts";
+            for (Index cut : cuts) label += " " + std::to_string(cut);
+            SCOPED_TRACE(label + (reverse ? ", merged last part first" : ""));
+            std::vector<KernelRun> order = parts;
+            if (reverse) std::reverse(order.begin(), order.end());
+            KernelRun merged = order[0];
+            for (std::size_t k = 1; k < order.size(); ++k)
+              for (Index i = 0; i < h; ++i)
+                tpattn::merge_partial(merged.out.data() + i * dc, merged.lse.data() + i,
+                                      order[k].out.data() + i * dc, order[k].lse[i], dc);
+            EXPECT_LE(scaled_difference(merged.out, one_pass.out), kMergeTolerance)
+                << "latent output";
+            EXPECT_LE(scaled_difference(merged.lse, one_pass.lse), kMergeTolerance) << "LSE";
+          }
+        }
+      });
+    }
+}
 
 // ---- batched decode -----------------------------------------------------------------------------
 
