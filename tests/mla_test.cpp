@@ -1390,11 +1390,15 @@ TEST(MlaMisuse, InvalidConfigThrowsNamingTheArgument) {
   }
 }
 
-TEST(MlaMisuse, BareKernelRejectsNonPositiveSizes) {
+TEST(MlaMisuse, BareKernelRejectsNonPositiveSizesAndABadScale) {
   EXPECT_TRUE(throws_error([] { MlaKernel<float> k(0, 512, 64, 0.1f); }, "MlaKernel", "heads"));
   EXPECT_TRUE(
       throws_error([] { MlaKernel<float> k(4, 0, 64, 0.1f); }, "MlaKernel", "kv_latent_dim"));
   EXPECT_TRUE(throws_error([] { MlaKernel<float> k(4, 512, -1, 0.1f); }, "MlaKernel", "rope_dim"));
+  for (float scale : {0.0f, -0.1f, std::numeric_limits<float>::infinity(),
+                      std::numeric_limits<float>::quiet_NaN()})
+    EXPECT_TRUE(throws_error([&] { MlaKernel<float> k(4, 512, 64, scale); }, "MlaKernel", "scale"))
+        << scale;
 }
 
 TEST(MlaMisuse, BareKernelAttendRejectsAForeignViewABadCountAndNullBuffers) {
