@@ -13,6 +13,7 @@
 #pragma once
 
 #include <limits>
+#include <type_traits>
 
 #include "tpattn/kernels/cache_tiles.hpp"
 #include "tpattn/kernels/gemm.hpp"
@@ -39,6 +40,12 @@ class AttentionCore {
  public:
   static constexpr Index kTileTokens = 64;   // cached tokens per tile
   static constexpr Index kQueryTokens = 16;  // query tokens per pass (bounds the workspace)
+  // With several KV heads and up to this many query rows per KV head (decode: MHA 1, GQA h / g),
+  // a tile is scored token by token across all KV heads (score_token_major) rather than by one
+  // small product per KV head. Measured (bench/attention_bench, d_h 64, 8192 tokens): MHA f32
+  // 5049 -> 2300 us per layer, GQA (g 2, 6 rows) 1541 -> 1277; with one KV head (MQA, MLA: one
+  // stream already) it lost 2x, so those keep the products.
+  static constexpr Index kTokenMajorRows = 8;
 
   AttentionCore() = default;
   // heads: query heads, a multiple of layout.kv_heads. scale: multiplies q . k.
@@ -52,10 +59,9 @@ class AttentionCore {
   // Workspace floats one run() needs, whatever its number of query tokens.
   Index workspace_floats() const {
     const Index rows = kQueryTokens * heads_;
-    return WorkspaceCarver::floats_for(
-        rows * layout_.key_width(), kQueryTokens * group_ * kTileTokens,
-        kTileTokens * layout_.key_width(), kTileTokens * layout_.value.width, rows, rows,
-        rows * layout_.value.width);
+    return WorkspaceCarver::floats_for(rows * layout_.key_width(), score_floats(),
+                                       key_scratch_floats(), value_scratch_floats(), rows, rows,
+                                       rows * layout_.value.width);
   }
 
   // q:   [query_tokens, heads, key_width], already rotated;
@@ -79,17 +85,17 @@ class AttentionCore {
   // read each token's rows g times at a stride of a whole token, defeating the prefetchers).
   // State rows are grouped by KV head: row (j count + t) group + i is query token t, head
   // j group + i.
-  void run_chunk(const float* q, Index count, const SequenceView& view, Index visible,
-                 float* out, float* lse, float* workspace) const {
+  void run_chunk(const float* q, Index count, const SequenceView& view, Index visible, float* out,
+                 float* lse, float* workspace) const {
     const Index key_width = layout_.key_width();
     const Index value_width = layout_.value.width;
     const Index rows = count * group_;  // state rows of one KV head
 
     WorkspaceCarver carve(workspace);  // same order as workspace_floats()
     float* queries = carve.take(kQueryTokens * heads_ * key_width);
-    float* scores = carve.take(kQueryTokens * group_ * kTileTokens);  // row stride kTileTokens
-    float* key_scratch = carve.take(kTileTokens * key_width);
-    float* value_scratch = carve.take(kTileTokens * value_width);
+    float* scores = carve.take(score_floats());  // row stride kTileTokens
+    float* key_scratch = carve.take(key_scratch_floats());
+    float* value_scratch = carve.take(value_scratch_floats());
     float* max = carve.take(kQueryTokens * heads_);
     float* sum = carve.take(kQueryTokens * heads_);
     float* acc = carve.take(kQueryTokens * heads_ * value_width);
@@ -108,35 +114,130 @@ class AttentionCore {
     }
 
     const Index limit = visible + count - 1;  // the last query token sees this many tokens
-    for_each_tile(view, limit, kTileTokens, [&](const CacheTile& tile) {
-      MatrixMap tile_scores = map_matrix(scores, rows, tile.tokens, kTileTokens);
-      for (Index j = 0; j < layout_.kv_heads; ++j) {
-        const ConstMatrixMap group_queries =
-            map_matrix(static_cast<const float*>(queries) + j * rows * key_width, rows, key_width);
-        Index column = 0;
-        for (Index s = 0; s < layout_.key_segments(); ++s) {
-          const KeyValueLayout::Segment& segment = layout_.key[s];
-          const ConstMatrixMap keys =
-              read_tile<Storage>(view, segment.plane, tile, j * segment.width, segment.width,
-                                 key_scratch + column * kTileTokens);
-          multiply(group_queries.middleCols(column, segment.width), keys.transpose(),
-                   tile_scores, /*accumulate=*/s > 0);
-          column += segment.width;
+    if (token_major(rows)) {
+      for_each_tile(view, limit, kTileTokens, [&](const CacheTile& tile) {
+        // Scores of KV head j: rows [j rows, (j + 1) rows) of a [kv_heads rows, tile] matrix.
+        score_token_major(view, tile, queries, rows, scores, key_scratch);
+        for (Index j = 0; j < layout_.kv_heads; ++j) {
+          MatrixMap head_scores =
+              map_matrix(scores + j * rows * kTileTokens, rows, tile.tokens, kTileTokens);
+          mask_future(head_scores, tile, visible);
+          state_of(j).absorb_scores(head_scores);
         }
-        mask_future(tile_scores, tile, visible);
-        SoftmaxState state = state_of(j);
-        state.absorb_scores(tile_scores);
-        const ConstMatrixMap values = read_tile<Storage>(
-            view, layout_.value.plane, tile, j * value_width, value_width, value_scratch);
-        multiply(tile_scores, values, state.acc(), /*accumulate=*/true);
-      }
-    });
+        add_values_token_major(view, tile, scores, rows, acc, value_scratch);
+      });
+    } else {
+      for_each_tile(view, limit, kTileTokens, [&](const CacheTile& tile) {
+        MatrixMap tile_scores = map_matrix(scores, rows, tile.tokens, kTileTokens);
+        for (Index j = 0; j < layout_.kv_heads; ++j) {
+          const ConstMatrixMap group_queries = map_matrix(
+              static_cast<const float*>(queries) + j * rows * key_width, rows, key_width);
+          Index column = 0;
+          for (Index s = 0; s < layout_.key_segments(); ++s) {
+            const KeyValueLayout::Segment& segment = layout_.key[s];
+            const ConstMatrixMap keys =
+                read_tile<Storage>(view, segment.plane, tile, j * segment.width, segment.width,
+                                   key_scratch + column * kTileTokens);
+            multiply(group_queries.middleCols(column, segment.width), keys.transpose(), tile_scores,
+                     /*accumulate=*/s > 0);
+            column += segment.width;
+          }
+          mask_future(tile_scores, tile, visible);
+          SoftmaxState state = state_of(j);
+          state.absorb_scores(tile_scores);
+          const ConstMatrixMap values = read_tile<Storage>(
+              view, layout_.value.plane, tile, j * value_width, value_width, value_scratch);
+          multiply(tile_scores, values, state.acc(), /*accumulate=*/true);
+        }
+      });
+    }
 
     for (Index j = 0; j < layout_.kv_heads; ++j) {
       const SoftmaxState state = state_of(j);
       for (Index t = 0; t < count; ++t)
-        state.finish(t * group_, group_, out + (t * heads_ + j * group_) * value_width,
-                     value_width, lse == nullptr ? nullptr : lse + t * heads_ + j * group_);
+        state.finish(t * group_, group_, out + (t * heads_ + j * group_) * value_width, value_width,
+                     lse == nullptr ? nullptr : lse + t * heads_ + j * group_);
+    }
+  }
+
+  bool token_major(Index rows) const { return layout_.kv_heads > 1 && rows <= kTokenMajorRows; }
+
+  Index score_floats() const {
+    const Index per_head = kQueryTokens * group_ * kTileTokens;
+    const Index token_major = layout_.kv_heads * kTokenMajorRows * kTileTokens;
+    return per_head > token_major ? per_head : token_major;
+  }
+  // A tile of one KV head's key (per-head products), or one token's keys of all KV heads
+  // (token-major), widened to fp32.
+  Index key_scratch_floats() const {
+    const Index token = layout_.kv_heads * layout_.key_width();
+    const Index tile = kTileTokens * layout_.key_width();
+    return token > tile ? token : tile;
+  }
+  Index value_scratch_floats() const {
+    const Index token = layout_.kv_heads * layout_.value.width;
+    const Index tile = kTileTokens * layout_.value.width;
+    return token > tile ? token : tile;
+  }
+
+  // Token t's plane row (all KV heads), fp32: the cache itself for float storage, else widened
+  // into scratch.
+  const float* token_row(const SequenceView& view, Index plane, const CacheTile& tile, Index t,
+                         float* scratch) const {
+    const Index width = view.elements_per_token(plane);
+    const Storage* row = view.plane_block<Storage>(plane, tile.block) + (tile.row + t) * width;
+    if constexpr (std::is_same_v<Storage, float>) {
+      return row;
+    } else {
+      StorageTraits<Storage>::to_float(row, scratch, width);
+      return scratch;
+    }
+  }
+
+  // scores[(j rows + r) kTileTokens + t] = q_{j, r} . k_{t, j} for every token t of the tile,
+  // KV head j and state row r < rows. Each token's key row (all KV heads, contiguous in the cache)
+  // is read once, in memory order, so a tile streams through like one array; scoring KV head by
+  // KV head would read the same rows as g interleaved strided streams.
+  void score_token_major(const SequenceView& view, const CacheTile& tile, const float* queries,
+                         Index rows, float* scores, float* scratch) const {
+    const Index g = layout_.kv_heads, key_width = layout_.key_width();
+    for (Index t = 0; t < tile.tokens; ++t) {
+      Index column = 0;
+      for (Index s = 0; s < layout_.key_segments(); ++s) {
+        const KeyValueLayout::Segment& segment = layout_.key[s];
+        // keys: [g, width], KV head j's segment of token t.
+        const ConstMatrixMap keys = map_matrix(token_row(view, segment.plane, tile, t, scratch), g,
+                                               segment.width, segment.width);
+        for (Index r = 0; r < rows; ++r) {
+          // Row r of every KV head's queries, and where its scores go.
+          const ConstMatrixMap q_r =
+              map_matrix(queries + r * key_width + column, g, segment.width, rows * key_width);
+          Eigen::Map<Eigen::VectorXf, Eigen::Unaligned, Eigen::InnerStride<>> out(
+              scores + r * kTileTokens + t, g, Eigen::InnerStride<>(rows * kTileTokens));
+          if (s == 0)
+            out.noalias() = q_r.cwiseProduct(keys).rowwise().sum();
+          else
+            out.noalias() += q_r.cwiseProduct(keys).rowwise().sum();
+        }
+        column += segment.width;
+      }
+    }
+  }
+
+  // acc row (j rows + r) += weights[(j rows + r) kTileTokens + t] v_{t, j}, token by token.
+  void add_values_token_major(const SequenceView& view, const CacheTile& tile, const float* weights,
+                              Index rows, float* acc, float* scratch) const {
+    const Index g = layout_.kv_heads, width = layout_.value.width;
+    for (Index t = 0; t < tile.tokens; ++t) {
+      // values: [g, width], KV head j's value of token t at columns [j width, (j + 1) width).
+      const ConstMatrixMap values =
+          map_matrix(token_row(view, layout_.value.plane, tile, t, scratch), g, width);
+      for (Index r = 0; r < rows; ++r) {
+        MatrixMap acc_r = map_matrix(acc + r * width, g, width, rows * width);
+        const Eigen::Map<const Eigen::VectorXf, Eigen::Unaligned, Eigen::InnerStride<>> p(
+            weights + r * kTileTokens + t, g, Eigen::InnerStride<>(rows * kTileTokens));
+        acc_r.array() += values.array().colwise() * p.array();
+      }
     }
   }
 
