@@ -368,6 +368,11 @@ const std::vector<LayerCase> kTpaCases = {
      2, rope(kInterleaved, kReversed, 128), kF32, kPaged, 113, 8},
     {"Len300_H3_D64_Rq2_Rk2_Rv1_Reversed_Paged", 24, 3, 64, 64, 2, 2, 1, rope(kHalf, kReversed),
      kF32, kPaged, 300, 33},
+    // Contiguous caches give the kernel full tiles (128 tokens): sequences of two and a bit.
+    {"Len300_H4_D32_Rq2_Rk2_Rv2_Reversed_Contiguous", 24, 4, 32, 32, 2, 2, 2,
+     rope(kHalf, kReversed), kF32, kContiguous, 300, 70},
+    {"Bf16_Len270_H3_D16_Dv24_Rq16_Rk1_Rv3_Interleaved_Contiguous", 16, 3, 16, 24, 16, 1, 3,
+     rope(kInterleaved, kStandard), kBf16, kContiguous, 270, 128},
     // d_h 40, 96, 128 (common head sizes besides 64): short, with few heads, to stay fast.
     {"Len19_H3_D40_Dv24_Rq2_Rk2_Rv3_Reversed_Paged", 24, 3, 40, 24, 2, 2, 3, rope(kHalf, kReversed),
      kF32, kPaged, 19, 7},
@@ -414,6 +419,8 @@ const std::vector<LayerCase> kKvOnlyCases = {
      rope(kHalf, kReversed), kBf16, kContiguous, 16, 5},
     {"Len20_H4_D128_Rk3_Rv1_Reversed_Paged", 32, 4, 128, 128, 0, 3, 1, rope(kHalf, kReversed), kF32,
      kPaged, 20, 7},
+    {"Len260_H2_D32_Rk2_Rv2_Contiguous", 16, 2, 32, 32, 0, 2, 2, rope(kHalf, kStandard), kF32,
+     kContiguous, 260, 100},
 };
 
 class TpaLayer : public ::testing::TestWithParam<LayerCase> {};

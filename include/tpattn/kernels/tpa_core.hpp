@@ -44,7 +44,7 @@ inline TpaOrder cheaper_tpa_order(const TpaShape& shape) {
 template <class Storage>
 class TpaCore {
  public:
-  static constexpr Index kTileTokens = 32;
+  static constexpr Index kTileTokens = 128;
   static constexpr Index kQueryTokens = 8;
 
   // Plane indices of the TPA record: A_K, B_K, A_V, B_V.
@@ -163,12 +163,12 @@ class TpaCore {
           multiply(b_k, map_matrix(factor_b + t * rq * dh, rq, dh).transpose(), p);
           multiply(p, map_matrix(factor_a + t * rq * h, rq, h), w);
         }
-        // L[s][i] = sum_u A_K[s][u][i] W[s][u][i]
-        for (Index s = 0; s < n; ++s) {
-          logits.row(s) = a_k.row(s * rk).cwiseProduct(w.row(s * rk));
-          for (Index u = 1; u < rk; ++u)
-            logits.row(s) += a_k.row(s * rk + u).cwiseProduct(w.row(s * rk + u));
-        }
+        // L[s][i] = sum_u A_K[s][u][i] W[s][u][i], one rank u of every token at a time (its
+        // rows are R_K rows apart in both tiles).
+        logits = rank_rows(a_k.data(), 0, n, rk, h).cwiseProduct(rank_rows(w.data(), 0, n, rk, h));
+        for (Index u = 1; u < rk; ++u)
+          logits +=
+              rank_rows(a_k.data(), u, n, rk, h).cwiseProduct(rank_rows(w.data(), u, n, rk, h));
         tile_scores.middleRows(t * h, h) = logits.transpose();
         // Query token t sees tokens before visible + t only.
         Index start = visible + t - tile.first;
@@ -182,17 +182,27 @@ class TpaCore {
       const ConstMatrixMap a_v = read_tile_rows(view, kPlaneAV, tile, rv * h, tile_av, n * rv, h);
       const ConstMatrixMap b_v = read_tile_rows(view, kPlaneBV, tile, rv * dv, tile_bv, n * rv, dv);
       MatrixMap z = map_matrix(values_z, n * rv, h);
+      MatrixMap weights = map_matrix(logits_t, n, h);  // p^T of one query token: [tile, h]
       for (Index t = 0; t < count; ++t) {
         // Z[s][v][i] = p[i][s] A_V[s][v][i];  O_t += Z^T B_V
-        for (Index s = 0; s < n; ++s)
-          for (Index v = 0; v < rv; ++v)
-            z.row(s * rv + v) =
-                a_v.row(s * rv + v).cwiseProduct(tile_scores.col(s).segment(t * h, h).transpose());
+        weights = tile_scores.middleRows(t * h, h).transpose();
+        for (Index v = 0; v < rv; ++v)
+          rank_rows(values_z, v, n, rv, h) =
+              rank_rows(a_v.data(), v, n, rv, h).cwiseProduct(weights);
         multiply(z.transpose(), b_v, state.acc().middleRows(t * h, h), /*accumulate=*/true);
       }
     });
 
     state.finish(0, rows, out, dv, lse, 1.0f / static_cast<float>(rv));
+  }
+
+  // Rank r's rows of a tile's [tokens R, cols] factor: [tokens, cols], R rows apart.
+  static ConstMatrixMap rank_rows(const float* tile, Index r, Index tokens, Index ranks,
+                                  Index cols) {
+    return map_matrix(tile + r * cols, tokens, cols, ranks * cols);
+  }
+  static MatrixMap rank_rows(float* tile, Index r, Index tokens, Index ranks, Index cols) {
+    return map_matrix(tile + r * cols, tokens, cols, ranks * cols);
   }
 
   // A tile's rows of a whole plane as an fp32 [rows, cols] matrix (R rows per token).
