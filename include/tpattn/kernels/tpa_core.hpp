@@ -189,7 +189,8 @@ class TpaCore {
         for (Index v = 0; v < rv; ++v)
           rank_rows(values_z, v, n, rv, h) =
               rank_rows(a_v.data(), v, n, rv, h).cwiseProduct(weights);
-        multiply(z.transpose(), b_v, state.acc().middleRows(t * h, h), /*accumulate=*/true);
+        add_transposed_product(z.data(), h, b_v.data(), dv, n * rv, h, dv,
+                               state.acc().data() + t * h * dv, dv);
       }
     });
 
