@@ -32,52 +32,71 @@ struct Strided {
   float at(Index i, Index j) const { return data[static_cast<std::size_t>(i * stride + j)]; }
 };
 
-// out += a^T b in double, and the bound of each entry's rounding.
-void expect_transposed_product(Index k, Index m, Index n, std::uint32_t seed) {
+// out (+)= A b in double, A: [m, k] read from a [k, m] array (transposed) or a [m, k] one, and
+// the bound of each entry's rounding; the stride padding of out must stay untouched.
+void expect_small_product(Index k, Index m, Index n, bool transposed, bool accumulate,
+                          std::uint32_t seed) {
   std::mt19937 rng(seed);
-  const Strided a(k, m, m + 3, rng), b(k, n, n + 5, rng);
+  const Strided a = transposed ? Strided(k, m, m + 3, rng) : Strided(m, k, k + 3, rng);
+  const Strided b(k, n, n + 5, rng);
   Strided out(m, n, n + 2, rng);
   const Strided start = out;
-  add_transposed_product(a.data.data(), a.stride, b.data.data(), b.stride, k, m, n, out.data.data(),
-                         out.stride);
+  const auto a_at = [&](Index r, Index s) { return transposed ? a.at(s, r) : a.at(r, s); };
+  if (transposed)
+    small_product(a.data.data(), 1, a.stride, b.data.data(), b.stride, k, m, n, out.data.data(),
+                  out.stride, accumulate);
+  else
+    small_product(a.data.data(), a.stride, 1, b.data.data(), b.stride, k, m, n, out.data.data(),
+                  out.stride, accumulate);
   double worst = 0.0;
   for (Index i = 0; i < m; ++i)
     for (Index j = 0; j < n; ++j) {
-      double expected = start.at(i, j), magnitude = std::fabs(start.at(i, j));
+      double expected = accumulate ? start.at(i, j) : 0.0;
+      double magnitude = std::fabs(expected);
       for (Index s = 0; s < k; ++s) {
-        expected += static_cast<double>(a.at(s, i)) * b.at(s, j);
-        magnitude += std::fabs(static_cast<double>(a.at(s, i)) * b.at(s, j));
+        expected += static_cast<double>(a_at(i, s)) * b.at(s, j);
+        magnitude += std::fabs(static_cast<double>(a_at(i, s)) * b.at(s, j));
       }
       const double error = std::fabs(out.at(i, j) - expected);
       worst = std::max(worst, error / (magnitude > 0.0 ? magnitude : 1.0));
     }
-  EXPECT_LE(worst, kRelativeTolerance) << "k " << k << ", m " << m << ", n " << n;
+  EXPECT_LE(worst, kRelativeTolerance)
+      << "k " << k << ", m " << m << ", n " << n << (transposed ? ", transposed" : "")
+      << (accumulate ? ", accumulate" : "");
   for (Index i = 0; i < m; ++i)
     for (Index j = n; j < out.stride; ++j)
       EXPECT_EQ(out.at(i, j), kUntouched) << "padding written at " << i << ", " << j;
 }
 
 // Every shape class of the blocking: rows below, at and above the row block (6), columns below
-// one packet, at packet multiples and with a scalar tail, depth 0 and 1 to hundreds.
-TEST(AddTransposedProduct, MatchesDoubleReferenceForOddShapesAndStrides) {
+// one packet, at 1-4 packets and with a scalar tail, depth 0 and 1 to hundreds; both
+// orientations of the left operand; overwrite and accumulate.
+TEST(SmallProduct, MatchesDoubleReferenceForOddShapesAndStrides) {
   std::uint32_t seed = 1;
   for (Index k : {0, 1, 2, 7, 64, 300})
     for (Index m : {1, 3, 5, 6, 7, 12, 13, 34})
-      for (Index n : {1, 5, 8, 15, 16, 17, 31, 33, 64, 65, 100})
-        expect_transposed_product(k, m, n, seed++);
+      for (Index n : {1, 5, 8, 15, 16, 17, 31, 33, 48, 64, 65, 100})
+        for (bool transposed : {false, true})
+          for (bool accumulate : {false, true})
+            expect_small_product(k, m, n, transposed, accumulate, seed++);
 }
 
-// The TPA value side at the paper's small model: h 34, d_v 64, a tile of 128 tokens x R_V 2.
-TEST(AddTransposedProduct, TpaValueShapeAccumulatesOntoTheState) {
-  expect_transposed_product(256, 34, 64, 77);
+// The TPA shapes at the paper's small model (h 34, d_h = d_v 64, tiles of 128 tokens, R 2, R_Q 6):
+// O += Z^T B_V, and the scores' W = B_K q^T and W = P A_Q with h padded to 48.
+TEST(SmallProduct, TpaShapes) {
+  expect_small_product(256, 34, 64, /*transposed=*/true, /*accumulate=*/true, 77);
+  expect_small_product(64, 256, 48, /*transposed=*/false, /*accumulate=*/false, 78);
+  expect_small_product(6, 256, 48, /*transposed=*/false, /*accumulate=*/false, 79);
 }
 
-TEST(AddTransposedProduct, ADroppedTermIsSeen) {
-  // One term of size 1: out = 1 x 1 + 1 x 1 must be 2 above its start, not 1.
+TEST(SmallProduct, ADroppedTermIsSeen) {
+  // Two terms of size 1 onto 0.5: 2.5, not 1.5; without accumulate: 2.
   const std::vector<float> a = {1.0f, 1.0f}, b = {1.0f, 1.0f};
   float out = 0.5f;
-  add_transposed_product(a.data(), 1, b.data(), 1, 2, 1, 1, &out, 1);
+  small_product(a.data(), 1, 1, b.data(), 1, 2, 1, 1, &out, 1, /*accumulate=*/true);
   EXPECT_EQ(out, 2.5f);
+  small_product(a.data(), 1, 1, b.data(), 1, 2, 1, 1, &out, 1, /*accumulate=*/false);
+  EXPECT_EQ(out, 2.0f);
 }
 
 TEST(Multiply, MatchesDoubleReferenceAcrossPanelEdges) {

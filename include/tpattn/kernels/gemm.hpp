@@ -6,6 +6,8 @@
 // its packed blocks (at most 256 x 96 floats) always stay on the stack.
 #pragma once
 
+#include <type_traits>
+
 #include "tpattn/core/error.hpp"
 #include "tpattn/core/matrix.hpp"
 
@@ -41,11 +43,18 @@ void multiply(const Lhs& a, const Rhs& b, Out&& c, bool accumulate = false) {
 
 namespace detail {
 
-// out[r][c] += sum_s a[s][r] b[s][c] for r < Rows, c < Packets x (packet size): the accumulators
-// stay in registers over the whole depth k.
+// Strides of a small product's left operand: A(r, s) = a[r * row + s * depth], so that A can be
+// a row-major array (row = its row stride, depth = 1) or the transpose of one (row = 1).
+struct LeftStrides {
+  Index row;
+  Index depth;
+};
+
+// out[r][c] (+)= sum_s A(r, s) b[s][c] for r < Rows, c < Packets x (packet size): the
+// accumulators stay in registers over the whole depth k.
 template <int Rows, int Packets>
-inline void add_transposed_product_block(const float* a, Index a_stride, const float* b,
-                                         Index b_stride, Index k, float* out, Index out_stride) {
+inline void small_product_block(const float* a, LeftStrides as, const float* b, Index b_stride,
+                                Index k, float* out, Index out_stride, bool accumulate) {
   using Packet = Eigen::internal::packet_traits<float>::type;
   constexpr Index kSize = Eigen::internal::packet_traits<float>::size;
   Packet acc[Rows][Packets];
@@ -56,7 +65,7 @@ inline void add_transposed_product_block(const float* a, Index a_stride, const f
     for (int p = 0; p < Packets; ++p)
       row[p] = Eigen::internal::ploadu<Packet>(b + s * b_stride + p * kSize);
     for (int r = 0; r < Rows; ++r) {
-      const Packet weight = Eigen::internal::pset1<Packet>(a[s * a_stride + r]);
+      const Packet weight = Eigen::internal::pset1<Packet>(a[r * as.row + s * as.depth]);
       for (int p = 0; p < Packets; ++p)
         acc[r][p] = Eigen::internal::pmadd(weight, row[p], acc[r][p]);
     }
@@ -65,51 +74,75 @@ inline void add_transposed_product_block(const float* a, Index a_stride, const f
     for (int p = 0; p < Packets; ++p) {
       float* target = out + r * out_stride + p * kSize;
       Eigen::internal::pstoreu(
-          target, Eigen::internal::padd(Eigen::internal::ploadu<Packet>(target), acc[r][p]));
+          target, accumulate
+                      ? Eigen::internal::padd(Eigen::internal::ploadu<Packet>(target), acc[r][p])
+                      : acc[r][p]);
     }
 }
 
-// Rows [0, rows) with rows <= kRows, at one block of Packets packets of columns.
+// All m rows, kRows at a time, at one block of Packets packets of columns.
 template <int kRows, int Packets>
-inline void add_transposed_product_rows(Index rows, const float* a, Index a_stride, const float* b,
-                                        Index b_stride, Index k, float* out, Index out_stride) {
-  if constexpr (kRows > 0) {
-    if (rows == kRows)
-      add_transposed_product_block<kRows, Packets>(a, a_stride, b, b_stride, k, out, out_stride);
-    else
-      add_transposed_product_rows<kRows - 1, Packets>(rows, a, a_stride, b, b_stride, k, out,
-                                                      out_stride);
+inline void small_product_columns(const float* a, LeftStrides as, const float* b, Index b_stride,
+                                  Index k, Index m, float* out, Index out_stride, bool accumulate) {
+  Index row = 0;
+  for (; row + kRows <= m; row += kRows)
+    small_product_block<kRows, Packets>(a + row * as.row, as, b, b_stride, k,
+                                        out + row * out_stride, out_stride, accumulate);
+  const auto rest = [&](auto rows) {
+    small_product_block<decltype(rows)::value, Packets>(
+        a + row * as.row, as, b, b_stride, k, out + row * out_stride, out_stride, accumulate);
+  };
+  static_assert(kRows == 6, "the switch below covers 1 .. kRows - 1 rows");
+  switch (m - row) {
+    case 1: rest(std::integral_constant<int, 1>()); break;
+    case 2: rest(std::integral_constant<int, 2>()); break;
+    case 3: rest(std::integral_constant<int, 3>()); break;
+    case 4: rest(std::integral_constant<int, 4>()); break;
+    case 5: rest(std::integral_constant<int, 5>()); break;
+    default: break;
   }
 }
 
 }  // namespace detail
 
-// out: [m, n] += a^T b, for a: [k, m] and b: [k, n]; all row-major fp32 with the given row
-// strides. For a small depth k and output that fits in registers a block at a time, where a GEMM's
-// packing of both operands costs about as much as its arithmetic: TPA's value side
-// (O += Z^T B_V, m = h, n = d_v, k = tile x R_V). Each block of kRows output rows and a few
-// packets of columns is accumulated in registers over all of k, reading b once per row block.
-inline void add_transposed_product(const float* a, Index a_stride, const float* b, Index b_stride,
-                                   Index k, Index m, Index n, float* out, Index out_stride) {
+// out: [m, n] = A B (accumulate: out += A B) for a small left operand A: [m, k] with
+// A(r, s) = a[r * a_row_stride + s * a_depth_stride] (a row-major array, or with the strides
+// swapped the transpose of one), and b: [k, n], out: [m, n] row-major with the given row strides.
+// For the shapes of the TPA kernel (k a few to a few hundred, n = h or d_v), where a GEMM's packing
+// of both operands costs about as much as its arithmetic: blocks of 6 output rows by up to 4
+// packets of columns accumulate in registers over the whole depth, reading b once per row block.
+// Columns past the last whole packet are summed one by one, so pad n to a packet multiple where
+// that tail matters.
+inline void small_product(const float* a, Index a_row_stride, Index a_depth_stride, const float* b,
+                          Index b_stride, Index k, Index m, Index n, float* out, Index out_stride,
+                          bool accumulate) {
   constexpr Index kSize = Eigen::internal::packet_traits<float>::size;
   constexpr int kRows = 6;
-  constexpr int kPackets = kSize >= 16 ? 4 : 2;  // 6 x 4 (+ 4) of 32 zmm; 6 x 2 (+ 2) of 16 ymm
+  const detail::LeftStrides as{a_row_stride, a_depth_stride};
+  // 6 x 4 accumulators (+ 4) of 32 zmm registers; 6 x 2 (+ 2) of 16 ymm or xmm.
+  constexpr int kPackets = kSize >= 16 ? 4 : 2;
   Index column = 0;
   for (; column + kPackets * kSize <= n; column += kPackets * kSize)
-    for (Index row = 0; row < m; row += kRows)
-      detail::add_transposed_product_rows<kRows, kPackets>(
-          m - row < kRows ? m - row : kRows, a + row, a_stride, b + column, b_stride, k,
-          out + row * out_stride + column, out_stride);
-  for (; column + kSize <= n; column += kSize)
-    for (Index row = 0; row < m; row += kRows)
-      detail::add_transposed_product_rows<kRows, 1>(m - row < kRows ? m - row : kRows, a + row,
-                                                    a_stride, b + column, b_stride, k,
-                                                    out + row * out_stride + column, out_stride);
+    detail::small_product_columns<kRows, kPackets>(a, as, b + column, b_stride, k, m, out + column,
+                                                   out_stride, accumulate);
+  const Index packets = (n - column) / kSize;  // < kPackets
+  if (packets == 3)
+    detail::small_product_columns<kRows, 3>(a, as, b + column, b_stride, k, m, out + column,
+                                            out_stride, accumulate);
+  else if (packets == 2)
+    detail::small_product_columns<kRows, 2>(a, as, b + column, b_stride, k, m, out + column,
+                                            out_stride, accumulate);
+  else if (packets == 1)
+    detail::small_product_columns<kRows, 1>(a, as, b + column, b_stride, k, m, out + column,
+                                            out_stride, accumulate);
+  column += packets * kSize;
   for (; column < n; ++column)  // fewer columns than a packet
     for (Index row = 0; row < m; ++row) {
       float sum = 0.0f;
-      for (Index s = 0; s < k; ++s) sum += a[s * a_stride + row] * b[s * b_stride + column];
-      out[row * out_stride + column] += sum;
+      for (Index s = 0; s < k; ++s)
+        sum += a[row * a_row_stride + s * a_depth_stride] * b[s * b_stride + column];
+      float& target = out[row * out_stride + column];
+      target = accumulate ? target + sum : sum;
     }
 }
 

@@ -58,14 +58,15 @@ class TpaCore {
   Index workspace_floats() const {
     const Index h = shape_.heads, dh = shape_.head_dim, dv = shape_.value_dim;
     const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
-    const Index rows = kQueryTokens * h;
+    const Index rows = kQueryTokens * h, hp = padded_heads();
     return WorkspaceCarver::floats_for(
-        rows * dh, kQueryTokens * rq * h, kQueryTokens * rq * dh,      // q, scaled A_Q, B_Q
-        kTileTokens * rk * h, kTileTokens * rk * dh,                   // A_K, B_K tile
-        kTileTokens * rv * h, kTileTokens * rv * dv,                   // A_V, B_V tile
-        kTileTokens * rk * rq, kTileTokens * rk * h, kTileTokens * h,  // P, W, L^T
-        kTileTokens * rv * h, rows * kTileTokens,                      // Z, scores
-        rows, rows, rows * dv);                                        // softmax state
+        rows * dh, kQueryTokens * dh * hp,                              // q, q^T
+        kQueryTokens * rq * hp, kQueryTokens * rq * dh,                 // scaled A_Q, B_Q
+        kTileTokens * rk * h, kTileTokens * rk * dh,                    // A_K, B_K tile
+        kTileTokens * rv * h, kTileTokens * rv * dv,                    // A_V, B_V tile
+        kTileTokens * rk * rq, kTileTokens * rk * hp, kTileTokens * h,  // P, W, L^T
+        kTileTokens * rv * h, rows * kTileTokens,                       // Z, scores
+        rows, rows, rows * dv);                                         // softmax state
   }
 
   // Factored query (TPA). a_q: [query_tokens, R_Q, h], b_q: [query_tokens, R_Q, d_h] (rotated).
@@ -107,16 +108,20 @@ class TpaCore {
     const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
     const float score_scale = 1.0f / (static_cast<float>(rk) * std::sqrt(static_cast<float>(dh)));
 
+    // The products that form W write whole packets of columns, so W and the operands it is formed
+    // from (q^T, A_Q) have their h columns padded to hp with zeros.
+    const Index hp = padded_heads();
     WorkspaceCarver carve(workspace);                            // same order as workspace_floats()
     float* query = carve.take(kQueryTokens * h * dh);            // [count, h, d_h]  (scaled)
-    float* factor_a = carve.take(kQueryTokens * rq * h);         // [count, R_Q, h]  (scaled)
+    float* query_t = carve.take(kQueryTokens * dh * hp);         // [count, d_h, hp]  q^T
+    float* factor_a = carve.take(kQueryTokens * rq * hp);        // [count, R_Q, hp]  (scaled)
     float* factor_b = carve.take(kQueryTokens * rq * dh);        // [count, R_Q, d_h]
     float* tile_ak = carve.take(kTileTokens * rk * h);           // [tile R_K, h]
     float* tile_bk = carve.take(kTileTokens * rk * dh);          // [tile R_K, d_h]
     float* tile_av = carve.take(kTileTokens * rv * h);           // [tile R_V, h]
     float* tile_bv = carve.take(kTileTokens * rv * dv);          // [tile R_V, d_v]
     float* products = carve.take(kTileTokens * rk * rq);         // P: [tile R_K, R_Q]
-    float* weights_w = carve.take(kTileTokens * rk * h);         // W: [tile R_K, h]
+    float* weights_w = carve.take(kTileTokens * rk * hp);        // W: [tile R_K, hp]
     float* logits_t = carve.take(kTileTokens * h);               // L^T: [tile, h]
     float* values_z = carve.take(kTileTokens * rv * h);          // Z: [tile R_V, h]
     float* scores = carve.take(kQueryTokens * h * kTileTokens);  // [count h, tile], stride tile
@@ -135,14 +140,19 @@ class TpaCore {
       } else {
         // q_t = A_Q^T B_Q / R_Q, the scale applied to A_Q first: a product with a scaled operand
         // would make Eigen evaluate the operand into a heap temporary.
-        map_matrix(factor_a, count * rq, h) =
+        map_matrix(factor_a, count * rq, h, hp) =
             map_matrix(a_q, count * rq, h) * (score_scale / static_cast<float>(rq));
         for (Index t = 0; t < count; ++t)
-          multiply(map_matrix(factor_a + t * rq * h, rq, h).transpose(),
+          multiply(map_matrix(factor_a + t * rq * hp, rq, h, hp).transpose(),
                    map_matrix(b_q + t * rq * dh, rq, dh), queries.middleRows(t * h, h));
       }
+      MatrixMap transposed = map_matrix(query_t, count * dh, hp);
+      transposed.rightCols(hp - h).setZero();
+      for (Index t = 0; t < count; ++t)
+        transposed.block(t * dh, 0, dh, h) = queries.middleRows(t * h, h).transpose();
     } else {
-      map_matrix(factor_a, count * rq, h) =
+      map_matrix(factor_a, count * rq, hp).rightCols(hp - h).setZero();
+      map_matrix(factor_a, count * rq, h, hp) =
           map_matrix(a_q, count * rq, h) * (score_scale / static_cast<float>(rq));
       map_matrix(factor_b, count * rq, dh) = map_matrix(b_q, count * rq, dh);
     }
@@ -153,22 +163,25 @@ class TpaCore {
       const ConstMatrixMap a_k = read_tile_rows(view, kPlaneAK, tile, rk * h, tile_ak, n * rk, h);
       const ConstMatrixMap b_k = read_tile_rows(view, kPlaneBK, tile, rk * dh, tile_bk, n * rk, dh);
       MatrixMap tile_scores = map_matrix(scores, rows, n, kTileTokens);
-      MatrixMap w = map_matrix(weights_w, n * rk, h);
+      const ConstMatrixMap w = map_matrix(static_cast<const float*>(weights_w), n * rk, hp);
       MatrixMap logits = map_matrix(logits_t, n, h);
       for (Index t = 0; t < count; ++t) {
-        if (order == TpaOrder::query) {
-          multiply(b_k, map_matrix(query + t * h * dh, h, dh).transpose(), w);
-        } else {
+        if (order == TpaOrder::query) {  // W = B_K q^T
+          small_product(b_k.data(), dh, 1, query_t + t * dh * hp, hp, dh, n * rk, hp, weights_w, hp,
+                        /*accumulate=*/false);
+        } else {  // W = (B_K B_Q^T) A_Q
           MatrixMap p = map_matrix(products, n * rk, rq);
           multiply(b_k, map_matrix(factor_b + t * rq * dh, rq, dh).transpose(), p);
-          multiply(p, map_matrix(factor_a + t * rq * h, rq, h), w);
+          small_product(products, rq, 1, factor_a + t * rq * hp, hp, rq, n * rk, hp, weights_w, hp,
+                        /*accumulate=*/false);
         }
         // L[s][i] = sum_u A_K[s][u][i] W[s][u][i], one rank u of every token at a time (its
         // rows are R_K rows apart in both tiles).
-        logits = rank_rows(a_k.data(), 0, n, rk, h).cwiseProduct(rank_rows(w.data(), 0, n, rk, h));
+        logits = rank_rows(a_k.data(), 0, n, rk, h)
+                     .cwiseProduct(rank_rows(w.data(), 0, n, rk, hp).leftCols(h));
         for (Index u = 1; u < rk; ++u)
-          logits +=
-              rank_rows(a_k.data(), u, n, rk, h).cwiseProduct(rank_rows(w.data(), u, n, rk, h));
+          logits += rank_rows(a_k.data(), u, n, rk, h)
+                        .cwiseProduct(rank_rows(w.data(), u, n, rk, hp).leftCols(h));
         tile_scores.middleRows(t * h, h) = logits.transpose();
         // Query token t sees tokens before visible + t only.
         Index start = visible + t - tile.first;
@@ -189,8 +202,8 @@ class TpaCore {
         for (Index v = 0; v < rv; ++v)
           rank_rows(values_z, v, n, rv, h) =
               rank_rows(a_v.data(), v, n, rv, h).cwiseProduct(weights);
-        add_transposed_product(z.data(), h, b_v.data(), dv, n * rv, h, dv,
-                               state.acc().data() + t * h * dv, dv);
+        small_product(z.data(), 1, h, b_v.data(), dv, n * rv, h, dv,
+                      state.acc().data() + t * h * dv, dv, /*accumulate=*/true);
       }
     });
 
@@ -204,6 +217,12 @@ class TpaCore {
   }
   static MatrixMap rank_rows(float* tile, Index r, Index tokens, Index ranks, Index cols) {
     return map_matrix(tile + r * cols, tokens, cols, ranks * cols);
+  }
+
+  // h rounded up to whole SIMD packets.
+  Index padded_heads() const {
+    constexpr Index kSize = Eigen::internal::packet_traits<float>::size;
+    return (shape_.heads + kSize - 1) / kSize * kSize;
   }
 
   // A tile's rows of a whole plane as an fp32 [rows, cols] matrix (R rows per token).
