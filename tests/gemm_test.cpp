@@ -32,6 +32,26 @@ struct Strided {
   float at(Index i, Index j) const { return data[static_cast<std::size_t>(i * stride + j)]; }
 };
 
+// The largest |got - expected| / (sum_s |A(i, s) b(s, j)| + |start|) over the [m, n] entries,
+// expected = (accumulate ? start : 0) + sum_s A(i, s) b(s, j) in double.
+template <class LeftAt>
+double worst_relative_error(const Strided& got, const Strided& start, bool accumulate,
+                            const LeftAt& a_at, const Strided& b, Index m, Index n, Index k) {
+  double worst = 0.0;
+  for (Index i = 0; i < m; ++i)
+    for (Index j = 0; j < n; ++j) {
+      double expected = accumulate ? start.at(i, j) : 0.0;
+      double magnitude = std::fabs(expected);
+      for (Index s = 0; s < k; ++s) {
+        expected += static_cast<double>(a_at(i, s)) * b.at(s, j);
+        magnitude += std::fabs(static_cast<double>(a_at(i, s)) * b.at(s, j));
+      }
+      worst =
+          std::max(worst, std::fabs(got.at(i, j) - expected) / (magnitude > 0.0 ? magnitude : 1.0));
+    }
+  return worst;
+}
+
 // out (+)= A b in double, A: [m, k] read from a [k, m] array (transposed) or a [m, k] one, and
 // the bound of each entry's rounding; the stride padding of out must stay untouched.
 void expect_small_product(Index k, Index m, Index n, bool transposed, bool accumulate,
@@ -48,18 +68,7 @@ void expect_small_product(Index k, Index m, Index n, bool transposed, bool accum
   else
     small_product(a.data.data(), a.stride, 1, b.data.data(), b.stride, k, m, n, out.data.data(),
                   out.stride, accumulate);
-  double worst = 0.0;
-  for (Index i = 0; i < m; ++i)
-    for (Index j = 0; j < n; ++j) {
-      double expected = accumulate ? start.at(i, j) : 0.0;
-      double magnitude = std::fabs(expected);
-      for (Index s = 0; s < k; ++s) {
-        expected += static_cast<double>(a_at(i, s)) * b.at(s, j);
-        magnitude += std::fabs(static_cast<double>(a_at(i, s)) * b.at(s, j));
-      }
-      const double error = std::fabs(out.at(i, j) - expected);
-      worst = std::max(worst, error / (magnitude > 0.0 ? magnitude : 1.0));
-    }
+  const double worst = worst_relative_error(out, start, accumulate, a_at, b, m, n, k);
   EXPECT_LE(worst, kRelativeTolerance)
       << "k " << k << ", m " << m << ", n " << n << (transposed ? ", transposed" : "")
       << (accumulate ? ", accumulate" : "");
@@ -112,18 +121,8 @@ TEST(Multiply, MatchesDoubleReferenceAcrossPanelEdges) {
           multiply(map_matrix(a.data.data(), m, k, a.stride),
                    map_matrix(b.data.data(), k, n, b.stride),
                    map_matrix(c.data.data(), m, n, c.stride), accumulate);
-          double worst = 0.0;
-          for (Index i = 0; i < m; ++i)
-            for (Index j = 0; j < n; ++j) {
-              double expected = accumulate ? start.at(i, j) : 0.0;
-              double magnitude = std::fabs(expected);
-              for (Index s = 0; s < k; ++s) {
-                expected += static_cast<double>(a.at(i, s)) * b.at(s, j);
-                magnitude += std::fabs(static_cast<double>(a.at(i, s)) * b.at(s, j));
-              }
-              worst = std::max(
-                  worst, std::fabs(c.at(i, j) - expected) / (magnitude > 0.0 ? magnitude : 1.0));
-            }
+          const auto a_at = [&](Index i, Index s) { return a.at(i, s); };
+          const double worst = worst_relative_error(c, start, accumulate, a_at, b, m, n, k);
           EXPECT_LE(worst, kRelativeTolerance)
               << "m " << m << ", k " << k << ", n " << n << ", accumulate " << accumulate;
         }
