@@ -60,8 +60,8 @@ class BlockStore {
     const Index total = checked_product(call, block_bytes_, block_count_);
     sequences_.resize(static_cast<std::size_t>(max_sequences));
     const Index table_entries = checked_product(call, max_sequences, max_blocks_per_sequence_);
-    checked_product(call, table_entries, static_cast<Index>(sizeof(std::byte*)));
-    tables_.resize(static_cast<std::size_t>(table_entries));
+    const Index table_bytes = checked_product(call, table_entries, Index(sizeof(std::byte*)));
+    tables_.resize(static_cast<std::size_t>(table_bytes) / sizeof(std::byte*));
     memory_.reset(static_cast<std::byte*>(
         ::operator new(static_cast<std::size_t>(total), std::align_val_t(kAlignment))));
     free_blocks_.reserve(static_cast<std::size_t>(block_count_));
@@ -136,8 +136,7 @@ class BlockStore {
       for (Index p = 0; p < record.plane_count(); ++p) {
         const PlaneSpec& plane = record.plane(p);
         const Index width = plane.elements_per_token();
-        std::byte* rows = table[block] +
-                          plane_offsets_[static_cast<std::size_t>(p)] +
+        std::byte* rows = table[block] + plane_offsets_[static_cast<std::size_t>(p)] +
                           row * plane.bytes_per_token();
         store_as(plane.storage, planes[p].data + written * width, rows, run * width);
       }
@@ -158,8 +157,7 @@ class BlockStore {
   }
 
   SequenceView view(const CacheRecord& record, SequenceId seq) const {
-    return SequenceView(&record, table_of(seq), plane_offsets_.data(), block_tokens_,
-                        length(seq));
+    return SequenceView(&record, table_of(seq), plane_offsets_.data(), block_tokens_, length(seq));
   }
 
  private:
