@@ -1,10 +1,12 @@
 // tests/cache_test.cpp -- tpattn's two cache storages: the conformance suite on each, plus what
-// only one storage promises (its memory formula, page accounting, its constructor's checks).
+// only one storage promises (its memory formula, page accounting, its constructor's checks) and
+// footprint(), which must report what the constructor reserves.
 #include "tpattn/cache.hpp"
 
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <random>
@@ -577,6 +579,246 @@ TEST(PagedKvCache, RejectsSizesWhoseBytesOverflow) {
       [&] { PagedKvCache cache(record, tokens, 4, 1); },
       {"PagedKvCache", "sizes", "a total byte count that fits in a 64-bit signed integer",
        std::to_string(tokens) + " x 4 overflows"}));
+}
+
+// ---- footprint() -------------------------------------------------------------------------------
+
+// Records of every operator's layout, small and spec-sized, in every storage type, plus two mixed
+// records: mixed_record() pads plane starts, mixed_tail_record() the end of a block.
+CacheRecord mixed_tail_record() {
+  return CacheRecord({{"K", 1, 3, StorageType::f32}, {"s", 1, 1, StorageType::bf16}});
+}
+std::vector<NamedRecord> footprint_records() {
+  std::vector<NamedRecord> all;
+  for (StorageType s : kAllStorage) {
+    const std::string name = std::string(" ") + name_of(s);
+    all.push_back({"GQA 3x5/3x7" + name, records::gqa(3, 5, 7, s), 36});
+    all.push_back({"GQA g8" + name, records::gqa(8, 128, 128, s), 2048});
+    all.push_back({"MLA 11+3" + name, records::mla(11, 3, s), 14});
+    all.push_back({"MLA 512+64" + name, records::mla(512, 64, s), 576});
+    all.push_back({"TPA h5 d6/3 R2/1" + name, records::tpa(5, 6, 3, 2, 1, s), 30});
+    all.push_back({"TPA R2" + name, records::tpa(32, 128, 128, 2, 2, s), 640});
+  }
+  all.push_back({"mixed", mixed_record(), 21});
+  all.push_back({"mixed tail", mixed_tail_record(), 4});
+  return all;
+}
+
+// The what() of the tpattn::Error `call` throws; a test failure if it throws none.
+std::string error_text(const std::function<void()>& call) {
+  try {
+    call();
+  } catch (const Error& error) {
+    return error.what();
+  }
+  ADD_FAILURE() << "no tpattn::Error thrown";
+  return "(no error)";
+}
+
+TEST(CacheFootprint, EqualsWhatTheBuiltPagedCacheReports) {
+  for (const NamedRecord& spec : footprint_records()) {
+    for (Index page : {1, 7, 16, 64}) {
+      for (Index pages : {1, 5, 33}) {
+        for (Index sequences : {1, 3, 8}) {
+          // No cap; one token; a page; a cap off the page edge; several pages; more than the pool.
+          for (Index cap : {Index(0), Index(1), page, 2 * page + 3, 5 * page, Index(1000)}) {
+            SCOPED_TRACE(spec.name + ", page_tokens " + std::to_string(page) + ", page_count " +
+                         std::to_string(pages) + ", max_sequences " + std::to_string(sequences) +
+                         ", max_tokens_per_sequence " + std::to_string(cap));
+            const CacheFootprint planned =
+                PagedKvCache::footprint(spec.record, page, pages, sequences, cap);
+            const PagedKvCache cache(spec.record, page, pages, sequences, cap);
+            EXPECT_EQ(planned.bytes_reserved, cache.bytes_reserved());
+            EXPECT_EQ(planned.table_bytes, cache.table_bytes());
+            EXPECT_EQ(planned.total(), cache.bytes_reserved() + cache.table_bytes());
+            if (::testing::Test::HasFailure()) return;
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(CacheFootprint, EqualsWhatTheBuiltContiguousCacheReports) {
+  for (const NamedRecord& spec : footprint_records()) {
+    for (Index sequences : {1, 3, 8}) {
+      for (Index tokens : {1, 7, 16, 51, 64, 1000}) {
+        SCOPED_TRACE(spec.name + ", max_sequences " + std::to_string(sequences) + ", max_tokens " +
+                     std::to_string(tokens));
+        const CacheFootprint planned = ContiguousKvCache::footprint(spec.record, sequences, tokens);
+        const ContiguousKvCache cache(spec.record, sequences, tokens);
+        EXPECT_EQ(planned.bytes_reserved, cache.bytes_reserved());
+        EXPECT_EQ(planned.table_bytes, cache.table_bytes());
+        EXPECT_EQ(planned.total(), cache.bytes_reserved() + cache.table_bytes());
+        if (::testing::Test::HasFailure()) return;
+      }
+    }
+  }
+}
+
+// Worked out by hand, so a footprint that forgot the padding (or a cache that lost it) fails even
+// where the two agree. mixed_record(), 64 bytes per token: scale f16 x 1, K f32 x 6, V bf16 x 9,
+// W f32 x 5. In a block of 7 tokens: scale [0, 14), K [16, 184), V [184, 310), W [312, 452).
+TEST(CacheFootprint, CountsThePaddingOfMixedStorageRecords) {
+  const CacheRecord mixed = mixed_record();
+  EXPECT_EQ(PagedKvCache::footprint(mixed, 7, 3, 2).bytes_reserved, 3 * 452);  // not 3 x 7 x 64
+  EXPECT_EQ(PagedKvCache(mixed, 7, 3, 2).page_bytes(), 452);
+  // One token: scale [0, 2), K [4, 28), V [28, 46), W [48, 68).
+  EXPECT_EQ(PagedKvCache::footprint(mixed, 1, 5, 2).bytes_reserved, 5 * 68);
+  // An even token count leaves no gap: 16 x 64.
+  EXPECT_EQ(PagedKvCache::footprint(mixed, 16, 5, 2).bytes_reserved, 5 * 1024);
+  // 51 tokens: scale [0, 102), K [104, 1328), V [1328, 2246), W [2248, 3268).
+  EXPECT_EQ(ContiguousKvCache::footprint(mixed, 2, 51).bytes_reserved, 2 * 3268);
+  // mixed_tail_record(), 14 bytes per token: the block ends on a 2-byte plane and is rounded up
+  // to 4 so the next block's f32 plane starts aligned: 1 token takes 16 bytes, 7 take 100.
+  const CacheRecord tail = mixed_tail_record();
+  EXPECT_EQ(PagedKvCache::footprint(tail, 1, 10, 1).bytes_reserved, 10 * 16);
+  EXPECT_EQ(PagedKvCache::footprint(tail, 7, 10, 1).bytes_reserved, 10 * 100);
+  EXPECT_EQ(ContiguousKvCache::footprint(tail, 3, 7).bytes_reserved, 3 * 100);
+}
+
+TEST(CacheFootprint, TableBytesFollowTheCapAndThePool) {
+  const CacheRecord record = records::gqa(2, 8, 8);
+  EXPECT_EQ(PagedKvCache::footprint(record, 16, 100, 4).table_bytes, 4 * 100 * 8);
+  EXPECT_EQ(PagedKvCache::footprint(record, 16, 100, 4, 40).table_bytes, 4 * 3 * 8);
+  EXPECT_EQ(PagedKvCache::footprint(record, 16, 100, 4, 48).table_bytes, 4 * 3 * 8);
+  EXPECT_EQ(PagedKvCache::footprint(record, 16, 2, 4, 4000).table_bytes, 4 * 2 * 8);
+  EXPECT_EQ(ContiguousKvCache::footprint(record, 3, 100).table_bytes, 3 * 1 * 8);
+}
+
+// Whatever the constructor refuses, footprint() refuses with the same message, in the same order
+// of checks: the storage's own sizes, then the store's (record, slots, byte counts).
+TEST(CacheFootprint, RejectsWhatTheConstructorRejectsWithTheSameError) {
+  const CacheRecord record = records::mla(8, 4);
+  const CacheRecord tiny = records::gqa(1, 1, 1);  // 8 bytes per token
+  const CacheRecord huge_plane({{"K", Index(1) << 40, Index(1) << 40, StorageType::f32}});
+  const Index half = std::numeric_limits<Index>::max() / 2;
+  struct Paged {
+    const CacheRecord* record;
+    Index page_tokens, page_count, max_sequences, cap;
+  };
+  const CacheRecord empty;
+  const Paged paged[] = {
+      {&record, 0, 4, 2, 0},
+      {&record, -16, 4, 2, 0},
+      {&record, 16, 0, 2, 0},
+      {&record, 16, -4, 2, 0},
+      {&record, 16, 4, 0, 0},
+      {&record, 16, 4, -2, 0},
+      {&record, 16, 4, 2, -1},
+      {&record, 0, 0, 0, -1},  // the first check wins
+      {&empty, 16, 4, 2, 0},
+      {&record, 16, 4, half, 0},
+      {&tiny, Index(1) << 61, 4, 1, 0},  // a page's bytes
+      {&tiny, 1, Index(1) << 62, 1, 0},  // the pool's bytes
+      {&tiny, 1, Index(1) << 59, 2, 0},  // the tables' bytes
+      {&huge_plane, 1, 1, 1, 0},         // a plane's bytes per token
+  };
+  for (const Paged& c : paged) {
+    SCOPED_TRACE("PagedKvCache(" + std::to_string(c.record->plane_count()) + " planes, " +
+                 std::to_string(c.page_tokens) + ", " + std::to_string(c.page_count) + ", " +
+                 std::to_string(c.max_sequences) + ", " + std::to_string(c.cap) + ")");
+    const std::string built = error_text([&] {
+      PagedKvCache cache(*c.record, c.page_tokens, c.page_count, c.max_sequences, c.cap);
+    });
+    const std::string planned = error_text([&] {
+      (void)PagedKvCache::footprint(*c.record, c.page_tokens, c.page_count, c.max_sequences, c.cap);
+    });
+    EXPECT_EQ(planned, built);
+  }
+  struct Contiguous {
+    const CacheRecord* record;
+    Index max_sequences, max_tokens;
+  };
+  const Contiguous contiguous[] = {
+      {&record, 0, 16},
+      {&record, -3, 16},
+      {&record, 2, 0},
+      {&record, 2, -16},
+      {&record, -1, -1},
+      {&empty, 2, 16},
+      {&record, half, 4},
+      {&tiny, 4, Index(1) << 61},   // a region's bytes
+      {&tiny, Index(1) << 57, 16},  // the pool's bytes
+      {&huge_plane, 1, 1},
+  };
+  for (const Contiguous& c : contiguous) {
+    SCOPED_TRACE("ContiguousKvCache(" + std::to_string(c.record->plane_count()) + " planes, " +
+                 std::to_string(c.max_sequences) + ", " + std::to_string(c.max_tokens) + ")");
+    const std::string built =
+        error_text([&] { ContiguousKvCache cache(*c.record, c.max_sequences, c.max_tokens); });
+    const std::string planned = error_text(
+        [&] { (void)ContiguousKvCache::footprint(*c.record, c.max_sequences, c.max_tokens); });
+    EXPECT_EQ(planned, built);
+  }
+}
+
+// A footprint too large for memory is still reported exactly, as long as it fits in an Index;
+// one whose byte count does not fit throws rather than wrapping to a small number.
+TEST(CacheFootprint, ASizeWhoseBytesOverflowAnIndexThrowsInsteadOfWrapping) {
+  const CacheRecord tiny = records::gqa(1, 1, 1);  // 8 bytes per token
+  const std::string fits = "a total byte count that fits in a 64-bit signed integer";
+  const Index p59 = Index(1) << 59;
+  const Index p62 = Index(1) << 62;
+  EXPECT_TRUE(
+      throws_error([&] { (void)PagedKvCache::footprint(tiny, 1, p62, 1); },
+                   {"PagedKvCache", "sizes", fits, "8 x " + std::to_string(p62) + " overflows"}));
+  EXPECT_TRUE(
+      throws_error([&] { (void)PagedKvCache::footprint(tiny, 1, p59, 2); },
+                   {"PagedKvCache", "sizes", fits, std::to_string(2 * p59) + " x 8 overflows"}));
+  EXPECT_TRUE(throws_error([&] { (void)ContiguousKvCache::footprint(tiny, Index(1) << 57, 16); },
+                           {"ContiguousKvCache", "sizes", fits,
+                            "128 x " + std::to_string(Index(1) << 57) + " overflows"}));
+  const CacheRecord huge_plane({{"K", Index(1) << 40, Index(1) << 40, StorageType::f32}});
+  EXPECT_TRUE(throws_error(
+      [&] { (void)PagedKvCache::footprint(huge_plane, 1, 1, 1); },
+      {"PagedKvCache", "sizes", fits,
+       std::to_string(Index(1) << 40) + " x " + std::to_string(Index(1) << 40) + " overflows"}));
+
+  // 2^59 pages of 8 bytes with page tables capped at 16 tokens: 2^62 + 256 bytes, exactly.
+  const CacheFootprint big = PagedKvCache::footprint(tiny, 1, p59, 2, 16);
+  EXPECT_EQ(big.bytes_reserved, p62);
+  EXPECT_EQ(big.table_bytes, 2 * 16 * 8);
+  EXPECT_EQ(big.total(), p62 + 256);
+  // Without the cap each part fits (2^62 bytes of pages, 2^62 of tables) but their sum does not.
+  const CacheFootprint both = PagedKvCache::footprint(tiny, 1, p59, 1);
+  EXPECT_EQ(both.bytes_reserved, p62);
+  EXPECT_EQ(both.table_bytes, p62);
+  EXPECT_TRUE(throws_error([&] { (void)both.total(); },
+                           {"CacheFootprint::total", "sizes", fits,
+                            std::to_string(p62) + " + " + std::to_string(p62) + " overflows"}));
+}
+
+TEST(CacheFootprint, AllocatesNothing) {
+  ASSERT_TRUE(AllocationCounter::installed());
+  const CacheRecord gqa = records::gqa(8, 128, 128, StorageType::bf16);
+  const CacheRecord mixed = mixed_record();
+  Index sum = 0;
+  std::uint64_t allocations = 1;
+  {
+    const AllocationCounter counter;
+    sum += PagedKvCache::footprint(gqa, 16, 1 << 20, 64).total();
+    sum += PagedKvCache::footprint(mixed, 7, 1 << 20, 64, 1000).total();
+    sum += ContiguousKvCache::footprint(gqa, 8, 4096).total();
+    sum += ContiguousKvCache::footprint(mixed, 8, 51).total();
+    allocations = counter.allocations();
+  }
+  EXPECT_EQ(allocations, 0u);
+  EXPECT_GT(sum, 0);
+}
+
+// docs/cache.md's example: the most 16-token pages that fit a 1 GiB budget, tables included,
+// for GQA g8 d128 in bf16 (4096 bytes per token) and 8 sequences of at most 4096 tokens.
+TEST(CacheFootprint, PlansAPagedPoolForAMemoryBudget) {
+  const CacheRecord record = records::gqa(8, 128, 128, StorageType::bf16);
+  const Index budget = Index(1) << 30;
+  const Index page_bytes = PagedKvCache::footprint(record, 16, 1, 8, 4096).bytes_reserved;
+  EXPECT_EQ(page_bytes, 16 * 4096);
+  Index pages = budget / page_bytes;  // the pages alone
+  while (PagedKvCache::footprint(record, 16, pages, 8, 4096).total() > budget) --pages;
+  EXPECT_EQ(pages, 16383);  // 16384 pages leave no room for 8 x 256 x 8 bytes of page tables
+  EXPECT_EQ(PagedKvCache::footprint(record, 16, pages, 8, 4096).total(),
+            16383 * 65536 + 8 * 256 * 8);
 }
 
 // ---- the allocation counter itself ----------------------------------------------------------

@@ -9,6 +9,20 @@
 #include "tpattn/cache/block_store.hpp"
 
 namespace tpattn {
+
+// The bytes a cache of given sizes would reserve, from a cache's static footprint(): what
+// bytes_reserved() and table_bytes() of the cache built with those sizes return. Worked out
+// without allocating, so a pool can be sized to a memory budget before it is built.
+struct CacheFootprint {
+  Index bytes_reserved = 0;  // token memory: the pool of blocks, padding included
+  Index table_bytes = 0;     // the block tables, 8 bytes per entry
+
+  // bytes_reserved + table_bytes; throws tpattn::Error if the sum overflows an Index.
+  Index total() const {
+    return detail::checked_add("CacheFootprint::total", bytes_reserved, table_bytes);
+  }
+};
+
 namespace detail {
 
 class BlockCache : public KvCache {
@@ -65,12 +79,16 @@ class BlockCache : public KvCache {
 
  protected:
   // name: the storage's class name, for errors. The rest as BlockStore's constructor.
-  BlockCache(const char* name, CacheRecord record, Index block_tokens, Index block_count,
-             Index max_sequences, Index max_blocks_per_sequence, Index max_tokens_per_sequence)
-      : KvCache(std::move(record)),
-        calls_(name),
-        store_(name, this->record(), block_tokens, block_count, max_sequences,
-               max_blocks_per_sequence, max_tokens_per_sequence) {}
+  BlockCache(const char* name, CacheRecord record, const BlockGeometry& geometry)
+      : KvCache(std::move(record)), calls_(name), store_(name, this->record(), geometry) {}
+
+  // What the constructor with these arguments would reserve, from the same BlockStore::plan and
+  // with the same errors, allocating nothing. The storage checks its own sizes first.
+  static CacheFootprint footprint_of(const char* name, const CacheRecord& record,
+                                     const BlockGeometry& geometry) {
+    const BlockStore::Sizes sizes = BlockStore::plan(name, record, geometry);
+    return {sizes.pool_bytes, sizes.table_bytes};
+  }
 
   // Where the room of `seq` comes from, for the message of an append that does not fit.
   virtual std::string describe_room(SequenceId seq) const = 0;

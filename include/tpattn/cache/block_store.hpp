@@ -4,7 +4,8 @@
 // block, so a plane's rows are contiguous), plus a block table per sequence slot: one flat array
 // of max_sequences x max_blocks_per_sequence block addresses, allocated with the pool, so adding
 // a sequence allocates nothing either. A contiguous cache is this with one block of max_tokens
-// per sequence; a paged cache with many small pages.
+// per sequence; a paged cache with many small pages. plan() works out every size without
+// allocating; the constructor allocates what it returns (and the caches' footprint() reports it).
 // Invariant: sequence s holds exactly ceil(length_s / block_tokens) blocks.
 #pragma once
 
@@ -21,6 +22,33 @@
 namespace tpattn {
 namespace detail {
 
+// a * b and a + b, or a tpattn::Error naming `call` when a cache's byte count would not fit in
+// an Index: a size that wrapped around would allocate too little and later appends overrun it.
+inline Index checked_product(const char* call, Index a, Index b) {
+  Index result = 0;
+  TPATTN_CHECK(!__builtin_mul_overflow(a, b, &result), call, "sizes",
+               "a total byte count that fits in a 64-bit signed integer",
+               to_text(a) + " x " + to_text(b) + " overflows");
+  return result;
+}
+inline Index checked_add(const char* call, Index a, Index b) {
+  Index result = 0;
+  TPATTN_CHECK(!__builtin_add_overflow(a, b, &result), call, "sizes",
+               "a total byte count that fits in a 64-bit signed integer",
+               to_text(a) + " + " + to_text(b) + " overflows");
+  return result;
+}
+
+// How a cache lays its tokens out in a BlockStore; each storage derives one from its own sizes.
+// Sizes are >= 1 (checked by the cache).
+struct BlockGeometry {
+  Index block_tokens = 0;             // tokens per block
+  Index block_count = 0;              // blocks in the pool
+  Index max_sequences = 0;            // sequence slots
+  Index max_blocks_per_sequence = 0;  // block-table entries per slot
+  Index max_tokens_per_sequence = 0;  // exact cap on one sequence's length
+};
+
 class BlockStore {
  public:
   // Frees memory from the aligned operator new used in the constructor.
@@ -29,45 +57,52 @@ class BlockStore {
   };
   static constexpr std::size_t kAlignment = 64;
 
-  // call: the cache's name for errors. Sizes are >= 1 (checked by the cache). A sequence holds
-  // at most max_blocks_per_sequence blocks and max_tokens_per_sequence tokens.
-  BlockStore(const char* call, const CacheRecord& record, Index block_tokens, Index block_count,
-             Index max_sequences, Index max_blocks_per_sequence, Index max_tokens_per_sequence)
-      : block_tokens_(block_tokens),
-        block_count_(block_count),
-        max_blocks_per_sequence_(max_blocks_per_sequence),
-        max_tokens_per_sequence_(max_tokens_per_sequence),
-        plane_offsets_(static_cast<std::size_t>(record.plane_count())) {
+  // What a store allocates, in bytes.
+  struct Sizes {
+    Index block_bytes = 0;  // one block: block_tokens of every plane, padding included
+    Index pool_bytes = 0;   // block_count x block_bytes: all token memory
+    Index table_bytes = 0;  // max_sequences x max_blocks_per_sequence x 8: the block tables
+  };
+
+  // The sizes a store of `geometry` allocates, worked out without allocating: the constructor
+  // runs exactly this and then allocates what it returns, so a cache's footprint() cannot drift
+  // from what its constructor reserves. Throws tpattn::Error naming `call` for a record without
+  // planes, too many sequence slots, or a byte count that overflows an Index. plane_offsets,
+  // unless null, is an array of record.plane_count() that receives each plane's byte offset
+  // inside a block.
+  static Sizes plan(const char* call, const CacheRecord& record, const BlockGeometry& geometry,
+                    Index* plane_offsets = nullptr) {
     TPATTN_CHECK(record.plane_count() >= 1, call, "record", "at least one plane",
                  record.plane_count());
-    TPATTN_CHECK(
-        max_sequences <= std::numeric_limits<Index>::max() / static_cast<Index>(sizeof(Sequence)),
-        call, "max_sequences", "a count whose bookkeeping fits in memory", max_sequences);
-    // Planes follow each other inside a block; an offset is rounded up to its plane's element
-    // size so mixed-storage records stay aligned (records of one storage type need no padding).
-    Index offset = 0;
-    Index widest = 1;
-    for (Index p = 0; p < record.plane_count(); ++p) {
-      const Index align = element_bytes(record.plane(p).storage);
-      widest = std::max(widest, align);
-      offset = (offset + align - 1) / align * align;
-      plane_offsets_[static_cast<std::size_t>(p)] = offset;
-      offset = checked_add(call, offset,
-                           checked_product(call, block_tokens, record.plane(p).bytes_per_token()));
-    }
-    offset = checked_add(call, offset, widest - 1) / widest * widest;  // blocks start aligned
-    block_bytes_ = offset;
-    const Index total = checked_product(call, block_bytes_, block_count_);
-    sequences_.resize(static_cast<std::size_t>(max_sequences));
-    const Index table_entries = checked_product(call, max_sequences, max_blocks_per_sequence_);
-    const Index table_bytes = checked_product(call, table_entries, Index(sizeof(std::byte*)));
-    tables_.resize(static_cast<std::size_t>(table_bytes) / sizeof(std::byte*));
+    TPATTN_CHECK(geometry.max_sequences <=
+                     std::numeric_limits<Index>::max() / static_cast<Index>(sizeof(Sequence)),
+                 call, "max_sequences", "a count whose bookkeeping fits in memory",
+                 geometry.max_sequences);
+    Sizes sizes;
+    sizes.block_bytes = block_layout(call, record, geometry.block_tokens, plane_offsets);
+    sizes.pool_bytes = checked_product(call, sizes.block_bytes, geometry.block_count);
+    sizes.table_bytes = table_size(call, geometry.max_sequences, geometry.max_blocks_per_sequence);
+    return sizes;
+  }
+
+  // call: the cache's name for errors. A sequence holds at most geometry.max_blocks_per_sequence
+  // blocks and geometry.max_tokens_per_sequence tokens.
+  BlockStore(const char* call, const CacheRecord& record, const BlockGeometry& geometry)
+      : block_tokens_(geometry.block_tokens),
+        block_count_(geometry.block_count),
+        max_blocks_per_sequence_(geometry.max_blocks_per_sequence),
+        max_tokens_per_sequence_(geometry.max_tokens_per_sequence),
+        plane_offsets_(static_cast<std::size_t>(record.plane_count())) {
+    const Sizes sizes = plan(call, record, geometry, plane_offsets_.data());
+    block_bytes_ = sizes.block_bytes;
+    sequences_.resize(static_cast<std::size_t>(geometry.max_sequences));
+    tables_.resize(static_cast<std::size_t>(sizes.table_bytes) / sizeof(std::byte*));
     memory_.reset(static_cast<std::byte*>(
-        ::operator new(static_cast<std::size_t>(total), std::align_val_t(kAlignment))));
+        ::operator new(static_cast<std::size_t>(sizes.pool_bytes), std::align_val_t(kAlignment))));
     free_blocks_.reserve(static_cast<std::size_t>(block_count_));
     for (Index b = block_count_ - 1; b >= 0; --b) free_blocks_.push_back(b);
-    free_slots_.reserve(static_cast<std::size_t>(max_sequences));
-    for (Index s = max_sequences - 1; s >= 0; --s) free_slots_.push_back(s);
+    free_slots_.reserve(static_cast<std::size_t>(geometry.max_sequences));
+    for (Index s = geometry.max_sequences - 1; s >= 0; --s) free_slots_.push_back(s);
   }
 
   Index block_tokens() const { return block_tokens_; }
@@ -177,20 +212,31 @@ class BlockStore {
     return (address - memory_.get()) / block_bytes_;
   }
 
-  // a * b, or a tpattn::Error when the byte count of the cache would not fit in an Index.
-  static Index checked_product(const char* call, Index a, Index b) {
-    Index result = 0;
-    TPATTN_CHECK(!__builtin_mul_overflow(a, b, &result), call, "sizes",
-                 "a total byte count that fits in a 64-bit signed integer",
-                 to_text(a) + " x " + to_text(b) + " overflows");
-    return result;
+  // Bytes of one block of block_tokens tokens. Planes follow each other inside a block; an
+  // offset is rounded up to its plane's element size so mixed-storage records stay aligned, and
+  // the block to the widest element so every block starts aligned (records of one storage type
+  // need no padding). Writes plane p's offset to plane_offsets[p] unless plane_offsets is null.
+  static Index block_layout(const char* call, const CacheRecord& record, Index block_tokens,
+                            Index* plane_offsets) {
+    Index offset = 0;
+    Index widest = 1;
+    for (Index p = 0; p < record.plane_count(); ++p) {
+      const PlaneSpec& plane = record.plane(p);
+      const Index align = element_bytes(plane.storage);
+      widest = std::max(widest, align);
+      offset = checked_add(call, offset, align - 1) / align * align;
+      if (plane_offsets != nullptr) plane_offsets[p] = offset;
+      const Index plane_bytes = checked_product(call, checked_product(call, plane.rows, plane.cols),
+                                                element_bytes(plane.storage));
+      offset = checked_add(call, offset, checked_product(call, block_tokens, plane_bytes));
+    }
+    return checked_add(call, offset, widest - 1) / widest * widest;
   }
-  static Index checked_add(const char* call, Index a, Index b) {
-    Index result = 0;
-    TPATTN_CHECK(!__builtin_add_overflow(a, b, &result), call, "sizes",
-                 "a total byte count that fits in a 64-bit signed integer",
-                 to_text(a) + " + " + to_text(b) + " overflows");
-    return result;
+
+  // Bytes of the block tables: one address per block a sequence may hold, for every slot.
+  static Index table_size(const char* call, Index max_sequences, Index max_blocks_per_sequence) {
+    const Index entries = checked_product(call, max_sequences, max_blocks_per_sequence);
+    return checked_product(call, entries, Index(sizeof(std::byte*)));
   }
 
   Index block_tokens_;

@@ -1,7 +1,8 @@
 // tpattn/cache/contiguous_cache.hpp -- one preallocated region per sequence.
 //
 // Memory: max_sequences x max_tokens x bytes_per_token, allocated once at construction.
-// A sequence's view is a single block of max_tokens tokens.
+// A sequence's view is a single block of max_tokens tokens. footprint() gives the bytes a cache
+// of given sizes would reserve, without building it.
 #pragma once
 
 #include <string>
@@ -16,8 +17,17 @@ class ContiguousKvCache final : public detail::BlockCache {
   // max_sequences >= 1 regions of max_tokens >= 1 tokens each.
   ContiguousKvCache(CacheRecord record, Index max_sequences, Index max_tokens)
       : detail::BlockCache("ContiguousKvCache",
-                           checked(std::move(record), max_sequences, max_tokens), max_tokens,
-                           max_sequences, max_sequences, 1, max_tokens) {}
+                           checked(std::move(record), max_sequences, max_tokens),
+                           geometry(max_sequences, max_tokens)) {}
+
+  // What the cache built with these arguments would reserve, without building it or allocating
+  // anything: {bytes_reserved(), table_bytes()} of that cache, in bytes. Same checks and errors
+  // as the constructor; a size whose byte count overflows an Index throws instead of wrapping.
+  static CacheFootprint footprint(const CacheRecord& record, Index max_sequences,
+                                  Index max_tokens) {
+    check_sizes(max_sequences, max_tokens);
+    return footprint_of("ContiguousKvCache", record, geometry(max_sequences, max_tokens));
+  }
 
   Index max_tokens() const { return store().block_tokens(); }
 
@@ -26,10 +36,18 @@ class ContiguousKvCache final : public detail::BlockCache {
     return "room left in the sequence's region of " + detail::to_text(max_tokens()) + " tokens";
   }
 
-  static CacheRecord checked(CacheRecord record, Index max_sequences, Index max_tokens) {
+  static void check_sizes(Index max_sequences, Index max_tokens) {
     TPATTN_CHECK(max_sequences >= 1, "ContiguousKvCache", "max_sequences", ">= 1", max_sequences);
     TPATTN_CHECK(max_tokens >= 1, "ContiguousKvCache", "max_tokens", ">= 1", max_tokens);
+  }
+  static CacheRecord checked(CacheRecord record, Index max_sequences, Index max_tokens) {
+    check_sizes(max_sequences, max_tokens);
     return record;
+  }
+
+  // One block of max_tokens per sequence slot, so a table of one entry each.
+  static detail::BlockGeometry geometry(Index max_sequences, Index max_tokens) {
+    return {max_tokens, max_sequences, max_sequences, 1, max_tokens};
   }
 };
 

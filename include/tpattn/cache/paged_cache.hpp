@@ -3,7 +3,8 @@
 // Memory: page_count x page_tokens x bytes_per_token, allocated once at construction. Each
 // sequence holds ceil(length / page_tokens) pages in its page table; truncate and remove return
 // pages to the pool. bytes_used() counts tokens exactly; bytes_in_pages() adds the rounding of
-// each sequence's last, partly filled page.
+// each sequence's last, partly filled page. footprint() gives the bytes a cache of given sizes
+// would reserve, without building it.
 #pragma once
 
 #include <algorithm>
@@ -23,13 +24,22 @@ class PagedKvCache final : public detail::BlockCache {
   // page_count without a cap (table_bytes() = max_sequences x that x 8 bytes, allocated here).
   PagedKvCache(CacheRecord record, Index page_tokens, Index page_count, Index max_sequences,
                Index max_tokens_per_sequence = 0)
-      : detail::BlockCache("PagedKvCache",
-                           checked(std::move(record), page_tokens, page_count, max_sequences,
-                                   max_tokens_per_sequence),
-                           page_tokens, page_count, max_sequences,
-                           pages_per_sequence(page_tokens, page_count, max_tokens_per_sequence),
-                           max_tokens_per_sequence == 0 ? std::numeric_limits<Index>::max()
-                                                        : max_tokens_per_sequence) {}
+      : detail::BlockCache(
+            "PagedKvCache",
+            checked(std::move(record), page_tokens, page_count, max_sequences,
+                    max_tokens_per_sequence),
+            geometry(page_tokens, page_count, max_sequences, max_tokens_per_sequence)) {}
+
+  // What the cache built with these arguments would reserve, without building it or allocating
+  // anything: {bytes_reserved(), table_bytes()} of that cache, in bytes. Same checks and errors
+  // as the constructor; a size whose byte count overflows an Index throws instead of wrapping.
+  // For sizing a pool to a memory budget (docs/cache.md).
+  static CacheFootprint footprint(const CacheRecord& record, Index page_tokens, Index page_count,
+                                  Index max_sequences, Index max_tokens_per_sequence = 0) {
+    check_sizes(page_tokens, page_count, max_sequences, max_tokens_per_sequence);
+    return footprint_of("PagedKvCache", record,
+                        geometry(page_tokens, page_count, max_sequences, max_tokens_per_sequence));
+  }
 
   Index page_tokens() const { return store().block_tokens(); }
   Index page_count() const { return store().block_count(); }
@@ -48,14 +58,28 @@ class PagedKvCache final : public detail::BlockCache {
            " tokens";
   }
 
-  static CacheRecord checked(CacheRecord record, Index page_tokens, Index page_count,
-                             Index max_sequences, Index max_tokens_per_sequence) {
+  static void check_sizes(Index page_tokens, Index page_count, Index max_sequences,
+                          Index max_tokens_per_sequence) {
     TPATTN_CHECK(page_tokens >= 1, "PagedKvCache", "page_tokens", ">= 1", page_tokens);
     TPATTN_CHECK(page_count >= 1, "PagedKvCache", "page_count", ">= 1", page_count);
     TPATTN_CHECK(max_sequences >= 1, "PagedKvCache", "max_sequences", ">= 1", max_sequences);
     TPATTN_CHECK(max_tokens_per_sequence >= 0, "PagedKvCache", "max_tokens_per_sequence",
                  ">= 0 (0 = the whole pool)", max_tokens_per_sequence);
+  }
+  static CacheRecord checked(CacheRecord record, Index page_tokens, Index page_count,
+                             Index max_sequences, Index max_tokens_per_sequence) {
+    check_sizes(page_tokens, page_count, max_sequences, max_tokens_per_sequence);
     return record;
+  }
+
+  // The store's geometry: pages as blocks, page tables of pages_per_sequence entries, the cap or
+  // none. Safe for any arguments, like pages_per_sequence().
+  static detail::BlockGeometry geometry(Index page_tokens, Index page_count, Index max_sequences,
+                                        Index max_tokens_per_sequence) {
+    return {
+        page_tokens, page_count, max_sequences,
+        pages_per_sequence(page_tokens, page_count, max_tokens_per_sequence),
+        max_tokens_per_sequence == 0 ? std::numeric_limits<Index>::max() : max_tokens_per_sequence};
   }
 
   // Page-table entries a sequence may need: the whole pool, or enough for its token cap. Safe
