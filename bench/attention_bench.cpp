@@ -1,351 +1,711 @@
-// attention_bench: the five operators side by side -- cache memory per token and decode
-// attention throughput, held against this machine's own memory bandwidth and GEMM peak,
-// measured in the same run (docs/performance.md).
+// attention_bench: the five operators side by side at the sizes users serve -- KV-cache bytes,
+// decode throughput (bare kernel and whole layer), causal prefill, and how long a context or
+// how large a batch each fits in a memory budget -- every timed row held against this machine's
+// read bandwidth and fp32 FMA peak, measured at the start of the same run.
 //
-// Shapes: the TPA paper's small models (d_model 768, d_h 64): MHA / GQA (2 KV heads) / MQA with
-// h = 12, MLA with d_c 256 and d_R 32, TPA and TPA-KVonly with h = 34, R_Q 6, R_K = R_V = 2.
-// A decode step is the bare kernel for one new token over M cached tokens, in every one of
-// L layers; L is chosen so the layers' caches together hold >= 2x the L3 (64 MiB), so the cache
-// streams from DRAM as it does in a real model.
+//   attention_bench [--preset=default|full|smoke] [--configs=a,b] [--layers=32]
+//                   [--budget_gib=16] [--max_cache_gib=G] [--page_tokens=16] [--raw]
+//                   [Google Benchmark flags, e.g. --benchmark_filter=decode/paper-d128/
+//                    --benchmark_out=run.json --benchmark_out_format=json]
+//
+// Rows, their names and counters, the presets and how to read the tables: docs/benchmarks.md.
 #include <benchmark/benchmark.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <functional>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <random>
+#include <set>
+#include <sstream>
 #include <string>
-#include <type_traits>
 #include <vector>
 
+#include "support/bench_rows.hpp"
+#include "support/machine_limits.hpp"
+#include "support/memory_budget.hpp"
+#include "support/model_configs.hpp"
+#include "support/operators.hpp"
 #include "tpattn/tpattn.hpp"
 
+#ifndef TPATTN_BENCH_FLAGS
+#define TPATTN_BENCH_FLAGS "unknown"
+#endif
+
+namespace tpattn_bench {
 namespace {
 
-using tpattn::Index;
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 
-constexpr double kCacheFootprint = 64.0 * 1024 * 1024;  // 2x this machine's 32 MiB L3
+struct Options {
+  std::string preset = "default";
+  std::vector<std::string> configs;  // empty: all the preset names
+  Index layers = 32;                 // memory budget: the model's layers
+  double budget_gib = 16.0;          // memory budget
+  double max_cache_gib = 0.0;        // rows needing more memory are skipped; 0: half the RAM
+  Index page_tokens = 16;            // memory budget: the paged cache's page
+  bool raw = false;                  // Google Benchmark's own per-run lines too
+};
 
-// Measured first in the run, used by every roofline after.
-double g_bandwidth = 0.0;  // bytes / s, streaming read
-double g_flop_peak = 0.0;  // flop / s, large fp32 GEMM
+struct Limits {
+  double bandwidth = 0.0;  // bytes / s
+  double fma_peak = 0.0;   // flop / s
+  double gemm = 0.0;       // flop / s, reference only
+  Index l3_bytes = 0;
+};
 
-void fill_random(std::vector<float>& values, std::mt19937& rng, float scale = 1.0f) {
+Options g_options;
+Limits g_limits;
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// ---- fixtures: built once per row, kept while Google Benchmark reruns the same row ------------
+
+// The last row's caches and operators. Building them (filling gigabytes of cache) costs more
+// than timing them, and Google Benchmark calls a row's function once per repetition.
+struct FixtureSlot {
+  std::string row;
+  std::shared_ptr<void> fixture;
+};
+FixtureSlot g_fixture;
+
+template <class Fixture, class Build>
+Fixture& fixture_for(const Row& row, Build build) {
+  if (g_fixture.row != row.name()) {
+    g_fixture = {};  // free the previous row's memory before taking this one's
+    g_fixture.fixture = build();
+    g_fixture.row = row.name();
+  }
+  return *static_cast<Fixture*>(g_fixture.fixture.get());
+}
+
+// How many independent layers a row rotates over so that what it streams per token (caches,
+// and weights for whole layers) exceeds twice the L3, as in a real model's decode step.
+Index rotation_layers(double bytes_per_layer) {
+  if (g_options.preset == "smoke") return 1;
+  const double target = 2.0 * static_cast<double>(g_limits.l3_bytes);
+  return std::clamp<Index>(static_cast<Index>(std::ceil(target / bytes_per_layer)), 1, 512);
+}
+
+// Appends `tokens` random tokens to each of `seqs` (one random chunk, repeated).
+void fill(tpattn::KvCache& cache, const std::vector<tpattn::SequenceId>& seqs, Index tokens,
+          std::mt19937& rng) {
+  const tpattn::CacheRecord& record = cache.record();
+  const Index chunk = std::min<Index>(tokens, 1024);
+  std::normal_distribution<float> normal(0.0f, 0.5f);
+  std::vector<std::vector<float>> rows(static_cast<std::size_t>(record.plane_count()));
+  std::vector<tpattn::PlaneInput> planes(rows.size());
+  for (std::size_t p = 0; p < rows.size(); ++p) {
+    const tpattn::PlaneSpec& plane = record.plane(static_cast<Index>(p));
+    rows[p].resize(static_cast<std::size_t>(chunk * plane.elements_per_token()));
+    for (float& v : rows[p]) v = normal(rng);
+    planes[p] = {rows[p].data(), plane.rows, plane.cols};
+  }
+  for (tpattn::SequenceId seq : seqs)
+    for (Index done = 0; done < tokens; done += chunk)
+      cache.append(seq, std::min(chunk, tokens - done), planes.data(),
+                   static_cast<Index>(planes.size()));
+}
+
+std::vector<float> random_floats(Index count, std::mt19937& rng, float scale) {
   std::normal_distribution<float> normal(0.0f, scale);
+  std::vector<float> values(static_cast<std::size_t>(count));
   for (float& v : values) v = normal(rng);
+  return values;
 }
 
-// ---- the machine's limits --------------------------------------------------------------------
-
-// Streaming read of 1 GiB (far beyond L3), summed with the build's SIMD width: bytes / s, the
-// best of `passes` after the buffer is written once (a single pass over a freshly written buffer
-// is at the mercy of a shared machine's noise). The two halves are read side by side in 16 KiB
-// chunks, as a decode kernel reads its K and V planes: in a standalone test on this machine two
-// streams read 20.7-23.1 GB/s where one read 18.9-21.0 and four, summed element-wise, only 13.
-double measure_bandwidth(int passes) {
-  const Index floats = Index(1) << 28, half = floats / 2, chunk = 4096;
-  std::vector<float> buffer(static_cast<std::size_t>(floats), 1.0f);
-  const Eigen::Map<const Eigen::ArrayXf> data(buffer.data(), floats);
-  double best = 0.0;
-  for (int pass = 0; pass < passes; ++pass) {
-    const auto start = std::chrono::steady_clock::now();
-    float total = 0.0f;
-    for (Index first = 0; first < half; first += chunk)
-      total += data.segment(first, chunk).sum() + data.segment(half + first, chunk).sum();
-    benchmark::DoNotOptimize(total);
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    best = std::max(best, static_cast<double>(floats) * sizeof(float) / seconds);
-  }
-  return best;
+// Skips the row (as an error row, named in the tables and the JSON) when it needs more memory
+// than --max_cache_gib allows.
+bool skip_if_too_large(benchmark::State& state, double bytes) {
+  const double cap = g_options.max_cache_gib * kGiB;
+  if (bytes <= cap) return false;
+  char message[160];
+  std::snprintf(message, sizeof message, "skipped: needs %.1f GiB > --max_cache_gib=%.1f",
+                bytes / kGiB, g_options.max_cache_gib);
+  state.SkipWithError(message);
+  return true;
 }
 
-// A 1024^3 fp32 GEMM through Eigen, single thread: flop / s.
-double measure_gemm_peak(int passes) {
-  const Index n = 1024;
-  tpattn::RowMatrix a = tpattn::RowMatrix::Random(n, n), b = tpattn::RowMatrix::Random(n, n);
-  tpattn::RowMatrix c(n, n);
-  double best = 0.0;
-  for (int pass = 0; pass < passes; ++pass) {
-    const auto start = std::chrono::steady_clock::now();
-    c.noalias() = a * b;
-    benchmark::DoNotOptimize(c.data());
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    best = std::max(best, 2.0 * n * n * n / seconds);
-  }
-  return best;
+// The counters every timed row carries; `seconds` is the time of one step of one layer.
+void set_counters(benchmark::State& state, const Row& row, Index layers, double cache_bytes,
+                  double bytes, double flops, double tokens, double seconds) {
+  const double t_bandwidth = bytes / g_limits.bandwidth, t_compute = flops / g_limits.fma_peak;
+  using benchmark::Counter;
+  state.counters["bytes_per_token"] =
+      Counter(static_cast<double>(row.op->record(row.storage).bytes_per_token()));
+  state.counters["cache_bytes"] = Counter(cache_bytes, Counter::kDefaults, Counter::kIs1024);
+  state.counters["layers"] = Counter(static_cast<double>(layers));
+  state.counters["tokens_per_s"] = Counter(tokens / seconds);
+  state.counters["GB_per_s"] = Counter(bytes / seconds / 1e9);
+  state.counters["GFLOP_per_s"] = Counter(flops / seconds / 1e9);
+  state.counters["roofline"] = Counter(std::max(t_bandwidth, t_compute) / seconds);
+  state.counters["bound"] = Counter(t_bandwidth >= t_compute ? 1.0 : 2.0);
 }
 
-void BM_MemoryBandwidth(benchmark::State& state) {
-  for (auto _ : state) g_bandwidth = std::max(g_bandwidth, measure_bandwidth(3));
-  state.counters["GB_per_s"] = benchmark::Counter(g_bandwidth / 1e9);
-}
+// ---- decode: the bare kernel, one new token per sequence over `tokens` cached ones -----------
 
-void BM_GemmPeak(benchmark::State& state) {
-  for (auto _ : state) g_flop_peak = std::max(g_flop_peak, measure_gemm_peak(1));
-  state.counters["GFLOP_per_s"] = benchmark::Counter(g_flop_peak / 1e9);
-}
-
-// ---- the five operators ----------------------------------------------------------------------
-
-enum class Op { mha, gqa, mqa, mla, tpa, tpa_kv_only };
-const char* name_of(Op op) {
-  switch (op) {
-    case Op::mha: return "MHA";
-    case Op::gqa: return "GQA";
-    case Op::mqa: return "MQA";
-    case Op::mla: return "MLA";
-    case Op::tpa: return "TPA";
-    case Op::tpa_kv_only: return "TPA-KVonly";
-  }
-  return "?";
-}
-
-constexpr Index kHeadDim = 64;
-constexpr Index kHeadsBaseline = 12, kHeadsTpa = 34;
-constexpr Index kRankQ = 6, kRankKV = 2;
-constexpr Index kLatent = 256, kRopeDim = 32;
-
-// A bare decode kernel of one operator, its record, and multiply-adds per cached token.
-template <class Storage>
-struct DecodeCase {
-  tpattn::CacheRecord record;
-  double macs_per_token = 0.0;
-  Index query_floats = 0;  // q, or A_Q then B_Q for TPA
-  Index out_floats = 0;
-  Index workspace_floats = 0;
-  std::function<void(const float* query, const tpattn::SequenceView&, float* out, float* ws)>
-      attend;
+struct DecodeFixture {
+  std::unique_ptr<tpattn::ContiguousKvCache> cache;
+  std::vector<tpattn::SequenceId> seqs;  // [layers][batch]
+  Index layers = 0;
+  BareKernel kernel;
+  std::vector<float> query, out, workspace;
 };
 
 template <class Storage>
-DecodeCase<Storage> make_case(Op op) {
-  DecodeCase<Storage> c;
-  const Index d = kHeadDim;
-  if (op == Op::mha || op == Op::gqa || op == Op::mqa) {
-    const Index h = kHeadsBaseline;
-    const Index g = op == Op::mha ? h : op == Op::gqa ? 2 : 1;
-    auto kernel = std::make_shared<tpattn::GqaKernel<Storage>>(h, g, d, d);
-    c.record = kernel->cache_record();
-    c.macs_per_token = static_cast<double>(h * (d + d));
-    c.query_floats = h * d;
-    c.out_floats = h * d;
-    c.workspace_floats = kernel->workspace_floats();
-    c.attend = [kernel](const float* q, const tpattn::SequenceView& view, float* out, float* ws) {
-      kernel->attend(q, 1, view, out, nullptr, ws);
-    };
-  } else if (op == Op::mla) {
-    const Index h = kHeadsBaseline;
-    auto kernel = std::make_shared<tpattn::MlaKernel<Storage>>(
-        h, kLatent, kRopeDim, 1.0f / std::sqrt(static_cast<float>(d + kRopeDim)));
-    c.record = kernel->cache_record();
-    c.macs_per_token = static_cast<double>(h * (kLatent + kRopeDim + kLatent));
-    c.query_floats = h * (kLatent + kRopeDim);
-    c.out_floats = h * kLatent;
-    c.workspace_floats = kernel->workspace_floats();
-    c.attend = [kernel](const float* q, const tpattn::SequenceView& view, float* out, float* ws) {
-      kernel->attend(q, 1, view, out, nullptr, ws);
-    };
-  } else {
-    const Index h = kHeadsTpa;
-    const bool kv_only = op == Op::tpa_kv_only;
-    const tpattn::TpaShape shape{h, d, d, kv_only ? 0 : kRankQ, kRankKV, kRankKV};
-    auto kernel = std::make_shared<tpattn::TpaKernel<Storage>>(shape);
-    c.record = kernel->cache_record();
-    const double rq = static_cast<double>(shape.rank_q), rk = kRankKV, rv = kRankKV;
-    const bool factor = tpattn::cheaper_tpa_order(shape) == tpattn::TpaOrder::factor;
-    const double scores = factor ? rk * (rq * d + h * rq + h) : rk * (h * d + h);
-    c.macs_per_token = scores + rv * h * (d + 1);
-    c.query_floats = kv_only ? h * d : shape.rank_q * (h + d);
-    c.out_floats = h * d;
-    c.workspace_floats = kernel->workspace_floats();
-    const Index a_q_floats = shape.rank_q * h;
-    c.attend = [kernel, kv_only, a_q_floats](const float* q, const tpattn::SequenceView& view,
-                                             float* out, float* ws) {
-      if (kv_only)
-        kernel->attend(q, 1, view, out, nullptr, ws);
-      else
-        kernel->attend(q, q + a_q_floats, 1, view, out, nullptr, ws);
-    };
+void run_decode(benchmark::State& state, const Row& row) {
+  const OperatorSpec& op = *row.op;
+  const tpattn::CacheRecord record = op.record(row.storage);
+  const double layer_bytes = static_cast<double>(row.batch * row.tokens * record.bytes_per_token());
+  const Index layers = rotation_layers(layer_bytes);
+  if (skip_if_too_large(state, layer_bytes * static_cast<double>(layers))) return;
+
+  auto& f = fixture_for<DecodeFixture>(row, [&] {
+    auto fixture = std::make_shared<DecodeFixture>();
+    std::mt19937 rng(42);
+    fixture->layers = layers;
+    fixture->cache =
+        std::make_unique<tpattn::ContiguousKvCache>(record, layers * row.batch, row.tokens);
+    for (Index s = 0; s < layers * row.batch; ++s)
+      fixture->seqs.push_back(fixture->cache->add_sequence());
+    fill(*fixture->cache, fixture->seqs, row.tokens, rng);
+    fixture->kernel = make_bare_kernel<Storage>(op);
+    fixture->query = random_floats(row.batch * op.query_floats(), rng, 0.3f);
+    fixture->out.resize(static_cast<std::size_t>(row.batch * op.out_floats()));
+    fixture->workspace.resize(static_cast<std::size_t>(fixture->kernel.workspace_floats));
+    return fixture;
+  });
+
+  double seconds = 0.0;
+  Index layer = 0;
+  for (auto _ : state) {
+    const auto start = std::chrono::steady_clock::now();
+    for (Index b = 0; b < row.batch; ++b) {
+      f.kernel.attend(f.query.data() + b * op.query_floats(),
+                      f.cache->view(f.seqs[static_cast<std::size_t>(layer * row.batch + b)]),
+                      f.out.data() + b * op.out_floats(), f.workspace.data());
+    }
+    benchmark::ClobberMemory();
+    seconds += seconds_since(start);
+    layer = layer + 1 == f.layers ? 0 : layer + 1;
   }
-  return c;
+  const double step = seconds / static_cast<double>(state.iterations());
+  const double batch = static_cast<double>(row.batch), tokens = static_cast<double>(row.tokens);
+  const double bytes =
+      layer_bytes + 4.0 * batch * static_cast<double>(op.query_floats() + op.out_floats());
+  const double flops = 2.0 * batch * (tokens * op.macs_per_pair() + op.macs_per_query());
+  set_counters(state, row, f.layers, layer_bytes * static_cast<double>(f.layers), bytes, flops,
+               batch, step);
 }
 
-// One row of the closing table: every repetition's time, reported at the median.
-struct Summary {
-  std::string op, storage;
-  Index elements_per_token = 0, bytes_per_token = 0, context = 0, layers = 0;
-  double bytes = 0.0, flops = 0.0, t_min = 0.0;
-  std::vector<double> seconds_per_layer;
+// ---- layer_decode: the whole layer, projections to output, one new token per sequence --------
 
-  double median_seconds() const {
-    std::vector<double> sorted = seconds_per_layer;
-    std::sort(sorted.begin(), sorted.end());
-    const std::size_t n = sorted.size();
-    return n % 2 == 1 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
-  }
+struct LayerFixture {
+  std::unique_ptr<tpattn::ContiguousKvCache> cache;
+  std::vector<tpattn::SequenceId> seqs;  // [layers][batch]
+  std::vector<Layer> layers;
+  std::vector<float> x, y;
 };
-std::map<std::string, Summary> g_summary;  // by operator, storage and context
 
 template <class Storage>
-void BM_Decode(benchmark::State& state, Op op) {
-  // A filtered run still holds every figure against limits measured in this run.
-  if (g_bandwidth == 0.0) g_bandwidth = measure_bandwidth(5);
-  if (g_flop_peak == 0.0) g_flop_peak = measure_gemm_peak(5);
-  const Index context = state.range(0);
-  DecodeCase<Storage> c = make_case<Storage>(op);
-  const Index bytes_per_token = c.record.bytes_per_token();
-  const double layer_bytes = static_cast<double>(context * bytes_per_token);
-  const Index layers =
-      std::max<Index>(1, static_cast<Index>(std::ceil(kCacheFootprint / layer_bytes)));
+void run_layer_decode(benchmark::State& state, const Row& row) {
+  const OperatorSpec& op = *row.op;
+  const tpattn::CacheRecord record = op.record(row.storage);
+  const double cache_bytes =
+      static_cast<double>(row.batch * (row.tokens + 1) * record.bytes_per_token());
+  const double weight_bytes = 4.0 * static_cast<double>(op.weight_elements());
+  const Index layers = rotation_layers(cache_bytes + weight_bytes);
+  if (skip_if_too_large(state, (cache_bytes + weight_bytes) * static_cast<double>(layers))) return;
 
-  // One sequence per layer, filled with random rows appended in large chunks.
-  tpattn::ContiguousKvCache cache(c.record, layers, context);
-  std::mt19937 rng(42);
-  {
-    const Index chunk = std::min<Index>(context, 1024);
-    std::vector<std::vector<float>> rows(static_cast<std::size_t>(c.record.plane_count()));
-    std::vector<tpattn::PlaneInput> planes(rows.size());
-    for (Index p = 0; p < c.record.plane_count(); ++p) {
-      const auto& plane = c.record.plane(p);
-      rows[static_cast<std::size_t>(p)].resize(
-          static_cast<std::size_t>(chunk * plane.elements_per_token()));
-      fill_random(rows[static_cast<std::size_t>(p)], rng, 0.5f);
-      planes[static_cast<std::size_t>(p)] = {rows[static_cast<std::size_t>(p)].data(), plane.rows,
-                                             plane.cols};
+  auto& f = fixture_for<LayerFixture>(row, [&] {
+    auto fixture = std::make_shared<LayerFixture>();
+    std::mt19937 rng(42);
+    fixture->cache =
+        std::make_unique<tpattn::ContiguousKvCache>(record, layers * row.batch, row.tokens + 1);
+    for (Index s = 0; s < layers * row.batch; ++s)
+      fixture->seqs.push_back(fixture->cache->add_sequence());
+    fill(*fixture->cache, fixture->seqs, row.tokens, rng);
+    for (Index l = 0; l < layers; ++l) {
+      fixture->layers.push_back(make_layer<Storage>(op, rng));
+      fixture->layers.back().reserve(row.batch, 1);
     }
-    for (Index layer = 0; layer < layers; ++layer) {
-      const tpattn::SequenceId seq = cache.add_sequence();
-      for (Index done = 0; done < context; done += chunk)
-        cache.append(seq, std::min(chunk, context - done), planes.data(),
-                     static_cast<Index>(planes.size()));
-    }
+    fixture->x = random_floats(row.batch * op.d_model, rng, 1.0f);
+    fixture->y.resize(fixture->x.size());
+    return fixture;
+  });
+
+  double seconds = 0.0;
+  std::size_t layer = 0;
+  for (auto _ : state) {
+    const tpattn::SequenceId* seqs = f.seqs.data() + layer * static_cast<std::size_t>(row.batch);
+    const auto start = std::chrono::steady_clock::now();
+    f.layers[layer].decode(*f.cache, seqs, row.batch, f.x.data(), f.y.data());
+    benchmark::ClobberMemory();
+    seconds += seconds_since(start);
+    for (Index b = 0; b < row.batch; ++b) f.cache->truncate(seqs[b], row.tokens);  // O(1)
+    layer = layer + 1 == f.layers.size() ? 0 : layer + 1;
   }
-  std::vector<float> query(static_cast<std::size_t>(c.query_floats));
-  fill_random(query, rng, 0.3f);
-  std::vector<float> out(static_cast<std::size_t>(c.out_floats));
-  std::vector<float> workspace(static_cast<std::size_t>(c.workspace_floats));
+  const double step = seconds / static_cast<double>(state.iterations());
+  const double batch = static_cast<double>(row.batch), tokens = static_cast<double>(row.tokens);
+  const double bytes = cache_bytes + weight_bytes + 8.0 * batch * static_cast<double>(op.d_model);
+  const double flops = 2.0 * batch *
+                       ((tokens + 1.0) * op.macs_per_pair() + op.macs_per_query() +
+                        static_cast<double>(op.weight_elements()));
+  set_counters(state, row, static_cast<Index>(f.layers.size()),
+               cache_bytes * static_cast<double>(f.layers.size()), bytes, flops, batch, step);
+}
+
+// ---- prefill: the whole layer, causal, `tokens` prompt tokens onto an empty sequence ----------
+
+struct PrefillFixture {
+  std::unique_ptr<tpattn::ContiguousKvCache> cache;
+  tpattn::SequenceId seq = 0;
+  Layer layer;
+  std::vector<float> x, y;
+};
+
+template <class Storage>
+void run_prefill(benchmark::State& state, const Row& row) {
+  const OperatorSpec& op = *row.op;
+  const tpattn::CacheRecord record = op.record(row.storage);
+  const double cache_bytes = static_cast<double>(row.tokens * record.bytes_per_token());
+  const double weight_bytes = 4.0 * static_cast<double>(op.weight_elements());
+  if (skip_if_too_large(state, cache_bytes + weight_bytes)) return;
+
+  auto& f = fixture_for<PrefillFixture>(row, [&] {
+    auto fixture = std::make_shared<PrefillFixture>();
+    std::mt19937 rng(42);
+    fixture->cache = std::make_unique<tpattn::ContiguousKvCache>(record, 1, row.tokens);
+    fixture->seq = fixture->cache->add_sequence();
+    fixture->layer = make_layer<Storage>(op, rng);
+    fixture->layer.reserve(1, row.tokens);
+    fixture->x = random_floats(row.tokens * op.d_model, rng, 1.0f);
+    fixture->y.resize(fixture->x.size());
+    return fixture;
+  });
 
   double seconds = 0.0;
   for (auto _ : state) {
     const auto start = std::chrono::steady_clock::now();
-    for (Index layer = 0; layer < layers; ++layer)
-      c.attend(query.data(), cache.view(layer), out.data(), workspace.data());
+    f.layer.prefill(*f.cache, f.seq, row.tokens, f.x.data(), f.y.data());
     benchmark::ClobberMemory();
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    seconds += seconds_since(start);
+    f.cache->truncate(f.seq, 0);
   }
-  const double per_layer = seconds / static_cast<double>(state.iterations() * layers);
-  const double bytes = layer_bytes + 4.0 * static_cast<double>(c.query_floats + c.out_floats);
-  const double flops = 2.0 * c.macs_per_token * static_cast<double>(context);
-  const double t_min = std::max(bytes / g_bandwidth, flops / g_flop_peak);
-
-  using benchmark::Counter;
-  state.counters["cache_bytes"] = Counter(layer_bytes * static_cast<double>(layers));
-  state.counters["bytes_per_token"] = Counter(static_cast<double>(bytes_per_token));
-  state.counters["layers"] = Counter(static_cast<double>(layers));
-  // One iteration decodes one token through every layer.
-  state.counters["tokens_per_s"] = Counter(1.0, Counter::kIsIterationInvariantRate);
-  state.counters["GB_per_s"] = Counter(bytes / per_layer / 1e9);
-  state.counters["GFLOP_per_s"] = Counter(flops / per_layer / 1e9);
-  state.counters["roofline"] = Counter(t_min / per_layer);
-
-  const std::string key = std::to_string(static_cast<int>(op)) + "/" +
-                          std::to_string(100000000 + context) + "/" +
-                          (std::is_same_v<Storage, float> ? "0" : "1");
-  Summary& s = g_summary[key];
-  s.op = name_of(op);
-  s.storage = tpattn::name_of(tpattn::storage_type_of<Storage>);
-  s.elements_per_token = c.record.elements_per_token();
-  s.bytes_per_token = bytes_per_token;
-  s.context = context;
-  s.layers = layers;
-  s.bytes = bytes;
-  s.flops = flops;
-  s.t_min = t_min;
-  s.seconds_per_layer.push_back(per_layer);
+  const double step = seconds / static_cast<double>(state.iterations());
+  const double n = static_cast<double>(row.tokens);
+  const double bytes = weight_bytes + cache_bytes + 8.0 * n * static_cast<double>(op.d_model);
+  const double flops =
+      2.0 * (0.5 * n * (n + 1.0) * op.macs_per_pair() +
+             n * (op.macs_per_query() + static_cast<double>(op.weight_elements())));
+  set_counters(state, row, 1, cache_bytes, bytes, flops, n, step);
 }
 
-constexpr int kRepetitions = 3;
+// ---- budget: what a model of L layers fits in G GiB, by the paged cache's own accounting ------
 
-void register_all() {
-  benchmark::RegisterBenchmark("MemoryBandwidth/1GiB", BM_MemoryBandwidth)
-      ->Unit(benchmark::kMillisecond)
-      ->MinTime(0.5);
-  benchmark::RegisterBenchmark("GemmPeak/1024", BM_GemmPeak)
-      ->Unit(benchmark::kMillisecond)
-      ->MinTime(0.5);
-  for (Op op : {Op::mha, Op::gqa, Op::mqa, Op::mla, Op::tpa, Op::tpa_kv_only}) {
-    for (Index context : {1024, 8192}) {
-      benchmark::RegisterBenchmark((std::string("Decode/") + name_of(op) + "/f32").c_str(),
-                                   [op](benchmark::State& state) { BM_Decode<float>(state, op); })
-          ->Arg(context)
-          ->Unit(benchmark::kMicrosecond)
-          ->MinTime(0.2)
-          ->Repetitions(kRepetitions)
-          ->ReportAggregatesOnly(true);
-      benchmark::RegisterBenchmark(
-          (std::string("Decode/") + name_of(op) + "/bf16").c_str(),
-          [op](benchmark::State& state) { BM_Decode<Eigen::bfloat16>(state, op); })
-          ->Arg(context)
-          ->Unit(benchmark::kMicrosecond)
-          ->MinTime(0.2)
-          ->Repetitions(kRepetitions)
-          ->ReportAggregatesOnly(true);
+constexpr Index kBudgetContext = 4096;
+
+BudgetModel budget_model() {
+  BudgetModel model;
+  model.layers = g_options.layers;
+  model.budget_bytes = g_options.budget_gib * kGiB;
+  model.page_tokens = g_options.page_tokens;
+  return model;
+}
+
+void run_budget(benchmark::State& state, const Row& row) {
+  const tpattn::CacheRecord record = row.op->record(row.storage);
+  Index context = 0, batch = 0;
+  for (auto _ : state) {
+    context = longest_context(record, budget_model());
+    batch = largest_batch(record, budget_model(), kBudgetContext);
+    benchmark::DoNotOptimize(context);
+  }
+  // Relative to the config's MHA (its first operator when it has none).
+  const OperatorSpec* reference = &row.config->operators.front();
+  for (const OperatorSpec& op : row.config->operators)
+    if (op.name == "MHA") reference = &op;
+  const Index reference_context = longest_context(reference->record(row.storage), budget_model());
+  using benchmark::Counter;
+  state.counters["bytes_per_token"] = Counter(static_cast<double>(record.bytes_per_token()));
+  state.counters["max_context_batch1"] = Counter(static_cast<double>(context));
+  state.counters["max_batch_4k"] = Counter(static_cast<double>(batch));
+  state.counters["context_vs_mha"] = Counter(
+      static_cast<double>(context) / static_cast<double>(std::max<Index>(reference_context, 1)));
+}
+
+// ---- registration -----------------------------------------------------------------------------
+
+template <template <class> class Run>
+void dispatch(benchmark::State& state, const Row& row) {
+  switch (row.storage) {
+    case tpattn::StorageType::f32: return Run<float>{}(state, row);
+    case tpattn::StorageType::bf16: return Run<Eigen::bfloat16>{}(state, row);
+    case tpattn::StorageType::f16: return Run<Eigen::half>{}(state, row);
+  }
+}
+template <class S>
+struct Decode {
+  void operator()(benchmark::State& s, const Row& r) { run_decode<S>(s, r); }
+};
+template <class S>
+struct LayerDecode {
+  void operator()(benchmark::State& s, const Row& r) { run_layer_decode<S>(s, r); }
+};
+template <class S>
+struct Prefill {
+  void operator()(benchmark::State& s, const Row& r) { run_prefill<S>(s, r); }
+};
+
+void register_rows(const std::vector<Row>& rows) {
+  for (const Row& row : rows) {
+    auto* b = benchmark::RegisterBenchmark(row.name().c_str(), [row](benchmark::State& state) {
+      switch (row.kind) {
+        case Kind::decode: return dispatch<Decode>(state, row);
+        case Kind::layer_decode: return dispatch<LayerDecode>(state, row);
+        case Kind::prefill: return dispatch<Prefill>(state, row);
+        case Kind::budget: return run_budget(state, row);
+      }
+    });
+    b->Unit(row.kind == Kind::prefill ? benchmark::kMillisecond : benchmark::kMicrosecond);
+  }
+}
+
+// ---- the report: collect every run, print the summary tables ----------------------------------
+
+struct Result {
+  std::vector<std::map<std::string, double>> repetitions;  // counters, plus "seconds"
+  std::string error;
+
+  double median(const std::string& key) const {
+    std::vector<double> values;
+    for (const auto& r : repetitions) values.push_back(r.at(key));
+    std::sort(values.begin(), values.end());
+    const std::size_t n = values.size();
+    if (n == 0) return 0.0;
+    return n % 2 == 1 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+  }
+};
+
+// Keeps every iteration run (for the tables) and forwards to Google Benchmark's console
+// reporter when --raw is given; shows progress on a terminal.
+class SummaryReporter : public benchmark::BenchmarkReporter {
+ public:
+  SummaryReporter(std::size_t rows, bool raw) : rows_(rows) {
+    if (raw) console_ = std::make_unique<benchmark::ConsoleReporter>();
+    progress_ = !raw && isatty(STDERR_FILENO);
+  }
+
+  bool ReportContext(const Context& context) override {
+    return console_ ? console_->ReportContext(context) : true;
+  }
+
+  void ReportRuns(const std::vector<Run>& runs) override {
+    if (console_) console_->ReportRuns(runs);
+    for (const Run& run : runs) {
+      if (run.run_type != Run::RT_Iteration) continue;
+      const std::string name = run.run_name.str();
+      Result& result = results_[name];
+      if (result.repetitions.empty() && result.error.empty()) ++done_;
+      if (run.error_occurred) {
+        result.error = run.error_message;
+        continue;
+      }
+      std::map<std::string, double> values;
+      for (const auto& [key, counter] : run.counters) values[key] = counter.value;
+      result.repetitions.push_back(values);
+      if (progress_) std::fprintf(stderr, "\r\033[K[%zu/%zu] %s", done_, rows_, name.c_str());
     }
   }
-}
 
-void print_memory_table() {
-  std::printf("\nKV-cache elements per token per layer (spec §5; the TPA paper's model sizes)\n");
-  std::printf("%-7s %8s %6s %6s %10s %8s %8s %8s\n", "size", "d_model", "h", "h_TPA", "MHA",
-              "GQA(2)", "MLA", "TPA");
-  struct Size {
-    const char* name;
-    Index d, h, h_tpa, d_c;
-  };
-  for (const Size& s : {Size{"small", 768, 12, 34, 256}, Size{"medium", 1024, 16, 47, 512},
-                        Size{"large", 1280, 20, 61, 512}, Size{"XL", 1600, 25, 78, 512}}) {
-    std::printf("%-7s %8td %6td %6td %10td %8td %8td %8td\n", s.name, s.d, s.h, s.h_tpa,
-                tpattn::records::gqa(s.h, 64, 64).elements_per_token(),
-                tpattn::records::gqa(2, 64, 64).elements_per_token(),
-                tpattn::records::mla(s.d_c, 32).elements_per_token(),
-                tpattn::records::tpa(s.h_tpa, 64, 64, 2, 2).elements_per_token());
+  void Finalize() override {
+    if (console_) console_->Finalize();
+    if (progress_) std::fprintf(stderr, "\r\033[K");
   }
+
+  const std::map<std::string, Result>& results() const { return results_; }
+
+ private:
+  std::unique_ptr<benchmark::ConsoleReporter> console_;
+  std::map<std::string, Result> results_;
+  std::size_t rows_ = 0, done_ = 0;
+  bool progress_ = false;
+};
+
+std::string with_thousands(double value) {
+  std::string digits = std::to_string(static_cast<long long>(std::llround(value)));
+  for (int i = static_cast<int>(digits.size()) - 3; i > 0; i -= 3) digits.insert(i, ",");
+  return digits;
 }
 
-void print_decode_table() {
+void print_limits() {
   std::printf(
-      "\nDecode attention, one token through one layer, single thread, median of %d "
-      "repetitions.\nLimits measured in this run: %.1f GB/s streaming read, %.1f GFLOP/s "
-      "fp32 GEMM; roofline = max(bytes / BW, flops / peak) / time.\n",
-      kRepetitions, g_bandwidth / 1e9, g_flop_peak / 1e9);
-  std::printf("%-11s %-5s %7s %9s %7s %7s %10s %8s %9s %8s\n", "operator", "store", "elems",
-              "bytes/tok", "context", "layers", "us/layer", "GB/s", "GFLOP/s", "roofline");
-  for (const auto& entry : g_summary) {
-    const Summary& s = entry.second;
-    const double t = s.median_seconds();
-    std::printf("%-11s %-5s %7td %9td %7td %7td %10.2f %8.2f %9.2f %8.2f\n", s.op.c_str(),
-                s.storage.c_str(), s.elements_per_token, s.bytes_per_token, s.context, s.layers,
-                t * 1e6, s.bytes / t / 1e9, s.flops / t / 1e9, s.t_min / t);
+      "Limits measured in this run (1 thread): %.1f GB/s streaming read, %.1f GFLOP/s fp32 FMA "
+      "peak (Eigen GEMM %.1f GFLOP/s, for reference)\n",
+      g_limits.bandwidth / 1e9, g_limits.fma_peak / 1e9, g_limits.gemm / 1e9);
+}
+
+void print_cache_table(const std::vector<Row>& rows) {
+  std::printf("\nKV cache per token and layer\n");
+  std::printf("%-17s %-11s %9s %9s %9s\n", "config", "operator", "elements", "f32 B", "bf16 B");
+  std::set<std::string> printed;
+  for (const Row& row : rows) {
+    const std::string key = row.config->name + "/" + row.op->name;
+    if (!printed.insert(key).second) continue;
+    std::printf("%-17s %-11s %9td %9td %9td\n", row.config->name.c_str(), row.op->name.c_str(),
+                row.op->record(tpattn::StorageType::f32).elements_per_token(),
+                row.op->record(tpattn::StorageType::f32).bytes_per_token(),
+                row.op->record(tpattn::StorageType::bf16).bytes_per_token());
   }
+}
+
+void print_timed_table(Kind kind, const std::vector<Row>& rows,
+                       const std::map<std::string, Result>& results) {
+  bool header = false;
+  for (const Row& row : rows) {
+    if (row.kind != kind) continue;
+    const auto found = results.find(row.name());
+    if (found == results.end()) continue;  // filtered out
+    if (!header) {
+      header = true;
+      if (kind == Kind::decode)
+        std::printf(
+            "\nDecode, bare kernel: one new token per sequence over `tokens` cached ones, one "
+            "layer, 1 thread (median of repetitions)\n");
+      else if (kind == Kind::layer_decode)
+        std::printf(
+            "\nDecode, whole layer: projections, RoPE, cache append, attention, output "
+            "projection; one layer, 1 thread\n");
+      else
+        std::printf("\nPrefill, whole layer: causal prefill of `tokens` prompt tokens, 1 thread\n");
+      std::printf("%-17s %-11s %-5s %7s %5s %6s %11s %11s %7s %8s %8s %-7s\n", "config", "operator",
+                  "store", "tokens", "batch", "layers",
+                  kind == Kind::prefill ? "ms/prefill" : "us/step", "tokens/s", "GB/s", "GFLOP/s",
+                  "roofline", "bound");
+    }
+    const Result& r = found->second;
+    std::printf("%-17s %-11s %-5s %7td %5td ", row.config->name.c_str(), row.op->name.c_str(),
+                tpattn::name_of(row.storage), row.tokens, row.batch);
+    if (r.repetitions.empty()) {
+      std::printf("%s\n", r.error.c_str());
+      continue;
+    }
+    const double tokens_per_s = r.median("tokens_per_s");
+    const double step =
+        (kind == Kind::prefill ? static_cast<double>(row.tokens) : static_cast<double>(row.batch)) /
+        tokens_per_s;
+    std::printf("%6.0f %11.1f %11s %7.2f %8.1f %8.2f %-7s\n", r.median("layers"),
+                kind == Kind::prefill ? step * 1e3 : step * 1e6,
+                with_thousands(tokens_per_s).c_str(), r.median("GB_per_s"), r.median("GFLOP_per_s"),
+                r.median("roofline"), r.median("bound") == 1.0 ? "memory" : "compute");
+  }
+}
+
+void print_budget_table(const std::vector<Row>& rows,
+                        const std::map<std::string, Result>& results) {
+  bool header = false;
+  for (const Row& row : rows) {
+    if (row.kind != Kind::budget) continue;
+    const auto found = results.find(row.name());
+    if (found == results.end() || found->second.repetitions.empty()) continue;
+    if (!header) {
+      header = true;
+      std::printf(
+          "\nMemory budget: a model of %td layers with %g GiB of KV cache (paged, %td-token "
+          "pages, block tables included)\n",
+          row.layers, row.budget_gib, g_options.page_tokens);
+      std::printf("%-17s %-11s %-5s %9s %15s %14s %10s\n", "config", "operator", "store",
+                  "bytes/tok", "context (b=1)", "batch at 4k", "vs MHA");
+    }
+    const Result& r = found->second;
+    std::printf("%-17s %-11s %-5s %9.0f %15s %14s %9.1fx\n", row.config->name.c_str(),
+                row.op->name.c_str(), tpattn::name_of(row.storage), r.median("bytes_per_token"),
+                with_thousands(r.median("max_context_batch1")).c_str(),
+                with_thousands(r.median("max_batch_4k")).c_str(), r.median("context_vs_mha"));
+  }
+}
+
+// ---- main ---------------------------------------------------------------------------------------
+
+std::vector<std::string> split(const std::string& text, char separator) {
+  std::vector<std::string> parts;
+  std::stringstream stream(text);
+  for (std::string part; std::getline(stream, part, separator);)
+    if (!part.empty()) parts.push_back(part);
+  return parts;
+}
+
+void print_usage() {
+  std::printf(
+      "attention_bench: the five attention operators compared (docs/benchmarks.md)\n"
+      "  --preset=default|full|smoke  which rows run (default: about 10 minutes on 2 cores)\n"
+      "  --configs=a,b                only these configurations of the preset\n"
+      "                               (t6-small, t6-medium, paper-d128, paper-d64,\n"
+      "                                deepseek-v2-lite)\n"
+      "  --layers=32 --budget_gib=16  the model and budget of the memory-budget table\n"
+      "  --page_tokens=16             page size of the memory-budget table's paged cache\n"
+      "  --max_cache_gib=G            skip rows needing more memory (default: half the RAM)\n"
+      "  --raw                        also print Google Benchmark's per-run lines\n"
+      "Google Benchmark's flags work too, e.g. --benchmark_filter=decode/paper-d128/\n"
+      "--benchmark_out=run.json --benchmark_out_format=json (scripts/bench_report.py reads it).\n");
+}
+
+// Takes our flags out of argv (Google Benchmark rejects flags it does not know); false on a bad
+// one or --help.
+bool parse_options(int& argc, char** argv) {
+  int kept = 1;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    auto value_of = [&](const char* flag) -> const char* {
+      const std::string prefix = std::string(flag) + "=";
+      return arg.rfind(prefix, 0) == 0 ? argv[i] + prefix.size() : nullptr;
+    };
+    if (arg == "--help" || arg == "-h") {
+      print_usage();
+      return false;
+    } else if (arg == "--raw") {
+      g_options.raw = true;
+    } else if (const char* v = value_of("--preset")) {
+      g_options.preset = v;
+    } else if (const char* v = value_of("--configs")) {
+      g_options.configs = split(v, ',');
+    } else if (const char* v = value_of("--layers")) {
+      g_options.layers = std::atol(v);
+    } else if (const char* v = value_of("--budget_gib")) {
+      g_options.budget_gib = std::atof(v);
+    } else if (const char* v = value_of("--max_cache_gib")) {
+      g_options.max_cache_gib = std::atof(v);
+    } else if (const char* v = value_of("--page_tokens")) {
+      g_options.page_tokens = std::atol(v);
+    } else {
+      argv[kept++] = argv[i];
+    }
+  }
+  argc = kept;
+  if (g_options.layers < 1 || g_options.budget_gib <= 0.0 || g_options.page_tokens < 1 ||
+      g_options.max_cache_gib < 0.0) {
+    std::fprintf(stderr, "attention_bench: --layers, --budget_gib and --page_tokens must be > 0\n");
+    return false;
+  }
+  for (const std::string& name : g_options.configs) {
+    const auto& all = model_configs();
+    if (std::none_of(all.begin(), all.end(),
+                     [&](const ModelConfig& c) { return c.name == name; })) {
+      std::fprintf(stderr, "attention_bench: unknown config '%s' (see --help)\n", name.c_str());
+      return false;
+    }
+  }
+  if (g_options.max_cache_gib == 0.0)
+    g_options.max_cache_gib = 0.5 * static_cast<double>(physical_memory_bytes()) / kGiB;
+  return true;
+}
+
+bool has_flag(int argc, char** argv, const char* prefix) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]).rfind(prefix, 0) == 0) return true;
+  return false;
+}
+
+std::string compiler_name() {
+#if defined(__clang__)
+  return std::string("Clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  return std::string("GCC ") + __VERSION__;
+#else
+  return "unknown";
+#endif
 }
 
 }  // namespace
+}  // namespace tpattn_bench
 
 int main(int argc, char** argv) {
-  register_all();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  print_memory_table();
-  benchmark::RunSpecifiedBenchmarks();
-  if (!g_summary.empty()) print_decode_table();
+  using namespace tpattn_bench;
+  if (!parse_options(argc, argv)) return has_flag(argc, argv, "--help") ? 0 : 2;
+  const auto all_presets = presets();
+  const auto preset = std::find_if(all_presets.begin(), all_presets.end(),
+                                   [](const Preset& p) { return p.name == g_options.preset; });
+  if (preset == all_presets.end()) {
+    std::fprintf(stderr, "attention_bench: unknown preset '%s' (default, full, smoke)\n",
+                 g_options.preset.c_str());
+    return 2;
+  }
+  const bool smoke = preset->name == "smoke";
+
+  // Our defaults for Google Benchmark's flags, before the user's (the last one wins).
+  std::vector<char*> args(argv, argv + argc);
+  std::string repetitions = smoke ? "--benchmark_repetitions=1" : "--benchmark_repetitions=3";
+  std::string min_time = smoke ? "--benchmark_min_time=0.000001" : "--benchmark_min_time=0.1";
+  args.insert(args.begin() + 1, {repetitions.data(), min_time.data()});
+  int args_count = static_cast<int>(args.size());
+  benchmark::Initialize(&args_count, args.data());
+  if (benchmark::ReportUnrecognizedArguments(args_count, args.data())) return 2;
+
+  const std::vector<Row> rows =
+      rows_of(*preset, g_options.configs, g_options.layers, g_options.budget_gib);
+  register_rows(rows);
+  if (has_flag(argc, argv, "--benchmark_list_tests")) {
+    benchmark::RunSpecifiedBenchmarks();
+    return 0;
+  }
+
+  g_limits.l3_bytes = l3_cache_bytes();
+  g_limits.bandwidth =
+      measure_read_bandwidth(smoke ? Index(64) << 20 : Index(1) << 30, smoke ? 1 : 5);
+  g_limits.fma_peak = measure_fma_peak(smoke ? 1 : 5);
+  g_limits.gemm = measure_gemm_rate(smoke ? 256 : 1024, smoke ? 1 : 3);
+  const auto number = [](double value) {
+    char text[32];
+    std::snprintf(text, sizeof text, "%.2f", value);
+    return std::string(text);
+  };
+  benchmark::AddCustomContext("tpattn_preset", preset->name);
+  benchmark::AddCustomContext("tpattn_cpu", cpu_model_name());
+  benchmark::AddCustomContext("tpattn_compiler", compiler_name());
+  benchmark::AddCustomContext("tpattn_flags", TPATTN_BENCH_FLAGS);
+  benchmark::AddCustomContext("tpattn_simd", Eigen::SimdInstructionSetsInUse());
+  benchmark::AddCustomContext("tpattn_l3_bytes", std::to_string(g_limits.l3_bytes));
+  benchmark::AddCustomContext("tpattn_layers", std::to_string(g_options.layers));
+  benchmark::AddCustomContext("tpattn_budget_gib", number(g_options.budget_gib));
+  benchmark::AddCustomContext("tpattn_page_tokens", std::to_string(g_options.page_tokens));
+  benchmark::AddCustomContext("tpattn_threads", "1");
+  benchmark::AddCustomContext("tpattn_bandwidth_GBps_t1", number(g_limits.bandwidth / 1e9));
+  benchmark::AddCustomContext("tpattn_fma_peak_GFLOPs_t1", number(g_limits.fma_peak / 1e9));
+  benchmark::AddCustomContext("tpattn_gemm_GFLOPs_t1", number(g_limits.gemm / 1e9));
+
+  std::printf("tpattn attention benchmark, preset '%s': %s, %s, %s\n", preset->name.c_str(),
+              cpu_model_name().c_str(), compiler_name().c_str(), TPATTN_BENCH_FLAGS);
+  print_limits();
+  std::fflush(stdout);
+
+  SummaryReporter reporter(rows.size(), g_options.raw);
+  benchmark::RunSpecifiedBenchmarks(&reporter);
+  g_fixture = {};
+
+  print_cache_table(rows);
+  for (Kind kind : {Kind::decode, Kind::layer_decode, Kind::prefill})
+    print_timed_table(kind, rows, reporter.results());
+  print_budget_table(rows, reporter.results());
+  for (const auto& [name, result] : reporter.results()) {
+    if (!result.repetitions.empty() && result.repetitions.front().count("roofline") &&
+        result.median("roofline") > 1.0)
+      std::printf(
+          "\nWARNING: %s runs faster than the measured limit allows (roofline %.2f): "
+          "the limit was measured wrong on this run, not the kernel fast.\n",
+          name.c_str(), result.median("roofline"));
+  }
   std::printf(
-      "\nNote: Debian's Google Benchmark prints 'Library was built as DEBUG'; that concerns "
-      "the benchmark library's own code, not tpattn's (built -O3 -march=native).\n");
+      "\nroofline = max(bytes / read bandwidth, flops / FMA peak) / time (1.0 = at the limit); "
+      "bound: which of the two is larger. tokens/s: new tokens through one layer (a model of L "
+      "layers: divide by L).\nNote: Debian's Google Benchmark prints 'Library was built as "
+      "DEBUG' with --raw; that concerns the benchmark library, not tpattn (built %s).\n",
+      TPATTN_BENCH_FLAGS);
   benchmark::Shutdown();
   return 0;
 }

@@ -1,0 +1,143 @@
+// bench/support/machine_limits.hpp -- this machine's limits, measured in the benchmark's own run:
+// streaming read bandwidth and the fp32 FMA peak (docs/benchmarks.md, "The limits").
+//
+// A decode step reads its whole cache once, so its floor is bytes / bandwidth; TPA and absorbed
+// MLA do many flops per cached byte, so theirs can be flops / FMA peak. Both probes use Eigen's
+// SIMD packets (the widths the kernels use); this is the only bench file that touches
+// Eigen::internal, so an Eigen change touches one place.
+#pragma once
+
+#include <unistd.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "tpattn/core/matrix.hpp"
+
+namespace tpattn_bench {
+
+using tpattn::Index;
+
+namespace detail {
+using Packet = Eigen::internal::packet_traits<float>::type;
+constexpr Index kPacketFloats = Eigen::internal::packet_traits<float>::size;
+
+inline double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Keeps a value alive without a benchmark library call (these probes run before it starts).
+inline void keep(const void* p) { asm volatile("" : : "g"(p) : "memory"); }
+}  // namespace detail
+
+// Bytes per second of a streaming read of `bytes` (make it far beyond the L3), the best of
+// `passes` over a buffer written once. 16 independent packet accumulators: one add chain per
+// packet would wait on the add latency and under-read the memory (spec: >= 8 accumulators).
+inline double measure_read_bandwidth(Index bytes, int passes) {
+  using namespace detail;
+  constexpr int kChains = 16;
+  constexpr Index kStep = kChains * kPacketFloats;
+  const Index floats = bytes / Index(sizeof(float)) / kStep * kStep;
+  std::vector<float> buffer(static_cast<std::size_t>(floats), 1.0f);  // written once: paged in
+  const float* data = buffer.data();
+  double best = 0.0;
+  for (int pass = 0; pass < passes; ++pass) {
+    const auto start = std::chrono::steady_clock::now();
+    Packet acc[kChains];
+    for (Packet& a : acc) a = Eigen::internal::pset1<Packet>(0.0f);
+    for (Index i = 0; i < floats; i += kStep) {
+      for (int c = 0; c < kChains; ++c)
+        acc[c] = Eigen::internal::padd(
+            acc[c], Eigen::internal::ploadu<Packet>(data + i + c * kPacketFloats));
+    }
+    for (int c = 1; c < kChains; ++c) acc[0] = Eigen::internal::padd(acc[0], acc[c]);
+    float total = Eigen::internal::predux(acc[0]);
+    keep(&total);
+    best = std::max(best, static_cast<double>(floats) * sizeof(float) / seconds_since(start));
+  }
+  return best;
+}
+
+// Flop per second of `passes` register-resident loops of 12 independent FMA chains (the FMA
+// latency, 4-5 cycles, times two pipes needs >= 10 chains in flight), the best pass. The chains
+// multiply by a number just below one and add a small one, so values stay normal and bounded.
+inline double measure_fma_peak(int passes) {
+  using namespace detail;
+  constexpr int kChains = 12;
+  constexpr Index kIterations = Index(1) << 24;
+  double best = 0.0;
+  for (int pass = 0; pass < passes; ++pass) {
+    volatile float opaque = 0.999999f;  // unknown to the compiler: the loop cannot be folded
+    const float seed = opaque;
+    const Packet scale = Eigen::internal::pset1<Packet>(seed);
+    const Packet shift = Eigen::internal::pset1<Packet>(1e-7f * seed);
+    Packet acc[kChains];
+    for (int c = 0; c < kChains; ++c) acc[c] = Eigen::internal::pset1<Packet>(0.5f + 0.01f * c);
+    const auto start = std::chrono::steady_clock::now();
+    for (Index i = 0; i < kIterations; ++i) {
+      for (int c = 0; c < kChains; ++c) acc[c] = Eigen::internal::pmadd(acc[c], scale, shift);
+    }
+    const double seconds = seconds_since(start);
+    for (int c = 1; c < kChains; ++c) acc[0] = Eigen::internal::padd(acc[0], acc[c]);
+    float total = Eigen::internal::predux(acc[0]);
+    keep(&total);
+    best =
+        std::max(best, 2.0 * kChains * kPacketFloats * static_cast<double>(kIterations) / seconds);
+  }
+  return best;
+}
+
+// Flop per second of an n^3 fp32 GEMM through Eigen, one thread, the best of `passes`. A
+// reference beside the FMA peak (what a well-packed product reaches), never the limit.
+inline double measure_gemm_rate(Index n, int passes) {
+  const tpattn::RowMatrix a = tpattn::RowMatrix::Random(n, n), b = tpattn::RowMatrix::Random(n, n);
+  tpattn::RowMatrix c(n, n);
+  double best = 0.0;
+  for (int pass = 0; pass < passes; ++pass) {
+    const auto start = std::chrono::steady_clock::now();
+    c.noalias() = a * b;
+    detail::keep(c.data());
+    best = std::max(best, 2.0 * static_cast<double>(n) * n * n / detail::seconds_since(start));
+  }
+  return best;
+}
+
+// The L3 of the core running this in bytes: sysfs, else sysconf, else 32 MiB (what this
+// project's CI machines have). sysfs first: under a hypervisor glibc's sysconf can report the
+// host's summed L3 (320 MiB seen on a 32 MiB guest).
+inline Index l3_cache_bytes() {
+  std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index3/size");
+  Index value = 0;
+  char unit = 0;
+  if (file >> value >> unit && value > 0)
+    return unit == 'M' ? value << 20 : unit == 'K' ? value << 10 : value;
+  const long from_sysconf = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  if (from_sysconf > 0) return from_sysconf;
+  return Index(32) << 20;
+}
+
+// Physical memory in bytes (0 when unknown).
+inline Index physical_memory_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? Index(pages) * Index(page) : 0;
+}
+
+// The CPU's model name from /proc/cpuinfo, or "unknown".
+inline std::string cpu_model_name() {
+  std::ifstream file("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(file, line)) {
+    if (line.rfind("model name", 0) == 0) {
+      const auto colon = line.find(':');
+      if (colon != std::string::npos) return line.substr(line.find_first_not_of(' ', colon + 1));
+    }
+  }
+  return "unknown";
+}
+
+}  // namespace tpattn_bench
