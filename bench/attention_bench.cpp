@@ -363,6 +363,21 @@ struct Prefill {
   void operator()(benchmark::State& s, const Row& r) { run_prefill<S>(s, r); }
 };
 
+// The limits again, after every row: a shared machine's bandwidth can drift by 20% within
+// minutes, and rooflines are only as good as the limits they divide by.
+constexpr const char* kEndLimitsRow = "limits/end-of-run/threads:1";
+
+void run_end_limits(benchmark::State& state) {
+  const bool smoke = g_options.preset == "smoke";
+  Limits end;
+  for (auto _ : state) {
+    end.bandwidth = measure_read_bandwidth(smoke ? Index(64) << 20 : Index(1) << 30, smoke ? 1 : 5);
+    end.fma_peak = measure_fma_peak(smoke ? 1 : 5);
+  }
+  state.counters["GB_per_s"] = benchmark::Counter(end.bandwidth / 1e9);
+  state.counters["GFLOP_per_s"] = benchmark::Counter(end.fma_peak / 1e9);
+}
+
 void register_rows(const std::vector<Row>& rows) {
   for (const Row& row : rows) {
     auto* b = benchmark::RegisterBenchmark(row.name().c_str(), [row](benchmark::State& state) {
@@ -375,6 +390,7 @@ void register_rows(const std::vector<Row>& rows) {
     });
     b->Unit(row.kind == Kind::prefill ? benchmark::kMillisecond : benchmark::kMicrosecond);
   }
+  benchmark::RegisterBenchmark(kEndLimitsRow, run_end_limits)->Unit(benchmark::kMillisecond);
 }
 
 // ---- the report: collect every run, print the summary tables ----------------------------------
@@ -684,7 +700,7 @@ int main(int argc, char** argv) {
   print_limits();
   std::fflush(stdout);
 
-  SummaryReporter reporter(rows.size(), g_options.raw);
+  SummaryReporter reporter(rows.size() + 1, g_options.raw);  // + the end-of-run limits
   benchmark::RunSpecifiedBenchmarks(&reporter);
   g_fixture = {};
 
@@ -692,6 +708,20 @@ int main(int argc, char** argv) {
   for (Kind kind : {Kind::decode, Kind::layer_decode, Kind::prefill})
     print_timed_table(kind, rows, reporter.results());
   print_budget_table(rows, reporter.results());
+  const auto end = reporter.results().find(kEndLimitsRow);
+  if (end != reporter.results().end() && !end->second.repetitions.empty()) {
+    const double bandwidth = end->second.median("GB_per_s") * 1e9;
+    const double fma_peak = end->second.median("GFLOP_per_s") * 1e9;
+    std::printf("\nLimits measured again at the end of the run: %.1f GB/s, %.1f GFLOP/s.\n",
+                bandwidth / 1e9, fma_peak / 1e9);
+    const double drift = std::max(std::abs(bandwidth / g_limits.bandwidth - 1.0),
+                                  std::abs(fma_peak / g_limits.fma_peak - 1.0));
+    if (drift > 0.1 && g_options.preset != "smoke")  // smoke's one-pass limits are rough
+      std::printf(
+          "WARNING: the machine's limits moved by %.0f%% during the run (a shared "
+          "machine under load): rooflines are uncertain by as much; rerun when quiet.\n",
+          100.0 * drift);
+  }
   for (const auto& [name, result] : reporter.results()) {
     if (!result.repetitions.empty() && result.repetitions.front().count("roofline") &&
         result.median("roofline") > 1.0)

@@ -31,6 +31,10 @@ KINDS = {
 }
 
 
+# attention_bench measures the machine's limits again after its last row, under this name.
+END_LIMITS_ROW = "limits/end-of-run/threads:1"
+
+
 def fail(message):
     """One clear line and exit status 2, so a calling script can tell bad input from a crash."""
     print(f"{os.path.basename(sys.argv[0])}: {message}", file=sys.stderr)
@@ -124,8 +128,9 @@ def limits(context):
     return dict(sorted(found.items()))
 
 
-def setup_section(context, json_path):
-    """Says how the run was made, so no table is read without its machine and limits."""
+def setup_section(context, json_path, end_limits=None):
+    """Says how the run was made, so no table is read without its machine and limits; the
+    limits measured again after the last row show whether the machine's load moved meanwhile."""
     c = lambda key: context.get(key, "?")
     caches = ", ".join(f"L{x['level']} {x['type']} {fmt_bytes(x['size'])}"
                        + (f" per {x['num_sharing']} CPUs" if x.get("num_sharing", 1) > 1 else "")
@@ -153,10 +158,13 @@ def setup_section(context, json_path):
               "Each row's roofline is t_min / t with t_min = max(bytes / bandwidth, flops / FMA "
               "peak) at its thread count (1.00 = at the machine's limit); *Bound* names the "
               "larger of the two terms.", ""]
+    rows = [[t, fmt(v.get("bandwidth_GBps")), fmt(v.get("fma_peak_GFLOPs")),
+             fmt(v.get("gemm_GFLOPs"))] for t, v in limits(context).items()]
+    if end_limits:
+        rows.append(["1, again after the last row", fmt(end_limits.get("GB_per_s")),
+                     fmt(end_limits.get("GFLOP_per_s")), "–"])
     return lines + table(["Threads", "Read bandwidth (GB/s)", "fp32 FMA peak (GFLOP/s)",
-                          "Eigen GEMM (GFLOP/s)"],
-                         [[t, fmt(v.get("bandwidth_GBps")), fmt(v.get("fma_peak_GFLOPs")),
-                           fmt(v.get("gemm_GFLOPs"))] for t, v in limits(context).items()])
+                          "Eigen GEMM (GFLOP/s)"], rows)
 
 
 def rate(r):
@@ -239,9 +247,10 @@ def cache_sizes(results):
     return sizes
 
 
-def write_markdown(path, context, results, skipped, json_path, storages, made):
+def write_markdown(path, context, results, skipped, json_path, storages, made, end_limits):
     """The generated page: setup, cache sizes, one section per kind of row, what was skipped."""
-    lines = setup_section(context, json_path) + ["## KV-cache bytes per token per layer", ""]
+    lines = setup_section(context, json_path, end_limits) + [
+        "## KV-cache bytes per token per layer", ""]
     if "bytes_per_token" in made:
         lines += ["![Cache bytes per token per layer](bench/bytes_per_token.svg)", ""]
     sizes = [[c, o] + [f"{v[s]:,.0f}" if s in v else "–" for s in storages]
@@ -377,7 +386,10 @@ def main():
     context, loaded = load_run(args.json)
     timed = [r for r in loaded.values() if r["kind"] and not r["error"]]
     skipped = [r for r in loaded.values() if r["error"]]
-    ignored = [r["name"] for r in loaded.values() if not r["kind"] and not r["error"]]
+    end = loaded.get(END_LIMITS_ROW)
+    end_limits = end["row"] if end and end["row"] else None
+    ignored = [r["name"] for r in loaded.values()
+               if not r["kind"] and not r["error"] and r["name"] != END_LIMITS_ROW]
     if ignored:
         print(f"note: {len(ignored)} results with other names left out, e.g. {ignored[0]}",
               file=sys.stderr)
@@ -395,7 +407,7 @@ def main():
     paths += plot_decode(plt, timed, colors, plot_dir, "roofline", "roofline")
     made = {os.path.splitext(os.path.basename(p))[0] for p in paths}
     markdown = os.path.join(args.out_dir, "benchmarks.md")
-    write_markdown(markdown, context, timed, skipped, args.json, storages, made)
+    write_markdown(markdown, context, timed, skipped, args.json, storages, made, end_limits)
     if MISMATCHED:
         name, how = next(iter(MISMATCHED.items()))
         print(f"warning: {len(MISMATCHED)} rows' tokens_per_s is off by more than 5% from "
