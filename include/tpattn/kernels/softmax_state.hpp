@@ -40,11 +40,14 @@ class SoftmaxState {
   // Takes a block of scores [rows, n] (masked entries = -inf) and turns it, in place, into the
   // weights exp(score - new_max), after rescaling sum and acc to the new maximum. The caller then
   // adds weights x values to acc(): this split lets TPA add its factored values its own way.
+  // A NaN score (from a NaN or an infinity in the query, the cache or the weights) makes its
+  // row's maximum, sum and output NaN for good, whichever block and position it comes in: a
+  // plain maximum could drop it, and a block whose maximum lost to NaN would read as masked.
   void absorb_scores(MatrixMap scores) {
     for (Index r = 0; r < rows_; ++r) {
       auto row = scores.row(r).array();
-      const float block_max = row.maxCoeff();
-      const float new_max = block_max > max_[r] ? block_max : max_[r];
+      const float block_max = row.template maxCoeff<Eigen::PropagateNaN>();
+      const float new_max = block_max > max_[r] || std::isnan(block_max) ? block_max : max_[r];
       if (new_max == -std::numeric_limits<float>::infinity()) {
         row.setZero();  // every key of this row is masked so far
         continue;
@@ -58,13 +61,16 @@ class SoftmaxState {
   }
 
   // Folds another state over a disjoint set of keys into this one (split-K / split-KV decode).
+  // A NaN maximum on either side wins, so a NaN seen by one part reaches the output.
   void merge(const SoftmaxState& other) {
     TPATTN_ASSERT(other.rows_ == rows_ && other.width_ == width_);
     for (Index r = 0; r < rows_; ++r) {
-      const float new_max = other.max_[r] > max_[r] ? other.max_[r] : max_[r];
+      const float theirs_max = other.max_[r];
+      const float new_max =
+          theirs_max > max_[r] || std::isnan(theirs_max) ? theirs_max : max_[r];
       if (new_max == -std::numeric_limits<float>::infinity()) continue;
       const float mine = std::exp(max_[r] - new_max);
-      const float theirs = std::exp(other.max_[r] - new_max);
+      const float theirs = std::exp(theirs_max - new_max);
       sum_[r] = sum_[r] * mine + other.sum_[r] * theirs;
       for (Index c = 0; c < width_; ++c)
         acc_[r * width_ + c] = acc_[r * width_ + c] * mine + other.acc_[r * width_ + c] * theirs;
@@ -79,7 +85,8 @@ class SoftmaxState {
               float out_scale = 1.0f) const {
     for (Index k = 0; k < count; ++k) {
       const Index r = first + k;
-      const float inverse = sum_[r] > 0.0f ? out_scale / sum_[r] : 0.0f;
+      // sum 0: the row saw no key (out 0); sum NaN: it saw a NaN score (out NaN).
+      const float inverse = sum_[r] > 0.0f || std::isnan(sum_[r]) ? out_scale / sum_[r] : 0.0f;
       for (Index c = 0; c < width_; ++c) out[k * out_stride + c] = acc_[r * width_ + c] * inverse;
       if (lse != nullptr) lse[k] = max_[r] + std::log(sum_[r]);
     }
