@@ -207,6 +207,72 @@ TEST(CacheRecord, RejectsAStorageValueOutsideTheEnum) {
       {"CacheRecord", "storage", "plane 'V' storage f32, bf16 or f16", "9"}));
 }
 
+// rows x cols, x element bytes, and their sums over the planes must fit in an Index: a product
+// that wrapped around would make bytes_per_token() small or negative, and a cache sized from it
+// too small for the tokens it then accepts.
+TEST(CacheRecord, RejectsPlanesWhoseSizesOverflowAnIndex) {
+  const Index p30 = Index(1) << 30, p31 = Index(1) << 31, p32 = Index(1) << 32;
+  const std::string bytes_fit =
+      "plane 'K' rows x cols x element bytes (bytes per token) that fit in a 64-bit signed integer";
+  // The record: 2^62 elements fit, 2^64 bytes do not.
+  EXPECT_TRUE(throws_error(
+      [&] {
+        CacheRecord record({{"K", p31, p31, StorageType::f32}});
+      },
+      {"CacheRecord", "rows x cols", bytes_fit,
+       std::to_string(p31) + " x " + std::to_string(p31) + " x 4 overflows"}));
+  EXPECT_TRUE(throws_error(
+      [&] {
+        CacheRecord record({{"K", p31, p31, StorageType::bf16}});  // 2^63 bytes
+      },
+      {"CacheRecord", "rows x cols", bytes_fit,
+       std::to_string(p31) + " x " + std::to_string(p31) + " x 2 overflows"}));
+  EXPECT_TRUE(throws_error(
+      [&] {
+        CacheRecord record({{"V", 1, 2, StorageType::f32}, {"K", p32, p32, StorageType::bf16}});
+      },
+      {"CacheRecord", "rows x cols",
+       "plane 'K' rows x cols (elements per token) that fit in a 64-bit signed integer",
+       std::to_string(p32) + " x " + std::to_string(p32) + " overflows"}));
+  // Each plane fits (2^62 bytes); the record's bytes per token do not.
+  EXPECT_TRUE(throws_error(
+      [&] {
+        CacheRecord record({{"K", p30, p30, StorageType::f32}, {"V", p30, p30, StorageType::f32}});
+      },
+      {"CacheRecord", "planes",
+       "bytes per token, summed over the planes, that fit in a 64-bit signed integer",
+       std::to_string(Index(1) << 62) + " + " + std::to_string(Index(1) << 62) +
+           " (plane 'V') overflows"}));
+}
+
+TEST(CacheRecord, AcceptsTheLargestPlanesWhoseBytesFitAnIndex) {
+  const Index p31 = Index(1) << 31;
+  const CacheRecord one({{"K", p31, p31 / 2, StorageType::bf16}});  // 2^62 bytes per token
+  EXPECT_EQ(one.elements_per_token(), Index(1) << 61);
+  EXPECT_EQ(one.bytes_per_token(), Index(1) << 62);
+  // 2^63 - 4 bytes of K and 2 of V: 2 bytes short of the largest Index.
+  const Index p61 = Index(1) << 61;
+  const CacheRecord two({{"K", 1, p61 - 1, StorageType::f32}, {"V", 1, 1, StorageType::bf16}});
+  EXPECT_EQ(two.elements_per_token(), p61);
+  EXPECT_EQ(two.bytes_per_token(), std::numeric_limits<Index>::max() - 1);
+}
+
+// A record too big for any cache (2^62 bytes per token) but valid: a cache over it must throw
+// tpattn::Error for its byte count, not size itself from a wrapped product and overrun it.
+TEST(CacheRecord, ACacheOverAHugeButValidRecordIsRefusedNotOverrun) {
+  const CacheRecord huge({{"K", Index(1) << 31, Index(1) << 30, StorageType::bf16}});
+  const std::string fits = "a total byte count that fits in a 64-bit signed integer";
+  const std::string p62 = std::to_string(Index(1) << 62);
+  EXPECT_TRUE(throws_error([&] { ContiguousKvCache cache(huge, 1, 2); },
+                           {"ContiguousKvCache", "sizes", fits, "2 x " + p62 + " overflows"}));
+  EXPECT_TRUE(throws_error([&] { ContiguousKvCache cache(huge, 2, 1); },
+                           {"ContiguousKvCache", "sizes", fits, p62 + " x 2 overflows"}));
+  EXPECT_TRUE(throws_error([&] { PagedKvCache cache(huge, 1, 2, 1); },
+                           {"PagedKvCache", "sizes", fits, p62 + " x 2 overflows"}));
+  EXPECT_TRUE(throws_error([&] { PagedKvCache cache(huge, 4, 1, 1); },
+                           {"PagedKvCache", "sizes", fits, "4 x " + p62 + " overflows"}));
+}
+
 TEST(MixedStorageRecord, RoundTripsThroughAContiguousCache) {
   std::mt19937 rng(11);
   ContiguousKvCache cache(mixed_record(), 2, 51);  // odd: plane K follows 51 f16 values
@@ -691,7 +757,7 @@ TEST(CacheFootprint, TableBytesFollowTheCapAndThePool) {
 TEST(CacheFootprint, RejectsWhatTheConstructorRejectsWithTheSameError) {
   const CacheRecord record = records::mla(8, 4);
   const CacheRecord tiny = records::gqa(1, 1, 1);  // 8 bytes per token
-  const CacheRecord huge_plane({{"K", Index(1) << 40, Index(1) << 40, StorageType::f32}});
+  const CacheRecord huge_plane({{"K", Index(1) << 31, Index(1) << 30, StorageType::bf16}});
   const Index half = std::numeric_limits<Index>::max() / 2;
   struct Paged {
     const CacheRecord* record;
@@ -712,7 +778,7 @@ TEST(CacheFootprint, RejectsWhatTheConstructorRejectsWithTheSameError) {
       {&tiny, Index(1) << 61, 4, 1, 0},  // a page's bytes
       {&tiny, 1, Index(1) << 62, 1, 0},  // the pool's bytes
       {&tiny, 1, Index(1) << 59, 2, 0},  // the tables' bytes
-      {&huge_plane, 1, 1, 1, 0},         // a plane's bytes per token
+      {&huge_plane, 2, 1, 1, 0},         // a page of a record of 2^62 bytes per token
   };
   for (const Paged& c : paged) {
     SCOPED_TRACE("PagedKvCache(" + std::to_string(c.record->plane_count()) + " planes, " +
@@ -740,7 +806,7 @@ TEST(CacheFootprint, RejectsWhatTheConstructorRejectsWithTheSameError) {
       {&record, half, 4},
       {&tiny, 4, Index(1) << 61},   // a region's bytes
       {&tiny, Index(1) << 57, 16},  // the pool's bytes
-      {&huge_plane, 1, 1},
+      {&huge_plane, 1, 2},
   };
   for (const Contiguous& c : contiguous) {
     SCOPED_TRACE("ContiguousKvCache(" + std::to_string(c.record->plane_count()) + " planes, " +
@@ -769,11 +835,11 @@ TEST(CacheFootprint, ASizeWhoseBytesOverflowAnIndexThrowsInsteadOfWrapping) {
   EXPECT_TRUE(throws_error([&] { (void)ContiguousKvCache::footprint(tiny, Index(1) << 57, 16); },
                            {"ContiguousKvCache", "sizes", fits,
                             "128 x " + std::to_string(Index(1) << 57) + " overflows"}));
-  const CacheRecord huge_plane({{"K", Index(1) << 40, Index(1) << 40, StorageType::f32}});
-  EXPECT_TRUE(throws_error(
-      [&] { (void)PagedKvCache::footprint(huge_plane, 1, 1, 1); },
-      {"PagedKvCache", "sizes", fits,
-       std::to_string(Index(1) << 40) + " x " + std::to_string(Index(1) << 40) + " overflows"}));
+  // A record of 2^62 bytes per token (the most a record may hold is 2^63 - 1): two tokens overflow.
+  const CacheRecord huge_plane({{"K", Index(1) << 31, Index(1) << 30, StorageType::bf16}});
+  EXPECT_TRUE(
+      throws_error([&] { (void)PagedKvCache::footprint(huge_plane, 2, 1, 1); },
+                   {"PagedKvCache", "sizes", fits, "2 x " + std::to_string(p62) + " overflows"}));
 
   // 2^59 pages of 8 bytes with page tables capped at 16 tokens: 2^62 + 256 bytes, exactly.
   const CacheFootprint big = PagedKvCache::footprint(tiny, 1, p59, 2, 16);

@@ -226,9 +226,9 @@ class BlockStore {
       widest = std::max(widest, align);
       offset = checked_add(call, offset, align - 1) / align * align;
       if (plane_offsets != nullptr) plane_offsets[p] = offset;
-      const Index plane_bytes = checked_product(call, checked_product(call, plane.rows, plane.cols),
-                                                element_bytes(plane.storage));
-      offset = checked_add(call, offset, checked_product(call, block_tokens, plane_bytes));
+      // A plane's bytes per token fit in an Index: CacheRecord's constructor checks that.
+      offset =
+          checked_add(call, offset, checked_product(call, block_tokens, plane.bytes_per_token()));
     }
     return checked_add(call, offset, widest - 1) / widest * widest;
   }

@@ -17,6 +17,8 @@
 
 namespace tpattn {
 
+// One plane's shape. The products below are safe for the planes of a CacheRecord, whose
+// constructor checks that they fit in an Index; a lone PlaneSpec is not checked.
 struct PlaneSpec {
   std::string name;
   Index rows = 0;
@@ -31,9 +33,13 @@ class CacheRecord {
  public:
   CacheRecord() = default;
 
-  // planes: at least one, each with rows >= 1, cols >= 1, a StorageType value and a unique name.
+  // planes: at least one, each with rows >= 1, cols >= 1, a StorageType value and a unique name;
+  // every plane's rows x cols and rows x cols x element bytes, and the record's elements and
+  // bytes per token, must fit in an Index (a 64-bit signed integer), so that no size computed
+  // from the record wraps around.
   explicit CacheRecord(std::vector<PlaneSpec> planes) : planes_(std::move(planes)) {
     TPATTN_CHECK(!planes_.empty(), "CacheRecord", "planes", "at least one plane", 0);
+    Index bytes = 0;  // per token, summed over the planes so far
     for (std::size_t p = 0; p < planes_.size(); ++p) {
       const PlaneSpec& plane = planes_[p];
       TPATTN_CHECK(plane.rows >= 1, "CacheRecord", "rows", "plane '" + plane.name + "' rows >= 1",
@@ -47,6 +53,30 @@ class CacheRecord {
       for (std::size_t other = 0; other < p; ++other)
         TPATTN_CHECK(planes_[other].name != plane.name, "CacheRecord", "name", "unique plane names",
                      plane.name);
+      const Index size = element_bytes(plane.storage);
+      Index plane_elements = 0;
+      Index plane_bytes = 0;
+      TPATTN_CHECK(
+          !__builtin_mul_overflow(plane.rows, plane.cols, &plane_elements), "CacheRecord",
+          "rows x cols",
+          "plane '" + plane.name +
+              "' rows x cols (elements per token) that fit in a 64-bit signed integer",
+          detail::to_text(plane.rows) + " x " + detail::to_text(plane.cols) + " overflows");
+      TPATTN_CHECK(!__builtin_mul_overflow(plane_elements, size, &plane_bytes), "CacheRecord",
+                   "rows x cols",
+                   "plane '" + plane.name +
+                       "' rows x cols x element bytes (bytes per token) that fit in a 64-bit "
+                       "signed integer",
+                   detail::to_text(plane.rows) + " x " + detail::to_text(plane.cols) + " x " +
+                       detail::to_text(size) + " overflows");
+      // Each plane's elements are at most half its bytes, so once the bytes' sum fits, the
+      // elements' sum (elements_per_token()) does too.
+      Index bytes_sum = 0;
+      TPATTN_CHECK(!__builtin_add_overflow(bytes, plane_bytes, &bytes_sum), "CacheRecord", "planes",
+                   "bytes per token, summed over the planes, that fit in a 64-bit signed integer",
+                   detail::to_text(bytes) + " + " + detail::to_text(plane_bytes) + " (plane '" +
+                       plane.name + "') overflows");
+      bytes = bytes_sum;
     }
   }
 
