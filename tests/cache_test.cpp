@@ -1,6 +1,7 @@
 // tests/cache_test.cpp -- tpattn's two cache storages: the conformance suite on each, plus what
-// only one storage promises (its memory formula, page accounting, its constructor's checks) and
-// footprint(), which must report what the constructor reserves.
+// only one storage promises (its memory formula, page accounting, its constructor's checks),
+// footprint(), which must report what the constructor reserves, and how an operator or a kernel
+// refuses a cache (an engine's own included) whose record is not its own.
 #include "tpattn/cache.hpp"
 
 #include <gtest/gtest.h>
@@ -11,10 +12,12 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cache_conformance.hpp"
 #include "support/counting_new.hpp"  // this executable's one copy of the counting operator new
+#include "tpattn/attention/gqa.hpp"
 
 namespace tpattn::test {
 namespace {
@@ -885,6 +888,137 @@ TEST(CacheFootprint, PlansAPagedPoolForAMemoryBudget) {
   EXPECT_EQ(pages, 16383);  // 16384 pages leave no room for 8 x 256 x 8 bytes of page tables
   EXPECT_EQ(PagedKvCache::footprint(record, 16, pages, 8, 4096).total(),
             16383 * 65536 + 8 * 256 * 8);
+}
+
+// ---- an operator or a kernel given a cache of another record -------------------------------
+
+// An engine's own cache that holds no tokens, only a record: KvCache lets a subclass pass any
+// record, a default-constructed one without planes included. Sequence 0 is live and empty.
+class RecordOnlyCache final : public KvCache {
+ public:
+  explicit RecordOnlyCache(CacheRecord record) : KvCache(std::move(record)) {}
+  SequenceId add_sequence() override { return 0; }
+  void remove_sequence(SequenceId) override {}
+  bool contains(SequenceId seq) const override { return seq == 0; }
+  Index sequence_count() const override { return 1; }
+  Index max_sequences() const override { return 1; }
+  Index length(SequenceId) const override { return 0; }
+  void append(SequenceId, Index n_tokens, const PlaneInput*, Index) override {
+    tpattn::detail::fail("RecordOnlyCache::append", "n_tokens", "<= 0", n_tokens);
+  }
+  using KvCache::append;
+  void truncate(SequenceId, Index) override {}
+  Index tokens_available(SequenceId) const override { return 0; }
+  SequenceView view(SequenceId) const override {
+    return SequenceView(&record(), nullptr, nullptr, 1, 0);
+  }
+  Index bytes_used() const override { return 0; }
+  Index bytes_reserved() const override { return 0; }
+};
+
+// GQA with h 2, g 1, d_h = d_v 8 in f32: record K: 1 x 8, V: 1 x 8.
+GroupedQueryAttention<float> small_gqa() {
+  GqaConfig config;
+  config.d_model = 16;
+  config.heads = 2;
+  config.kv_heads = 1;
+  config.head_dim = 8;
+  GqaWeights weights;
+  weights.w_q = RowMatrix::Constant(16, 16, 0.1f);
+  weights.w_k = RowMatrix::Constant(8, 16, 0.1f);
+  weights.w_v = RowMatrix::Constant(8, 16, 0.1f);
+  weights.w_o = RowMatrix::Constant(16, 16, 0.1f);
+  return GroupedQueryAttention<float>(config, weights);
+}
+
+// What decode, prefill and a bare kernel's attend must say about a cache (or a view of one) of
+// `record`: the first field that differs, as the operator has it and as the cache has it.
+void expect_record_mismatch(const CacheRecord& record, const std::string& operator_side,
+                            const std::string& cache_side) {
+  GroupedQueryAttention<float> op = small_gqa();
+  RecordOnlyCache cache(record);
+  const SequenceId seq = 0;
+  const std::vector<float> x(16, 0.5f);
+  std::vector<float> y(16, 0.0f);
+  const std::string expected =
+      "a cache built with this operator's cache_record() (" + operator_side + ")";
+  const std::string actual = "a cache with another record (" + cache_side + ")";
+  EXPECT_TRUE(throws_error([&] { op.decode(cache, &seq, 1, x.data(), y.data()); },
+                           {"GroupedQueryAttention::decode", "cache", expected, actual}));
+  EXPECT_TRUE(throws_error([&] { op.prefill(cache, seq, 1, x.data(), y.data()); },
+                           {"GroupedQueryAttention::prefill", "cache", expected, actual}));
+  const GqaKernel<float> kernel(2, 1, 8, 8);
+  std::vector<float> q(16, 0.5f), out(16),
+      workspace(static_cast<std::size_t>(kernel.workspace_floats()));
+  EXPECT_TRUE(throws_error(
+      [&] { kernel.attend(q.data(), 1, cache.view(seq), out.data(), nullptr, workspace.data()); },
+      {"GqaKernel::attend", "view",
+       "a view of a cache built with this kernel's cache_record() (" + operator_side + ")",
+       "a view with another record (" + cache_side + ")"}));
+}
+
+// The operators used to describe both records by elements per token and plane 0's storage, so
+// an engine's cache without planes was read out of bounds (a crash instead of an Error).
+TEST(RecordMismatch, ACacheWithoutPlanesIsAnErrorNotACrash) {
+  SCOPED_TRACE("a cache of CacheRecord()");
+  expect_record_mismatch(CacheRecord(), "2 planes (K, V)", "0 planes");
+}
+
+// A kernel without a record (default-constructed) is the other side that may have no planes.
+TEST(RecordMismatch, AKernelWithoutPlanesIsAnErrorNotACrash) {
+  const GqaKernel<float> empty;
+  ContiguousKvCache cache(records::gqa(1, 8, 8), 1, 4);
+  const SequenceId seq = cache.add_sequence();
+  std::vector<float> q(16, 0.5f), out(16), workspace(64);
+  EXPECT_TRUE(throws_error(
+      [&] { empty.attend(q.data(), 1, cache.view(seq), out.data(), nullptr, workspace.data()); },
+      {"GqaKernel::attend", "view",
+       "a view of a cache built with this kernel's cache_record() (0 planes)",
+       "a view with another record (2 planes (K, V))"}));
+}
+
+// "expected 16 elements per token, storage f32, got a cache with 16 elements per token, storage
+// f32" said nothing: each kind of difference is named, with both sides.
+TEST(RecordMismatch, TheMessageNamesTheFirstFieldThatDiffers) {
+  const StorageType f32 = StorageType::f32;
+  const StorageType bf16 = StorageType::bf16;
+  {
+    SCOPED_TRACE("plane count, fewer");
+    expect_record_mismatch(CacheRecord({{"K", 1, 8, f32}}), "2 planes (K, V)", "1 plane (K)");
+  }
+  {
+    SCOPED_TRACE("plane count, more");
+    expect_record_mismatch(records::tpa(2, 8, 8, 1, 1), "2 planes (K, V)",
+                           "4 planes (A_K, B_K, A_V, B_V)");
+  }
+  {
+    SCOPED_TRACE("name");
+    expect_record_mismatch(CacheRecord({{"K", 1, 8, f32}, {"W", 1, 8, f32}}), "plane 1 named 'V'",
+                           "plane 1 named 'W'");
+  }
+  {
+    SCOPED_TRACE("planes in another order");
+    expect_record_mismatch(CacheRecord({{"V", 1, 8, f32}, {"K", 1, 8, f32}}), "plane 0 named 'K'",
+                           "plane 0 named 'V'");
+  }
+  {
+    SCOPED_TRACE("rows");
+    expect_record_mismatch(records::gqa(2, 8, 8), "plane 0 (K): rows 1", "plane 0 (K): rows 2");
+  }
+  {
+    SCOPED_TRACE("cols");
+    expect_record_mismatch(records::gqa(1, 8, 4), "plane 1 (V): cols 8", "plane 1 (V): cols 4");
+  }
+  {
+    SCOPED_TRACE("same shape, another storage");
+    expect_record_mismatch(records::gqa(1, 8, 8, bf16), "plane 0 (K): storage f32",
+                           "plane 0 (K): storage bf16");
+  }
+  {
+    SCOPED_TRACE("storage of a later plane");
+    expect_record_mismatch(CacheRecord({{"K", 1, 8, f32}, {"V", 1, 8, bf16}}),
+                           "plane 1 (V): storage f32", "plane 1 (V): storage bf16");
+  }
 }
 
 // ---- the allocation counter itself ----------------------------------------------------------

@@ -37,14 +37,15 @@ inline void check_positive(const char* call, const char* name, Index value) {
   TPATTN_CHECK(value >= 1, call, name, ">= 1", value);
 }
 
+// The cache holds this operator's record. A mismatch names the first field that differs, on
+// both sides; either record may have any number of planes (an engine's cache may pass any).
 inline void check_cache_record(const char* call, const KvCache& cache,
                                const CacheRecord& expected) {
   TPATTN_CHECK(cache.record() == expected, call, "cache",
                "a cache built with this operator's cache_record() (" +
-                   to_text(expected.elements_per_token()) + " elements per token, storage " +
-                   to_text(expected.plane(0).storage) + ")",
-               "a cache with " + to_text(cache.record().elements_per_token()) +
-                   " elements per token, storage " + to_text(cache.record().plane(0).storage));
+                   describe_difference(expected, cache.record()) + ")",
+               "a cache with another record (" + describe_difference(cache.record(), expected) +
+                   ")");
 }
 
 // The always-on checks of a bare kernel's attend(): the view comes from a cache with the
@@ -53,9 +54,12 @@ inline void check_cache_record(const char* call, const KvCache& cache,
 inline void check_attend(const char* call, const CacheRecord& record, const SequenceView& view,
                          Index n, const void* query, const void* out, const void* workspace,
                          const char* query_name = "q") {
-  TPATTN_CHECK(view.valid() && view.record() == record, call, "view",
-               "a view of a cache built with this kernel's cache_record()",
-               view.valid() ? "a view with another record" : "an empty view");
+  TPATTN_CHECK(view.valid(), call, "view",
+               "a view of a cache built with this kernel's cache_record()", "an empty view");
+  TPATTN_CHECK(view.record() == record, call, "view",
+               "a view of a cache built with this kernel's cache_record() (" +
+                   describe_difference(record, view.record()) + ")",
+               "a view with another record (" + describe_difference(view.record(), record) + ")");
   TPATTN_CHECK(n >= 1 && n <= view.length(), call, "n",
                "in [1, view.length() = " + to_text(view.length()) + "]", n);
   TPATTN_CHECK(query != nullptr, call, query_name, "non-null", "null");

@@ -118,6 +118,34 @@ class CacheRecord {
   std::vector<PlaneSpec> planes_;
 };
 
+namespace detail {
+
+// Where `side` first differs from `other`, as `side` has it, for an error message that shows both
+// sides: the plane count ("2 planes (K, V)"), else the first plane whose name ("plane 1 named
+// 'V'"), rows, cols or storage ("plane 1 (V): storage bf16") differs. Empty for equal records.
+// Reads only planes both records have, so either may have any number of planes, none included.
+inline std::string describe_difference(const CacheRecord& side, const CacheRecord& other) {
+  const Index count = side.plane_count();
+  if (count != other.plane_count()) {
+    std::string text = to_text(count) + (count == 1 ? " plane" : " planes");
+    for (Index p = 0; p < count; ++p) text += (p == 0 ? " (" : ", ") + side.plane(p).name;
+    return count == 0 ? text : text + ")";
+  }
+  for (Index p = 0; p < count; ++p) {
+    const PlaneSpec& mine = side.plane(p);
+    const PlaneSpec& theirs = other.plane(p);
+    const std::string plane = "plane " + to_text(p);
+    if (mine.name != theirs.name) return plane + " named '" + mine.name + "'";
+    const std::string field = plane + " (" + mine.name + "): ";
+    if (mine.rows != theirs.rows) return field + "rows " + to_text(mine.rows);
+    if (mine.cols != theirs.cols) return field + "cols " + to_text(mine.cols);
+    if (mine.storage != theirs.storage) return field + "storage " + name_of(mine.storage);
+  }
+  return std::string();
+}
+
+}  // namespace detail
+
 // The records of the five operators. `storage` applies to every plane; build a CacheRecord by
 // hand for a per-plane choice.
 namespace records {
