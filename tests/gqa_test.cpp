@@ -21,6 +21,24 @@
 #include "support/heap_counter.hpp"  // first: it hooks Eigen's malloc before Eigen is seen
 // clang-format on
 
+// Before any tpattn header: core/error.hpp's TPATTN_CHECK, which also notes the heap allocations
+// made so far when a check fails, before it builds its message. A test can then tell that a
+// constructor ran every check before it allocated anything (thrown_error below).
+namespace tpattn::test {
+inline HeapAllocations allocations_at_failed_check;
+inline void note_failed_check() {
+  allocations_at_failed_check = {allocation_detail::allocation_count.load(),
+                                 eigen_heap_allocations.load()};
+}
+}  // namespace tpattn::test
+#define TPATTN_CHECK(condition, call, argument, expected, actual) \
+  do {                                                            \
+    if (!(condition)) {                                           \
+      ::tpattn::test::note_failed_check();                        \
+      ::tpattn::detail::fail(call, argument, expected, actual);   \
+    }                                                             \
+  } while (false)
+
 #include "tpattn/attention/gqa.hpp"
 
 #include <gtest/gtest.h>
@@ -33,6 +51,7 @@
 #include <stdexcept>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "support/allocation_counter.hpp"
@@ -186,6 +205,53 @@ std::string thrown_call_and_argument(const std::function<void()>& f) {
   }
   return "<nothing thrown>";
 }
+
+// What f() throws: its kind ("tpattn::Error", or what() of another exception, or that it threw
+// nothing); for a tpattn::Error its call, argument and what(), and the heap allocations f() made
+// before the check that failed (noted by TPATTN_CHECK above, before the message was built).
+struct Thrown {
+  std::string kind;
+  std::string call, argument, message;
+  HeapAllocations before_check;
+};
+Thrown thrown_error(const std::function<void()>& f) {
+  Thrown thrown{"<nothing thrown>", "", "", "", {}};
+  allocations_at_failed_check = {};
+  const std::uint64_t new_start = allocation_detail::allocation_count.load();
+  const EigenHeapCounter eigen;  // Eigen's mallocs are counted (and still made) while it lives
+  const int eigen_start = eigen_heap_allocations.load();
+  try {
+    f();
+  } catch (const Error& error) {
+    thrown = {"tpattn::Error",
+              error.call(),
+              error.argument(),
+              error.what(),
+              {allocations_at_failed_check.by_new - new_start,
+               allocations_at_failed_check.by_eigen - eigen_start}};
+  } catch (const std::exception& error) {
+    thrown.kind = std::string("another exception: ") + error.what();
+  }
+  return thrown;
+}
+
+// f() throws a tpattn::Error whose message is exactly "tpattn: <call>: <argument>: expected
+// <expected>, got <actual>", from a check that ran before f() allocated anything.
+void expect_error_before_allocating(const std::function<void()>& f, const std::string& call,
+                                    const std::string& argument, const std::string& expected,
+                                    const std::string& actual) {
+  const Thrown thrown = thrown_error(f);
+  EXPECT_EQ(thrown.kind, "tpattn::Error");
+  EXPECT_EQ(thrown.call, call);
+  EXPECT_EQ(thrown.argument, argument);
+  EXPECT_EQ(thrown.message,
+            "tpattn: " + call + ": " + argument + ": expected " + expected + ", got " + actual);
+  EXPECT_EQ(thrown.before_check.by_new, 0u) << "operator new before the failing check";
+  EXPECT_EQ(thrown.before_check.by_eigen, 0) << "Eigen's malloc before the failing check";
+}
+
+// The expected part of the Error for a size product or sum that overflows Index.
+const std::string kFitsInIndex = "a size that fits in Index (at most 9223372036854775807)";
 
 // ---- running a layer ----------------------------------------------------------------------------
 
@@ -1273,6 +1339,150 @@ TEST(GqaMisuse, WeightShapeMismatchThrowsNamingTheOperatorAndWeight) {
                                               ref::random_gqa_weights(gqa_config(40, 4, 2, 16), 1));
             }),
             "GroupedQueryAttention w_v");
+}
+
+// heads = kv_heads = head_dim = 2^32: h d_h is 2^64, which wrapped to 0, so weights of 0 rows
+// were accepted. (RoPE is off: the test is about the products, and a 2^31-entry table is 16 GiB.)
+TEST(GqaMisuse, SizeProductsThatOverflowThrowBeforeAnyAllocation) {
+  const Index big = Index{1} << 32;
+  GqaConfig config = gqa_config(1, big, big, big);
+  config.rope.enabled = false;
+  GqaWeights weights;  // the shapes the wrapped products asked for
+  weights.w_q = weights.w_k = weights.w_v = RowMatrix(0, 1);
+  weights.w_o = RowMatrix(1, 0);
+  expect_error_before_allocating(
+      [&] { GroupedQueryAttention<float> op(config, std::move(weights)); }, "GroupedQueryAttention",
+      "heads x head_dim", kFitsInIndex, "4294967296 x 4294967296, which overflows");
+  config.kv_heads = 1;
+  expect_error_before_allocating([&] { MultiQueryAttention<float> op(config, GqaWeights{}); },
+                                 "MultiQueryAttention", "heads x head_dim", kFitsInIndex,
+                                 "4294967296 x 4294967296, which overflows");
+  // The bare kernel: its cache record, then its workspace (16 query tokens x h rows x d_h).
+  expect_error_before_allocating([&] { GqaKernel<float> kernel(big, big, big, big); }, "GqaKernel",
+                                 "kv_heads x head_dim", kFitsInIndex,
+                                 "4294967296 x 4294967296, which overflows");
+  expect_error_before_allocating([&] { GqaKernel<float> kernel(big, 1, Index{1} << 28, 1); },
+                                 "GqaKernel", "workspace_floats()", kFitsInIndex,
+                                 "68719476736 x 268435456, which overflows");
+}
+
+// Sizes whose products fit but which no memory holds (head_dim 2^40: a 4 TiB RoPE table) fail
+// on the weight shapes, before the RoPE table or anything else is allocated.
+TEST(GqaMisuse, HugeButRepresentableSizesThrowBeforeAnyAllocation) {
+  const Index huge = Index{1} << 40;
+  expect_error_before_allocating(
+      [&] { GroupedQueryAttention<float> op(gqa_config(1, 1, 1, huge), GqaWeights{}); },
+      "GroupedQueryAttention", "w_q", "1099511627776 x 1", "0 x 0");
+  GqaWeights small = ref::random_gqa_weights(gqa_config(8, 2, 1, 4), 154);
+  expect_error_before_allocating(
+      [&] { GroupedQueryAttention<float> op(gqa_config(8, 2, 1, 4, huge), std::move(small)); },
+      "GroupedQueryAttention", "w_v", "1099511627776 x 8", "4 x 8");
+  // A bare Rope whose table (rotary_dim / 2 doubles) is more than PTRDIFF_MAX bytes.
+  expect_error_before_allocating(
+      [] { Rope rope(RopeConfig{}, Index{1} << 62); }, "Rope", "rope table",
+      "at most 1152921504606846975 doubles (PTRDIFF_MAX bytes)", "2305843009213693952 doubles");
+}
+
+// Every config, RoPE and weight-shape error is raised before the constructor allocates anything
+// (the call names, the cache record, the RoPE table, the weights' copies).
+TEST(GqaMisuse, EveryConstructorCheckRunsBeforeItAllocates) {
+  const GqaConfig good = gqa_config(40, 4, 2, 16, 8);
+  const GqaWeights weights = ref::random_gqa_weights(good, 155);
+  const auto construct = [&](GqaConfig config, GqaWeights w) {
+    return [config, w]() mutable { GroupedQueryAttention<float> op(config, std::move(w)); };
+  };
+  GqaConfig config = good;
+  config.heads = 0;
+  expect_error_before_allocating(construct(config, weights), "GroupedQueryAttention", "heads",
+                                 ">= 1", "0");
+  config = good;
+  config.rope.rotary_dim = 7;
+  expect_error_before_allocating(construct(config, weights), "GroupedQueryAttention",
+                                 "rope.rotary_dim", "an even number", "7");
+  GqaWeights wrong = weights;
+  wrong.w_o = RowMatrix::Zero(40, 33);
+  expect_error_before_allocating(construct(good, wrong), "GroupedQueryAttention", "w_o", "40 x 32",
+                                 "40 x 33");
+  expect_error_before_allocating(
+      [&, w = weights]() mutable { MultiHeadAttention<float> op(good, std::move(w)); },
+      "MultiHeadAttention", "kv_heads", "heads = 4 (or 0)", "2");
+  expect_error_before_allocating([] { GqaKernel<float> kernel(6, 4, 16, 16); }, "GqaKernel",
+                                 "kv_heads", "a divisor of heads = 6", "4");
+}
+
+// RoPE enums out of range and a base that is not a finite number > 1 are rejected, naming the
+// field (before, pairing 99 rotated as interleaved and base inf as no rotation at all).
+TEST(GqaMisuse, OutOfRangeRopeFieldsThrowNamingTheField) {
+  const GqaConfig good = gqa_config(32, 4, 2, 16);
+  const GqaWeights weights = ref::random_gqa_weights(good, 156);
+  const auto with_rope = [&](const std::function<void(RopeConfig&)>& change) {
+    GqaConfig config = good;
+    change(config.rope);
+    return
+        [config, w = weights]() mutable { GroupedQueryAttention<float> op(config, std::move(w)); };
+  };
+  expect_error_before_allocating(
+      with_rope([](RopeConfig& r) { r.pairing = static_cast<RopePairing>(99); }),
+      "GroupedQueryAttention", "rope.pairing", "half_split or interleaved", "99");
+  expect_error_before_allocating(
+      with_rope([](RopeConfig& r) { r.direction = static_cast<RopeDirection>(2); }),
+      "GroupedQueryAttention", "rope.direction", "standard or reversed", "2");
+  const double inf = std::numeric_limits<double>::infinity();
+  const std::pair<double, const char*> bases[] = {{inf, "inf"},
+                                                  {std::numeric_limits<double>::quiet_NaN(), "nan"},
+                                                  {1.0, "1"},
+                                                  {0.0, "0"},
+                                                  {-10000.0, "-10000"}};
+  for (const auto& [base, text] : bases) {
+    SCOPED_TRACE(text);
+    expect_error_before_allocating(with_rope([base = base](RopeConfig& r) { r.base = base; }),
+                                   "GroupedQueryAttention", "rope.base", "a finite value > 1",
+                                   text);
+  }
+  RopeConfig bare;
+  bare.pairing = static_cast<RopePairing>(99);
+  expect_error_before_allocating([&] { Rope rope(bare, 8); }, "Rope", "rope.pairing",
+                                 "half_split or interleaved", "99");
+  // Disabled RoPE reads no other field.
+  GqaConfig disabled = good;
+  disabled.rope.enabled = false;
+  disabled.rope.pairing = static_cast<RopePairing>(99);
+  disabled.rope.base = inf;
+  EXPECT_EQ(thrown_error(with_rope([&](RopeConfig& r) { r = disabled.rope; })).kind,
+            "<nothing thrown>");
+}
+
+// reserve(max_batch, max_tokens): both >= 1, and a workspace (rows x floats per row + the
+// kernel's) whose size fits in Index, is at most PTRDIFF_MAX bytes and can be allocated.
+TEST(GqaMisuse, ReserveRejectsNonPositiveAndUnallocatableSizes) {
+  const GqaConfig config = gqa_config(8, 2, 1, 4);  // 24 workspace floats per row: q, k, v, o
+  GroupedQueryAttention<float> op(config, ref::random_gqa_weights(config, 157));
+  const Index kernel = op.kernel().workspace_floats();
+  const std::string call = "GroupedQueryAttention::reserve";
+  expect_error_before_allocating([&] { op.reserve(-1); }, call, "max_batch", ">= 1", "-1");
+  expect_error_before_allocating([&] { op.reserve(0, 4); }, call, "max_batch", ">= 1", "0");
+  expect_error_before_allocating([&] { op.reserve(1, -1); }, call, "max_tokens", ">= 1", "-1");
+  expect_error_before_allocating([&] { op.reserve(Index{1} << 61); }, call, "workspace floats",
+                                 kFitsInIndex, "2305843009213693952 x 24, which overflows");
+  // Fits in Index, but is more than PTRDIFF_MAX bytes.
+  const Index over = (Index{1} << 58) * 24 + kernel;
+  expect_error_before_allocating([&] { op.reserve(1, Index{1} << 58); }, call, "workspace",
+                                 "at most 2305843009213693951 floats (PTRDIFF_MAX bytes)",
+                                 std::to_string(over) + " floats");
+  // Representable, but beyond any address space (96 PiB): the allocation fails.
+  const Index refused = (Index{1} << 50) * 24 + kernel;
+  expect_error_before_allocating([&] { op.reserve(Index{1} << 50); }, call, "workspace",
+                                 "an allocation of " + std::to_string(refused) + " floats (" +
+                                     std::to_string(refused * 4) + " bytes) that succeeds",
+                                 "std::bad_alloc");
+  // The operator is unchanged and still plans and runs.
+  op.reserve(2, 3);
+  ContiguousKvCache cache(op.cache_record(), 1, 4);
+  const SequenceId seq = cache.add_sequence();
+  const RowMatrix x = ref::random_inputs(3, config.d_model, 158);
+  RowMatrix y(3, config.d_model);
+  op.prefill(cache, seq, 3, x.data(), y.data());
+  EXPECT_TRUE(y.allFinite());
 }
 
 TEST(GqaMisuse, BareKernelAttendRejectsBadArgumentsNamingThem) {

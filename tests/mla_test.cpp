@@ -49,6 +49,24 @@
 #include "support/heap_counter.hpp"  // first: it hooks Eigen's malloc before Eigen is seen
 // clang-format on
 
+// Before any tpattn header: core/error.hpp's TPATTN_CHECK, which also notes the heap allocations
+// made so far when a check fails, before it builds its message. A test can then tell that a
+// constructor ran every check before it allocated anything (thrown_error below).
+namespace tpattn::test {
+inline HeapAllocations allocations_at_failed_check;
+inline void note_failed_check() {
+  allocations_at_failed_check = {allocation_detail::allocation_count.load(),
+                                 eigen_heap_allocations.load()};
+}
+}  // namespace tpattn::test
+#define TPATTN_CHECK(condition, call, argument, expected, actual) \
+  do {                                                            \
+    if (!(condition)) {                                           \
+      ::tpattn::test::note_failed_check();                        \
+      ::tpattn::detail::fail(call, argument, expected, actual);   \
+    }                                                             \
+  } while (false)
+
 #include "tpattn/attention/mla.hpp"
 
 #include <gtest/gtest.h>
@@ -56,11 +74,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <limits>
 #include <memory>
 #include <ostream>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -1346,6 +1366,54 @@ template <class F>
          << "did not throw (expected " << call << " / " << argument << ")";
 }
 
+// What f() throws: its kind ("tpattn::Error", or what() of another exception, or that it threw
+// nothing); for a tpattn::Error its call, argument and what(), and the heap allocations f() made
+// before the check that failed (noted by TPATTN_CHECK above, before the message was built).
+struct Thrown {
+  std::string kind;
+  std::string call, argument, message;
+  tpattn::test::HeapAllocations before_check;
+};
+Thrown thrown_error(const std::function<void()>& f) {
+  namespace heap = tpattn::test;
+  Thrown thrown{"<nothing thrown>", "", "", "", {}};
+  heap::allocations_at_failed_check = {};
+  const std::uint64_t new_start = heap::allocation_detail::allocation_count.load();
+  const heap::EigenHeapCounter eigen;  // Eigen's mallocs are counted (and still made) meanwhile
+  const int eigen_start = heap::eigen_heap_allocations.load();
+  try {
+    f();
+  } catch (const tpattn::Error& error) {
+    thrown = {"tpattn::Error",
+              error.call(),
+              error.argument(),
+              error.what(),
+              {heap::allocations_at_failed_check.by_new - new_start,
+               heap::allocations_at_failed_check.by_eigen - eigen_start}};
+  } catch (const std::exception& error) {
+    thrown.kind = std::string("another exception: ") + error.what();
+  }
+  return thrown;
+}
+
+// f() throws a tpattn::Error whose message is exactly "tpattn: <call>: <argument>: expected
+// <expected>, got <actual>", from a check that ran before f() allocated anything.
+void expect_error_before_allocating(const std::function<void()>& f, const std::string& call,
+                                    const std::string& argument, const std::string& expected,
+                                    const std::string& actual) {
+  const Thrown thrown = thrown_error(f);
+  EXPECT_EQ(thrown.kind, "tpattn::Error");
+  EXPECT_EQ(thrown.call, call);
+  EXPECT_EQ(thrown.argument, argument);
+  EXPECT_EQ(thrown.message,
+            "tpattn: " + call + ": " + argument + ": expected " + expected + ", got " + actual);
+  EXPECT_EQ(thrown.before_check.by_new, 0u) << "operator new before the failing check";
+  EXPECT_EQ(thrown.before_check.by_eigen, 0) << "Eigen's malloc before the failing check";
+}
+
+// The expected part of the Error for a size product or sum that overflows Index.
+const std::string kFitsInIndex = "a size that fits in Index (at most 9223372036854775807)";
+
 constexpr const char* kOperator = "MultiHeadLatentAttention";
 constexpr const char* kDecode = "MultiHeadLatentAttention::decode";
 constexpr const char* kPrefill = "MultiHeadLatentAttention::prefill";
@@ -1388,6 +1456,81 @@ TEST(MlaMisuse, InvalidConfigThrowsNamingTheArgument) {
     EXPECT_TRUE(throws_error([&] { MultiHeadLatentAttention<float> op(config, weights); },
                              kOperator, c.argument));
   }
+}
+
+// heads = head_dim = 2^32: h (d_h + d_R) overflows; so does d_h + d_R itself near the top of
+// Index, and the bare kernel's workspace (16 query tokens x h rows x (d_c + d_R)).
+TEST(MlaMisuse, SizeProductsThatOverflowThrowBeforeAnyAllocation) {
+  const Index big = Index{1} << 32;
+  MlaConfig config = misuse_config();
+  config.heads = big;
+  config.head_dim = big;
+  expect_error_before_allocating([&] { MultiHeadLatentAttention<float> op(config, MlaWeights{}); },
+                                 kOperator, "heads x (head_dim + rope_dim)", kFitsInIndex,
+                                 "4294967296 x 4294967304, which overflows");
+  config = misuse_config();
+  config.head_dim = std::numeric_limits<Index>::max() - 4;
+  expect_error_before_allocating([&] { MultiHeadLatentAttention<float> op(config, MlaWeights{}); },
+                                 kOperator, "head_dim + rope_dim", kFitsInIndex,
+                                 "9223372036854775803 + 8, which overflows");
+  expect_error_before_allocating([&] { MlaKernel<float> kernel(big, big, big, 0.1f); }, "MlaKernel",
+                                 "workspace_floats()", kFitsInIndex,
+                                 "68719476736 x 8589934592, which overflows");
+}
+
+// norm_eps and rope.base must be finite and positive (rope.base > 1); before, inf was accepted
+// (an RMSNorm dividing by infinity, a RoPE of angle 0).
+TEST(MlaMisuse, NonFiniteOrNonPositiveNormEpsOrRopeBaseThrows) {
+  const MlaConfig base = misuse_config();
+  const MlaWeights weights = tpattn_test::random_mla_weights(base, 10u);
+  const auto construct = [&](const std::function<void(MlaConfig&)>& change) {
+    MlaConfig config = base;
+    change(config);
+    return [config, w = weights]() mutable {
+      MultiHeadLatentAttention<float> op(config, std::move(w));
+    };
+  };
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::pair<float, const char*> epsilons[] = {
+      {inf, "inf"},
+      {std::numeric_limits<float>::quiet_NaN(), "nan"},
+      {0.0f, "0"},
+      {-1e-6f, "-1e-06"}};
+  for (const auto& [eps, text] : epsilons) {
+    SCOPED_TRACE(text);
+    expect_error_before_allocating(construct([eps = eps](MlaConfig& c) { c.norm_eps = eps; }),
+                                   kOperator, "norm_eps", "a finite value > 0", text);
+  }
+  expect_error_before_allocating(
+      construct([](MlaConfig& c) { c.rope.base = std::numeric_limits<double>::infinity(); }),
+      kOperator, "rope.base", "a finite value > 1", "inf");
+  expect_error_before_allocating(
+      construct([](MlaConfig& c) { c.rope.direction = static_cast<RopeDirection>(7); }), kOperator,
+      "rope.direction", "standard or reversed", "7");
+}
+
+// Every config, RoPE, gain and weight-shape error is raised before the constructor allocates
+// anything; rope_dim 2^40 fails on w_uq instead of on its 4 TiB RoPE table.
+TEST(MlaMisuse, EveryConstructorCheckRunsBeforeItAllocates) {
+  const MlaConfig good = misuse_config();
+  const MlaWeights weights = tpattn_test::random_mla_weights(good, 11u);
+  const auto construct = [](MlaConfig config, MlaWeights w) {
+    return [config, w]() mutable { MultiHeadLatentAttention<float> op(config, std::move(w)); };
+  };
+  MlaConfig config = good;
+  config.heads = 0;
+  expect_error_before_allocating(construct(config, weights), kOperator, "heads", ">= 1", "0");
+  MlaWeights wrong = weights;
+  wrong.kv_norm = tpattn::Vector::Ones(31);
+  expect_error_before_allocating(construct(good, wrong), kOperator, "kv_norm",
+                                 "a gain of kv_latent_dim entries", "31");
+  wrong = weights;
+  wrong.w_o = RowMatrix::Zero(40, 35);
+  expect_error_before_allocating(construct(good, wrong), kOperator, "w_o", "40 x 36", "40 x 35");
+  config = good;
+  config.rope_dim = Index{1} << 40;
+  expect_error_before_allocating(construct(config, weights), kOperator, "w_uq",
+                                 "3298534883376 x 24", "72 x 24");
 }
 
 TEST(MlaMisuse, BareKernelRejectsNonPositiveSizesAndABadScale) {

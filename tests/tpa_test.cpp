@@ -18,6 +18,24 @@
 #include "support/heap_counter.hpp"  // first: it hooks Eigen's malloc before Eigen is seen
 // clang-format on
 
+// Before any tpattn header: core/error.hpp's TPATTN_CHECK, which also notes the heap allocations
+// made so far when a check fails, before it builds its message. A test can then tell that a
+// constructor ran every check before it allocated anything (thrown_error below).
+namespace tpattn::test {
+inline HeapAllocations allocations_at_failed_check;
+inline void note_failed_check() {
+  allocations_at_failed_check = {allocation_detail::allocation_count.load(),
+                                 eigen_heap_allocations.load()};
+}
+}  // namespace tpattn::test
+#define TPATTN_CHECK(condition, call, argument, expected, actual) \
+  do {                                                            \
+    if (!(condition)) {                                           \
+      ::tpattn::test::note_failed_check();                        \
+      ::tpattn::detail::fail(call, argument, expected, actual);   \
+    }                                                             \
+  } while (false)
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -28,7 +46,9 @@
 #include <functional>
 #include <memory>
 #include <ostream>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "support/allocation_counter.hpp"
@@ -1243,10 +1263,136 @@ TEST(Tpa, BatchedDecodeOverLengths1And5And300EqualsDecodingEachAlone) {
 
 // ---- misuse ------------------------------------------------------------------------------------
 
+// What f() throws: its kind ("tpattn::Error", or what() of another exception, or that it threw
+// nothing); for a tpattn::Error its call, argument and what(), and the heap allocations f() made
+// before the check that failed (noted by TPATTN_CHECK above, before the message was built).
+struct Thrown {
+  std::string kind;
+  std::string call, argument, message;
+  tpattn::test::HeapAllocations before_check;
+};
+Thrown thrown_error(const std::function<void()>& f) {
+  namespace heap = tpattn::test;
+  Thrown thrown{"<nothing thrown>", "", "", "", {}};
+  heap::allocations_at_failed_check = {};
+  const std::uint64_t new_start = heap::allocation_detail::allocation_count.load();
+  const heap::EigenHeapCounter eigen;  // Eigen's mallocs are counted (and still made) meanwhile
+  const int eigen_start = heap::eigen_heap_allocations.load();
+  try {
+    f();
+  } catch (const tpattn::Error& error) {
+    thrown = {"tpattn::Error",
+              error.call(),
+              error.argument(),
+              error.what(),
+              {heap::allocations_at_failed_check.by_new - new_start,
+               heap::allocations_at_failed_check.by_eigen - eigen_start}};
+  } catch (const std::exception& error) {
+    thrown.kind = std::string("another exception: ") + error.what();
+  }
+  return thrown;
+}
+
+// f() throws a tpattn::Error whose message is exactly "tpattn: <call>: <argument>: expected
+// <expected>, got <actual>", from a check that ran before f() allocated anything.
+void expect_error_before_allocating(const std::function<void()>& f, const std::string& call,
+                                    const std::string& argument, const std::string& expected,
+                                    const std::string& actual) {
+  const Thrown thrown = thrown_error(f);
+  EXPECT_EQ(thrown.kind, "tpattn::Error");
+  EXPECT_EQ(thrown.call, call);
+  EXPECT_EQ(thrown.argument, argument);
+  EXPECT_EQ(thrown.message,
+            "tpattn: " + call + ": " + argument + ": expected " + expected + ", got " + actual);
+  EXPECT_EQ(thrown.before_check.by_new, 0u) << "operator new before the failing check";
+  EXPECT_EQ(thrown.before_check.by_eigen, 0) << "Eigen's malloc before the failing check";
+}
+
+// The expected part of the Error for a size product or sum that overflows Index.
+const std::string kFitsInIndex = "a size that fits in Index (at most 9223372036854775807)";
+
 TpaConfig misuse_config() {
   TpaConfig config = small_config(3, 8, 2, 2, 1);
   config.value_dim = 4;
   return config;
+}
+
+// heads = head_dim = 2^32: h d_h overflows in the operators; in the bare kernel, its cache
+// record (R_K h) and its workspace (8 query tokens x h rows x d_h). (RoPE is off: the test is
+// about the products, and a 2^31-entry table is 16 GiB.)
+TEST(Tpa, SizeProductsThatOverflowThrowBeforeAnyAllocation) {
+  const Index big = Index{1} << 32;
+  TpaConfig config = misuse_config();
+  config.heads = big;
+  config.head_dim = big;
+  config.rope.enabled = false;
+  expect_error_before_allocating([&] { TensorProductAttention<float> op(config, TpaWeights{}); },
+                                 "TensorProductAttention", "heads x head_dim", kFitsInIndex,
+                                 "4294967296 x 4294967296, which overflows");
+  config.rank_q = 0;
+  expect_error_before_allocating(
+      [&] { TensorProductAttentionKvOnly<float> op(config, TpaWeights{}); },
+      "TensorProductAttentionKvOnly", "heads x head_dim", kFitsInIndex,
+      "4294967296 x 4294967296, which overflows");
+  expect_error_before_allocating(
+      [&] {
+        TpaKernel<float> kernel(TpaShape{big, 1, 1, 1, big, 1});
+      },
+      "TpaKernel", "rank_k x heads", kFitsInIndex, "4294967296 x 4294967296, which overflows");
+  expect_error_before_allocating(
+      [&] {
+        TpaKernel<float> kernel(TpaShape{big, big, big, 1, 1, 1});
+      },
+      "TpaKernel", "workspace_floats()", kFitsInIndex, "34359738368 x 4294967296, which overflows");
+}
+
+// An order that is none of automatic, factor, query is rejected where it is received: by the
+// operator's constructor and by the bare kernel's attend() (before, it ran the factor order).
+TEST(Tpa, OutOfRangeOrderThrowsNamingIt) {
+  TpaConfig config = misuse_config();
+  config.order = static_cast<TpaOrder>(99);
+  const TpaWeights weights = tpattn_test::random_tpa_weights(misuse_config(), 1);
+  expect_error_before_allocating(
+      [&, w = weights]() mutable { TensorProductAttention<float> op(config, std::move(w)); },
+      "TensorProductAttention", "order", "automatic, factor or query", "99");
+
+  const TpaKernel<float> kernel(TpaShape{2, 2, 2, 1, 1, 1});
+  ContiguousKvCache cache(kernel.cache_record(), 1, 1);
+  const SequenceId seq = cache.add_sequence();
+  const std::vector<float> factor = {1.0f, 0.5f};  // each plane: 1 x 2
+  cache.append(
+      seq, 1,
+      {{factor.data(), 1, 2}, {factor.data(), 1, 2}, {factor.data(), 1, 2}, {factor.data(), 1, 2}});
+  std::vector<float> out(4), workspace(static_cast<std::size_t>(kernel.workspace_floats()));
+  expect_error_before_allocating(
+      [&] {
+        kernel.attend(factor.data(), factor.data(), 1, cache.view(seq), out.data(), nullptr,
+                      workspace.data(), static_cast<TpaOrder>(99));
+      },
+      "TpaKernel::attend", "order", "automatic, factor or query", "99");
+}
+
+// Every config, RoPE and weight-shape error is raised before the constructor allocates anything
+// (before, w_a_q was already reordered into a new matrix when w_b_v was found wrong, and
+// head_dim 2^40 failed on its 4 TiB RoPE table with std::bad_alloc).
+TEST(Tpa, EveryConstructorCheckRunsBeforeItAllocates) {
+  const TpaConfig good = misuse_config();
+  const TpaWeights weights = tpattn_test::random_tpa_weights(good, 2);
+  const auto construct = [](TpaConfig config, TpaWeights w) {
+    return [config, w]() mutable { TensorProductAttention<float> op(config, std::move(w)); };
+  };
+  TpaConfig config = good;
+  config.heads = 0;
+  expect_error_before_allocating(construct(config, weights), "TensorProductAttention", "heads",
+                                 ">= 1", "0");
+  TpaWeights wrong = weights;
+  wrong.w_b_v = RowMatrix::Ones(5, 8);
+  expect_error_before_allocating(construct(good, wrong), "TensorProductAttention", "w_b_v", "4 x 8",
+                                 "5 x 8");
+  config = good;
+  config.head_dim = Index{1} << 40;
+  expect_error_before_allocating(construct(config, weights), "TensorProductAttention", "w_b_q",
+                                 "2199023255552 x 8", "16 x 8");
 }
 
 TEST(Tpa, InvalidConfigThrowsNamingOperatorAndArgument) {

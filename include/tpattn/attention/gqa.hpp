@@ -14,6 +14,7 @@
 #include "tpattn/attention/layer.hpp"
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
+#include "tpattn/core/checked_size.hpp"
 #include "tpattn/kernels/attention_core.hpp"
 #include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/rope.hpp"
@@ -45,20 +46,9 @@ class GqaKernel {
   GqaKernel() = default;
   // heads: h, a multiple of kv_heads (g); head_dim: d_h; value_dim: d_v.
   GqaKernel(Index heads, Index kv_heads, Index head_dim, Index value_dim,
-            const char* call = "GqaKernel") {
-    detail::check_positive(call, "heads", heads);
-    detail::check_positive(call, "kv_heads", kv_heads);
-    detail::check_positive(call, "head_dim", head_dim);
-    detail::check_positive(call, "value_dim", value_dim);
-    TPATTN_CHECK(heads % kv_heads == 0, call, "kv_heads",
-                 "a divisor of heads = " + detail::to_text(heads), kv_heads);
-    KeyValueLayout layout;
-    layout.kv_heads = kv_heads;
-    layout.key[0] = {0, head_dim};  // plane K
-    layout.value = {1, value_dim};  // plane V
-    core_ = AttentionCore<Storage>(layout, heads, 1.0f / std::sqrt(static_cast<float>(head_dim)));
-    record_ = records::gqa(kv_heads, head_dim, value_dim, storage_type_of<Storage>);
-  }
+            const char* call = "GqaKernel")
+      : core_(checked_core(heads, kv_heads, head_dim, value_dim, call)),
+        record_(records::gqa(kv_heads, head_dim, value_dim, storage_type_of<Storage>)) {}
 
   const CacheRecord& cache_record() const { return record_; }
   Index workspace_floats() const { return core_.workspace_floats(); }
@@ -73,6 +63,32 @@ class GqaKernel {
   }
 
  private:
+  template <class>
+  friend class GroupedQueryAttention;
+
+  // Every check of the constructor, allocating nothing (the record is allocated after it).
+  static AttentionCore<Storage> checked_core(Index heads, Index kv_heads, Index head_dim,
+                                             Index value_dim, const char* call) {
+    detail::check_positive(call, "heads", heads);
+    detail::check_positive(call, "kv_heads", kv_heads);
+    detail::check_positive(call, "head_dim", head_dim);
+    detail::check_positive(call, "value_dim", value_dim);
+    TPATTN_CHECK(heads % kv_heads == 0, call, "kv_heads",
+                 "a divisor of heads = " + detail::to_text(heads), kv_heads);
+    // The record's bytes per token: g (d_h + d_v) elements.
+    const Index k = detail::checked_product(call, "kv_heads x head_dim", kv_heads, head_dim);
+    const Index v = detail::checked_product(call, "kv_heads x value_dim", kv_heads, value_dim);
+    detail::checked_product(call, "cache bytes per token",
+                            detail::checked_sum(call, "cache bytes per token", k, v),
+                            element_bytes(storage_type_of<Storage>));
+    KeyValueLayout layout;
+    layout.kv_heads = kv_heads;
+    layout.key[0] = {0, head_dim};  // plane K
+    layout.value = {1, value_dim};  // plane V
+    return AttentionCore<Storage>(layout, heads, 1.0f / std::sqrt(static_cast<float>(head_dim)),
+                                  call);
+  }
+
   AttentionCore<Storage> core_;
   CacheRecord record_;
 };
@@ -82,18 +98,10 @@ class GroupedQueryAttention : public detail::AttentionLayer<GroupedQueryAttentio
  public:
   using storage_type = Storage;
 
+  // Runs every check before it allocates anything.
   GroupedQueryAttention(GqaConfig config, GqaWeights weights,
                         const char* name = "GroupedQueryAttention")
-      : detail::AttentionLayer<GroupedQueryAttention>(name),
-        config_(validated(std::move(config), name)),
-        weights_(std::move(weights)),
-        kernel_(config_.heads, config_.kv_heads, config_.head_dim, config_.value_dim, name),
-        rope_(config_.rope, config_.head_dim, name) {
-    const Index d = config_.d_model, h = config_.heads, g = config_.kv_heads;
-    detail::check_weight(name, "w_q", weights_.w_q, h * config_.head_dim, d);
-    detail::check_weight(name, "w_k", weights_.w_k, g * config_.head_dim, d);
-    detail::check_weight(name, "w_v", weights_.w_v, g * config_.value_dim, d);
-    detail::check_weight(name, "w_o", weights_.w_o, d, h * config_.value_dim);
+      : GroupedQueryAttention(checked(std::move(config), weights, name), std::move(weights), name) {
   }
 
   const GqaConfig& config() const { return config_; }
@@ -115,14 +123,41 @@ class GroupedQueryAttention : public detail::AttentionLayer<GroupedQueryAttentio
     float* kernel;  // the kernel's workspace
   };
 
-  static GqaConfig validated(GqaConfig config, const char* name) {
+  // A config that passed every check, and the workspace floats per token row it needs.
+  struct Checked {
+    GqaConfig config;
+    Index floats_per_row;
+  };
+
+  GroupedQueryAttention(Checked checked, GqaWeights&& weights, const char* name)
+      : detail::AttentionLayer<GroupedQueryAttention>(name),
+        config_(std::move(checked.config)),
+        floats_per_row_(checked.floats_per_row),
+        weights_(std::move(weights)),
+        kernel_(config_.heads, config_.kv_heads, config_.head_dim, config_.value_dim, name),
+        rope_(config_.rope, config_.head_dim, name) {}
+
+  // Every check of the constructor, allocating nothing: the config, each size product, the
+  // kernel's sizes, RoPE, the weight shapes.
+  static Checked checked(GqaConfig config, const GqaWeights& weights, const char* name) {
     detail::check_positive(name, "d_model", config.d_model);
     detail::check_positive(name, "heads", config.heads);
     detail::check_positive(name, "kv_heads", config.kv_heads);
     detail::check_positive(name, "head_dim", config.head_dim);
     if (config.value_dim == 0) config.value_dim = config.head_dim;
     detail::check_positive(name, "value_dim", config.value_dim);
-    return config;
+    const Index d = config.d_model, h = config.heads, g = config.kv_heads;
+    const Index q = detail::checked_product(name, "heads x head_dim", h, config.head_dim);
+    const Index k = detail::checked_product(name, "kv_heads x head_dim", g, config.head_dim);
+    const Index v = detail::checked_product(name, "kv_heads x value_dim", g, config.value_dim);
+    const Index o = detail::checked_product(name, "heads x value_dim", h, config.value_dim);
+    GqaKernel<Storage>::checked_core(h, g, config.head_dim, config.value_dim, name);
+    Rope::validated(config.rope, config.head_dim, name);
+    detail::check_weight(name, "w_q", weights.w_q, q, d);
+    detail::check_weight(name, "w_k", weights.w_k, k, d);
+    detail::check_weight(name, "w_v", weights.w_v, v, d);
+    detail::check_weight(name, "w_o", weights.w_o, d, o);
+    return {std::move(config), detail::checked_sum(name, "workspace floats", q, k, v, o)};
   }
 
   Index q_width() const { return config_.heads * config_.head_dim; }
@@ -130,7 +165,7 @@ class GroupedQueryAttention : public detail::AttentionLayer<GroupedQueryAttentio
   Index v_width() const { return config_.kv_heads * config_.value_dim; }
   Index o_width() const { return config_.heads * config_.value_dim; }
 
-  Index floats_per_row() const { return q_width() + k_width() + v_width() + o_width(); }
+  Index floats_per_row() const { return floats_per_row_; }  // q, k, v, o
   Index kernel_floats() const { return kernel_.workspace_floats(); }
   Buffers carve(float* memory, Index rows) const {
     Buffers b;
@@ -173,6 +208,7 @@ class GroupedQueryAttention : public detail::AttentionLayer<GroupedQueryAttentio
   void output(const Buffers& b, Index rows, float* y) const { linear(weights_.w_o, b.o, rows, y); }
 
   GqaConfig config_;
+  Index floats_per_row_;
   GqaWeights weights_;
   GqaKernel<Storage> kernel_;
   Rope rope_;

@@ -14,7 +14,9 @@
 //   void cache_planes(const Buffers&, Index row, PlaneInput* planes) const;  // record order
 //   void attend(const Buffers&, Index row, Index count, const SequenceView&) const;
 //   void output(const Buffers&, Index rows, float* y) const;
-// and the public cache_record().
+// and the public cache_record(). Its constructor runs every check, size products included,
+// before it allocates anything (the base's call names too); here the workspace of rows token
+// rows, rows * floats_per_row() + kernel_floats(), is checked before it is allocated.
 #pragma once
 
 #include <string>
@@ -28,9 +30,13 @@ template <class Derived>
 class AttentionLayer {
  public:
   // Plans the workspace for decode batches up to max_batch and prefills up to max_tokens, so
-  // that no later call of that size allocates.
+  // that no later call of that size allocates. Both must be >= 1; a workspace whose size does
+  // not fit in Index or cannot be allocated is an Error naming it, and nothing changes.
   void reserve(Index max_batch, Index max_tokens = 1) {
-    workspace_floats_for(max_batch > max_tokens ? max_batch : max_tokens);
+    const char* call = reserve_call_.c_str();
+    TPATTN_CHECK(max_batch >= 1, call, "max_batch", ">= 1", max_batch);
+    TPATTN_CHECK(max_tokens >= 1, call, "max_tokens", ">= 1", max_tokens);
+    workspace_floats_for(call, max_batch > max_tokens ? max_batch : max_tokens);
   }
 
   // One decode step for a batch of sequences of any lengths: x: [batch, d_model], row b the new
@@ -40,7 +46,7 @@ class AttentionLayer {
     const char* call = decode_call_.c_str();
     check_cache_record(call, cache, self().cache_record());
     check_decode_batch(call, cache, seqs, batch, x, y);
-    const auto buffers = self().carve(workspace_floats_for(batch), batch);
+    const auto buffers = self().carve(workspace_floats_for(call, batch), batch);
     self().project(x, batch, buffers);
     for (Index b = 0; b < batch; ++b) self().rotate(buffers, b, 1, cache.length(seqs[b]));
     append_one_token_each(call, cache, seqs, batch, [&](Index b, PlaneInput* planes) {
@@ -56,7 +62,7 @@ class AttentionLayer {
     const char* call = prefill_call_.c_str();
     check_cache_record(call, cache, self().cache_record());
     check_prefill(call, cache, seq, n, x, y);
-    const auto buffers = self().carve(workspace_floats_for(n), n);
+    const auto buffers = self().carve(workspace_floats_for(call, n), n);
     self().project(x, n, buffers);
     self().rotate(buffers, 0, n, cache.length(seq));
     PlaneInput planes[4];
@@ -69,17 +75,24 @@ class AttentionLayer {
  protected:
   explicit AttentionLayer(const char* name)
       : decode_call_(std::string(name) + "::decode"),
-        prefill_call_(std::string(name) + "::prefill") {}
+        prefill_call_(std::string(name) + "::prefill"),
+        reserve_call_(std::string(name) + "::reserve") {}
 
  private:
   const Derived& self() const { return static_cast<const Derived&>(*this); }
 
-  float* workspace_floats_for(Index rows) {
-    return workspace_.floats(rows * self().floats_per_row() + self().kernel_floats());
+  // rows token rows and the kernel's workspace: rows * floats_per_row() + kernel_floats().
+  float* workspace_floats_for(const char* call, Index rows) {
+    const Index floats =
+        checked_sum(call, "workspace floats",
+                    checked_product(call, "workspace floats", rows, self().floats_per_row()),
+                    self().kernel_floats());
+    return workspace_.floats(call, floats);
   }
 
   std::string decode_call_;  // built once, so checks never build strings on the happy path
   std::string prefill_call_;
+  std::string reserve_call_;
   Workspace workspace_;
 };
 

@@ -7,17 +7,20 @@
 #include <vector>
 
 #include "tpattn/cache/kv_cache.hpp"
+#include "tpattn/core/checked_size.hpp"
 #include "tpattn/core/matrix.hpp"
 
 namespace tpattn {
 namespace detail {
 
 // A float arena sized by the operator's plan; grows only when a call needs more than any call
-// before it, so a steady-state decode step never allocates.
+// before it, so a steady-state decode step never allocates. A size that cannot be allocated is
+// an Error naming `call` and the size (core/checked_size.hpp), and the arena stays as it was.
 class Workspace {
  public:
-  float* floats(Index count) {
-    if (static_cast<Index>(memory_.size()) < count) memory_.resize(static_cast<std::size_t>(count));
+  float* floats(const char* call, Index count) {
+    if (static_cast<Index>(memory_.size()) < count)
+      resize_or_fail(call, "workspace", memory_, count, "floats");
     return memory_.data();
   }
   Index capacity() const { return static_cast<Index>(memory_.size()); }

@@ -18,6 +18,7 @@
 #include "tpattn/attention/layer.hpp"
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
+#include "tpattn/core/checked_size.hpp"
 #include "tpattn/kernels/attention_core.hpp"
 #include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/rms_norm.hpp"
@@ -58,20 +59,9 @@ class MlaKernel {
   MlaKernel() = default;
   // scale: 1 / sqrt(d_h + d_R) of the model (never derived from the cached width).
   MlaKernel(Index heads, Index kv_latent_dim, Index rope_dim, float scale,
-            const char* call = "MlaKernel") {
-    detail::check_positive(call, "heads", heads);
-    detail::check_positive(call, "kv_latent_dim", kv_latent_dim);
-    detail::check_positive(call, "rope_dim", rope_dim);
-    TPATTN_CHECK(std::isfinite(scale) && scale > 0.0f, call, "scale",
-                 "a finite value > 0 (1 / sqrt(d_h + d_R))", scale);
-    KeyValueLayout layout;
-    layout.kv_heads = 1;
-    layout.key[0] = {0, kv_latent_dim};  // plane latent
-    layout.key[1] = {1, rope_dim};       // plane rope_key
-    layout.value = {0, kv_latent_dim};   // the latent again
-    core_ = AttentionCore<Storage>(layout, heads, scale);
-    record_ = records::mla(kv_latent_dim, rope_dim, storage_type_of<Storage>);
-  }
+            const char* call = "MlaKernel")
+      : core_(checked_core(heads, kv_latent_dim, rope_dim, scale, call)),
+        record_(records::mla(kv_latent_dim, rope_dim, storage_type_of<Storage>)) {}
 
   const CacheRecord& cache_record() const { return record_; }
   Index workspace_floats() const { return core_.workspace_floats(); }
@@ -85,6 +75,30 @@ class MlaKernel {
   }
 
  private:
+  template <class>
+  friend class MultiHeadLatentAttention;
+
+  // Every check of the constructor, allocating nothing (the record is allocated after it).
+  static AttentionCore<Storage> checked_core(Index heads, Index kv_latent_dim, Index rope_dim,
+                                             float scale, const char* call) {
+    detail::check_positive(call, "heads", heads);
+    detail::check_positive(call, "kv_latent_dim", kv_latent_dim);
+    detail::check_positive(call, "rope_dim", rope_dim);
+    TPATTN_CHECK(std::isfinite(scale) && scale > 0.0f, call, "scale",
+                 "a finite value > 0 (1 / sqrt(d_h + d_R))", scale);
+    // The record's bytes per token: d_c + d_R elements.
+    detail::checked_product(
+        call, "cache bytes per token",
+        detail::checked_sum(call, "kv_latent_dim + rope_dim", kv_latent_dim, rope_dim),
+        element_bytes(storage_type_of<Storage>));
+    KeyValueLayout layout;
+    layout.kv_heads = 1;
+    layout.key[0] = {0, kv_latent_dim};  // plane latent
+    layout.key[1] = {1, rope_dim};       // plane rope_key
+    layout.value = {0, kv_latent_dim};   // the latent again
+    return AttentionCore<Storage>(layout, heads, scale, call);
+  }
+
   AttentionCore<Storage> core_;
   CacheRecord record_;
 };
@@ -94,31 +108,11 @@ class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAt
  public:
   using storage_type = Storage;
 
+  // Runs every check before it allocates anything.
   MultiHeadLatentAttention(MlaConfig config, MlaWeights weights,
                            const char* name = "MultiHeadLatentAttention")
-      : detail::AttentionLayer<MultiHeadLatentAttention>(name),
-        config_(validated(std::move(config), name)),
-        weights_(std::move(weights)),
-        kernel_(config_.heads, config_.kv_latent_dim, config_.rope_dim,
-                1.0f / std::sqrt(static_cast<float>(config_.head_dim + config_.rope_dim)), name),
-        rope_(config_.rope, config_.rope_dim, name) {
-    const Index d = config_.d_model, h = config_.heads, dc = config_.kv_latent_dim;
-    const Index query_in = config_.q_latent_dim > 0 ? config_.q_latent_dim : d;
-    if (config_.q_latent_dim > 0) {
-      detail::check_weight(name, "w_dq", weights_.w_dq, config_.q_latent_dim, d);
-      if (config_.normalize_q_latent)
-        TPATTN_CHECK(weights_.q_norm.size() == config_.q_latent_dim, name, "q_norm",
-                     "a gain of q_latent_dim entries", weights_.q_norm.size());
-    }
-    detail::check_weight(name, "w_uq", weights_.w_uq, h * query_width(), query_in);
-    detail::check_weight(name, "w_dkv", weights_.w_dkv, dc + config_.rope_dim, d);
-    if (config_.normalize_kv_latent)
-      TPATTN_CHECK(weights_.kv_norm.size() == dc, name, "kv_norm",
-                   "a gain of kv_latent_dim entries", weights_.kv_norm.size());
-    detail::check_weight(name, "w_ukv", weights_.w_ukv, h * (config_.head_dim + config_.value_dim),
-                         dc);
-    detail::check_weight(name, "w_o", weights_.w_o, d, h * config_.value_dim);
-  }
+      : MultiHeadLatentAttention(checked(std::move(config), weights, name), std::move(weights),
+                                 name) {}
 
   const MlaConfig& config() const { return config_; }
   const MlaWeights& weights() const { return weights_; }
@@ -143,7 +137,27 @@ class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAt
     float* kernel;      // the kernel's workspace
   };
 
-  static MlaConfig validated(MlaConfig config, const char* name) {
+  // A config that passed every check, and the workspace floats per token row it needs.
+  struct Checked {
+    MlaConfig config;
+    Index floats_per_row;
+  };
+
+  MultiHeadLatentAttention(Checked checked, MlaWeights&& weights, const char* name)
+      : detail::AttentionLayer<MultiHeadLatentAttention>(name),
+        config_(std::move(checked.config)),
+        floats_per_row_(checked.floats_per_row),
+        weights_(std::move(weights)),
+        kernel_(config_.heads, config_.kv_latent_dim, config_.rope_dim, scale_of(config_), name),
+        rope_(config_.rope, config_.rope_dim, name) {}
+
+  static float scale_of(const MlaConfig& config) {
+    return 1.0f / std::sqrt(static_cast<float>(config.head_dim + config.rope_dim));
+  }
+
+  // Every check of the constructor, allocating nothing: the config, each size product, the
+  // kernel's sizes, RoPE, the weight shapes and gains.
+  static Checked checked(MlaConfig config, const MlaWeights& weights, const char* name) {
     detail::check_positive(name, "d_model", config.d_model);
     detail::check_positive(name, "heads", config.heads);
     detail::check_positive(name, "head_dim", config.head_dim);
@@ -154,19 +168,49 @@ class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAt
     TPATTN_CHECK(config.q_latent_dim >= 0, name, "q_latent_dim", ">= 0 (0 = no compression)",
                  config.q_latent_dim);
     if (config.q_latent_dim == 0) config.normalize_q_latent = false;  // no latent to normalise
-    TPATTN_CHECK(config.norm_eps > 0.0f, name, "norm_eps", "> 0", config.norm_eps);
-    return config;
+    TPATTN_CHECK(std::isfinite(config.norm_eps) && config.norm_eps > 0.0f, name, "norm_eps",
+                 "a finite value > 0", config.norm_eps);
+
+    using detail::checked_product;
+    using detail::checked_sum;
+    const Index d = config.d_model, h = config.heads, dh = config.head_dim;
+    const Index dr = config.rope_dim, dv = config.value_dim, dc = config.kv_latent_dim;
+    const Index query = checked_sum(name, "head_dim + rope_dim", dh, dr);
+    const Index kv = checked_sum(name, "kv_latent_dim + rope_dim", dc, dr);
+    const Index q_rows = checked_product(name, "heads x (head_dim + rope_dim)", h, query);
+    const Index ukv_rows = checked_product(name, "heads x (head_dim + value_dim)", h,
+                                           checked_sum(name, "head_dim + value_dim", dh, dv));
+    const Index o = checked_product(name, "heads x value_dim", h, dv);
+    const Index absorbed = checked_product(name, "heads x (kv_latent_dim + rope_dim)", h, kv);
+    const Index latent_out = checked_product(name, "heads x kv_latent_dim", h, dc);
+    MlaKernel<Storage>::checked_core(h, dc, dr, scale_of(config), name);
+    Rope::validated(config.rope, dr, name);
+
+    const Index query_in = config.q_latent_dim > 0 ? config.q_latent_dim : d;
+    if (config.q_latent_dim > 0) {
+      detail::check_weight(name, "w_dq", weights.w_dq, config.q_latent_dim, d);
+      if (config.normalize_q_latent)
+        TPATTN_CHECK(weights.q_norm.size() == config.q_latent_dim, name, "q_norm",
+                     "a gain of q_latent_dim entries", weights.q_norm.size());
+    }
+    detail::check_weight(name, "w_uq", weights.w_uq, q_rows, query_in);
+    detail::check_weight(name, "w_dkv", weights.w_dkv, kv, d);
+    if (config.normalize_kv_latent)
+      TPATTN_CHECK(weights.kv_norm.size() == dc, name, "kv_norm", "a gain of kv_latent_dim entries",
+                   weights.kv_norm.size());
+    detail::check_weight(name, "w_ukv", weights.w_ukv, ukv_rows, dc);
+    detail::check_weight(name, "w_o", weights.w_o, d, o);
+    // The buffers of carve(): q_latent, q, kv, latent + rope_key, absorbed, latent_out, o.
+    const Index floats_per_row = checked_sum(name, "workspace floats", config.q_latent_dim, q_rows,
+                                             kv, kv, absorbed, latent_out, o);
+    return {std::move(config), floats_per_row};
   }
 
   Index query_width() const { return config_.head_dim + config_.rope_dim; }
   Index kv_width() const { return config_.kv_latent_dim + config_.rope_dim; }
   Index absorbed_width() const { return config_.kv_latent_dim + config_.rope_dim; }
 
-  Index floats_per_row() const {
-    const Index h = config_.heads;
-    return config_.q_latent_dim + h * query_width() + 2 * kv_width() + h * absorbed_width() +
-           h * config_.kv_latent_dim + h * config_.value_dim;
-  }
+  Index floats_per_row() const { return floats_per_row_; }
   Index kernel_floats() const { return kernel_.workspace_floats(); }
   Buffers carve(float* memory, Index rows) const {
     const Index h = config_.heads;
@@ -249,6 +293,7 @@ class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAt
   }
 
   MlaConfig config_;
+  Index floats_per_row_;
   MlaWeights weights_;
   MlaKernel<Storage> kernel_;
   Rope rope_;

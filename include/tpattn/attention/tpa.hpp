@@ -20,6 +20,7 @@
 #include "tpattn/attention/layer.hpp"
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
+#include "tpattn/core/checked_size.hpp"
 #include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/rope.hpp"
 #include "tpattn/kernels/tpa_core.hpp"
@@ -59,16 +60,10 @@ class TpaKernel {
  public:
   TpaKernel() = default;
   // shape.rank_q = 0 for a kernel that only takes materialised queries (TPA-KVonly).
-  explicit TpaKernel(const TpaShape& shape, const char* call = "TpaKernel") : core_(shape) {
-    detail::check_positive(call, "heads", shape.heads);
-    detail::check_positive(call, "head_dim", shape.head_dim);
-    detail::check_positive(call, "value_dim", shape.value_dim);
-    TPATTN_CHECK(shape.rank_q >= 0, call, "rank_q", ">= 0 (0 = KV-only)", shape.rank_q);
-    detail::check_positive(call, "rank_k", shape.rank_k);
-    detail::check_positive(call, "rank_v", shape.rank_v);
-    record_ = records::tpa(shape.heads, shape.head_dim, shape.value_dim, shape.rank_k, shape.rank_v,
-                           storage_type_of<Storage>);
-  }
+  explicit TpaKernel(const TpaShape& shape, const char* call = "TpaKernel")
+      : core_(checked_core(shape, call)),
+        record_(records::tpa(shape.heads, shape.head_dim, shape.value_dim, shape.rank_k,
+                             shape.rank_v, storage_type_of<Storage>)) {}
 
   const TpaShape& shape() const { return core_.shape(); }
   const CacheRecord& cache_record() const { return record_; }
@@ -83,6 +78,7 @@ class TpaKernel {
                  "a kernel with rank_q >= 1 (this one takes materialised queries only)",
                  "rank_q = 0");
     TPATTN_CHECK(b_q != nullptr, "TpaKernel::attend", "b_q", "non-null", "null");
+    check_order("TpaKernel::attend", order);
     core_.run(a_q, b_q, n, view, view.length() - n + 1, out, lse, workspace, order);
   }
 
@@ -94,6 +90,36 @@ class TpaKernel {
   }
 
  private:
+  template <class>
+  friend class TensorProductAttention;
+
+  static void check_order(const char* call, TpaOrder order) {
+    TPATTN_CHECK(
+        order == TpaOrder::automatic || order == TpaOrder::factor || order == TpaOrder::query, call,
+        "order", "automatic, factor or query", static_cast<int>(order));
+  }
+
+  // Every check of the constructor, allocating nothing (the record is allocated after it).
+  static TpaCore<Storage> checked_core(const TpaShape& shape, const char* call) {
+    detail::check_positive(call, "heads", shape.heads);
+    detail::check_positive(call, "head_dim", shape.head_dim);
+    detail::check_positive(call, "value_dim", shape.value_dim);
+    TPATTN_CHECK(shape.rank_q >= 0, call, "rank_q", ">= 0 (0 = KV-only)", shape.rank_q);
+    detail::check_positive(call, "rank_k", shape.rank_k);
+    detail::check_positive(call, "rank_v", shape.rank_v);
+    // The record's bytes per token: R_K (h + d_h) + R_V (h + d_v) elements.
+    const char* bytes = "cache bytes per token";
+    const Index a_k = detail::checked_product(call, "rank_k x heads", shape.rank_k, shape.heads);
+    const Index b_k =
+        detail::checked_product(call, "rank_k x head_dim", shape.rank_k, shape.head_dim);
+    const Index a_v = detail::checked_product(call, "rank_v x heads", shape.rank_v, shape.heads);
+    const Index b_v =
+        detail::checked_product(call, "rank_v x value_dim", shape.rank_v, shape.value_dim);
+    detail::checked_product(call, bytes, detail::checked_sum(call, bytes, a_k, b_k, a_v, b_v),
+                            element_bytes(storage_type_of<Storage>));
+    return TpaCore<Storage>(shape, call);
+  }
+
   TpaCore<Storage> core_;
   CacheRecord record_;
 };
@@ -103,32 +129,11 @@ class TensorProductAttention : public detail::AttentionLayer<TensorProductAttent
  public:
   using storage_type = Storage;
 
+  // Runs every check before it allocates anything.
   TensorProductAttention(TpaConfig config, TpaWeights weights,
                          const char* name = "TensorProductAttention")
-      : detail::AttentionLayer<TensorProductAttention>(name),
-        config_(validated(std::move(config), name)),
-        weights_(std::move(weights)),
-        kernel_(TpaShape{config_.heads, config_.head_dim, config_.value_dim, config_.rank_q,
-                         config_.rank_k, config_.rank_v},
-                name),
-        rope_(config_.rope, config_.head_dim, name) {
-    const Index d = config_.d_model, h = config_.heads, dh = config_.head_dim;
-    const Index dv = config_.value_dim;
-    if (kv_only()) {
-      detail::check_weight(name, "w_q", weights_.w_q, h * dh, d);
-    } else {
-      detail::check_weight(name, "w_a_q", weights_.w_a_q, h * config_.rank_q, d);
-      detail::check_weight(name, "w_b_q", weights_.w_b_q, config_.rank_q * dh, d);
-      weights_.w_a_q = head_major_to_rank_major(weights_.w_a_q, h, config_.rank_q);
-    }
-    detail::check_weight(name, "w_a_k", weights_.w_a_k, h * config_.rank_k, d);
-    detail::check_weight(name, "w_b_k", weights_.w_b_k, config_.rank_k * dh, d);
-    detail::check_weight(name, "w_a_v", weights_.w_a_v, h * config_.rank_v, d);
-    detail::check_weight(name, "w_b_v", weights_.w_b_v, config_.rank_v * dv, d);
-    detail::check_weight(name, "w_o", weights_.w_o, d, h * dv);
-    weights_.w_a_k = head_major_to_rank_major(weights_.w_a_k, h, config_.rank_k);
-    weights_.w_a_v = head_major_to_rank_major(weights_.w_a_v, h, config_.rank_v);
-  }
+      : TensorProductAttention(checked(std::move(config), weights, name), std::move(weights),
+                               name) {}
 
   const TpaConfig& config() const { return config_; }
   bool kv_only() const { return config_.rank_q == 0; }
@@ -159,7 +164,33 @@ class TensorProductAttention : public detail::AttentionLayer<TensorProductAttent
     float* kernel;
   };
 
-  static TpaConfig validated(TpaConfig config, const char* name) {
+  // A config that passed every check, and the workspace floats per token row it needs.
+  struct Checked {
+    TpaConfig config;
+    Index floats_per_row;
+  };
+
+  TensorProductAttention(Checked checked, TpaWeights&& weights, const char* name)
+      : detail::AttentionLayer<TensorProductAttention>(name),
+        config_(std::move(checked.config)),
+        floats_per_row_(checked.floats_per_row),
+        weights_(std::move(weights)),
+        kernel_(shape_of(config_), name),
+        rope_(config_.rope, config_.head_dim, name) {
+    const Index h = config_.heads;
+    if (!kv_only()) weights_.w_a_q = head_major_to_rank_major(weights_.w_a_q, h, config_.rank_q);
+    weights_.w_a_k = head_major_to_rank_major(weights_.w_a_k, h, config_.rank_k);
+    weights_.w_a_v = head_major_to_rank_major(weights_.w_a_v, h, config_.rank_v);
+  }
+
+  static TpaShape shape_of(const TpaConfig& config) {
+    return {config.heads,  config.head_dim, config.value_dim,
+            config.rank_q, config.rank_k,   config.rank_v};
+  }
+
+  // Every check of the constructor, allocating nothing: the config, each size product, the
+  // kernel's sizes, RoPE, the weight shapes (only the query weights of the variant in use).
+  static Checked checked(TpaConfig config, const TpaWeights& weights, const char* name) {
     detail::check_positive(name, "d_model", config.d_model);
     detail::check_positive(name, "heads", config.heads);
     detail::check_positive(name, "head_dim", config.head_dim);
@@ -168,9 +199,40 @@ class TensorProductAttention : public detail::AttentionLayer<TensorProductAttent
     TPATTN_CHECK(config.rank_q >= 0, name, "rank_q", ">= 0 (0 = TPA-KVonly)", config.rank_q);
     detail::check_positive(name, "rank_k", config.rank_k);
     detail::check_positive(name, "rank_v", config.rank_v);
+    TpaKernel<Storage>::check_order(name, config.order);
     TPATTN_CHECK(config.rank_q > 0 || config.order != TpaOrder::factor, name, "order",
                  "query or automatic for TPA-KVonly (it has no query factors)", "factor");
-    return config;
+
+    using detail::checked_product;
+    const Index d = config.d_model, h = config.heads, dh = config.head_dim;
+    const Index dv = config.value_dim, rq = config.rank_q, rk = config.rank_k;
+    const Index rv = config.rank_v;
+    const Index q = checked_product(name, "heads x head_dim", h, dh);
+    const Index a_q = checked_product(name, "heads x rank_q", h, rq);
+    const Index b_q = checked_product(name, "rank_q x head_dim", rq, dh);
+    const Index a_k = checked_product(name, "heads x rank_k", h, rk);
+    const Index b_k = checked_product(name, "rank_k x head_dim", rk, dh);
+    const Index a_v = checked_product(name, "heads x rank_v", h, rv);
+    const Index b_v = checked_product(name, "rank_v x value_dim", rv, dv);
+    const Index o = checked_product(name, "heads x value_dim", h, dv);
+    TpaKernel<Storage>::checked_core(shape_of(config), name);
+    Rope::validated(config.rope, dh, name);
+
+    if (rq == 0) {
+      detail::check_weight(name, "w_q", weights.w_q, q, d);
+    } else {
+      detail::check_weight(name, "w_a_q", weights.w_a_q, a_q, d);
+      detail::check_weight(name, "w_b_q", weights.w_b_q, b_q, d);
+    }
+    detail::check_weight(name, "w_a_k", weights.w_a_k, a_k, d);
+    detail::check_weight(name, "w_b_k", weights.w_b_k, b_k, d);
+    detail::check_weight(name, "w_a_v", weights.w_a_v, a_v, d);
+    detail::check_weight(name, "w_b_v", weights.w_b_v, b_v, d);
+    detail::check_weight(name, "w_o", weights.w_o, d, o);
+    // The buffers of carve(): a_q, b_q (TPA) or q (KV-only), a_k, b_k, a_v, b_v, o.
+    const Index floats_per_row = detail::checked_sum(name, "workspace floats", rq == 0 ? q : a_q,
+                                                     rq == 0 ? 0 : b_q, a_k, b_k, a_v, b_v, o);
+    return {std::move(config), floats_per_row};
   }
 
   // Row i R + r (head-major) -> row r h + i (rank-major).
@@ -181,11 +243,7 @@ class TensorProductAttention : public detail::AttentionLayer<TensorProductAttent
     return reordered;
   }
 
-  Index floats_per_row() const {
-    const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
-    const Index query = kv_only() ? h * dh : config_.rank_q * (h + dh);
-    return query + config_.rank_k * (h + dh) + config_.rank_v * (h + dv) + h * dv;
-  }
+  Index floats_per_row() const { return floats_per_row_; }
   Index kernel_floats() const { return kernel_.workspace_floats(); }
   Buffers carve(float* memory, Index rows) const {
     const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
@@ -261,6 +319,7 @@ class TensorProductAttention : public detail::AttentionLayer<TensorProductAttent
   void output(const Buffers& b, Index rows, float* y) const { linear(weights_.w_o, b.o, rows, y); }
 
   TpaConfig config_;
+  Index floats_per_row_;
   TpaWeights weights_;  // A rows reordered to rank-major
   TpaKernel<Storage> kernel_;
   Rope rope_;

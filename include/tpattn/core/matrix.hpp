@@ -5,7 +5,9 @@
 
 #include <Eigen/Core>
 #include <cstdint>
+#include <initializer_list>
 
+#include "tpattn/core/checked_size.hpp"
 #include "tpattn/core/storage_type.hpp"
 
 namespace tpattn {
@@ -52,10 +54,17 @@ class WorkspaceCarver {
     next_ += aligned_floats(count);
     return piece;
   }
-  // Floats a workspace needs for pieces of these sizes, including the initial alignment slack.
-  template <class... Counts>
-  static constexpr Index floats_for(Counts... counts) {
-    return kWorkspaceAlignFloats + (Index(0) + ... + aligned_floats(counts));
+  // Floats a workspace needs for pieces of these sizes, including the initial alignment slack;
+  // Error(call, argument) if the total does not fit in Index.
+  static Index floats_for(const char* call, const char* argument,
+                          std::initializer_list<Index> counts) {
+    Index total = kWorkspaceAlignFloats;
+    for (const Index count : counts) {
+      const Index aligned = detail::checked_sum(call, argument, count, kWorkspaceAlignFloats - 1) /
+                            kWorkspaceAlignFloats * kWorkspaceAlignFloats;  // aligned_floats()
+      total = detail::checked_sum(call, argument, total, aligned);
+    }
+    return total;
   }
 
  private:

@@ -48,21 +48,20 @@ class AttentionCore {
   static constexpr Index kTokenMajorRows = 8;
 
   AttentionCore() = default;
-  // heads: query heads, a multiple of layout.kv_heads. scale: multiplies q . k.
-  AttentionCore(const KeyValueLayout& layout, Index heads, float scale)
-      : layout_(layout), heads_(heads), group_(heads / layout.kv_heads), scale_(scale) {}
+  // heads: query heads, a multiple of layout.kv_heads. scale: multiplies q . k. Throws Error
+  // naming `call` if a workspace size does not fit in Index.
+  AttentionCore(const KeyValueLayout& layout, Index heads, float scale,
+                const char* call = "AttentionCore")
+      : layout_(layout), heads_(heads), group_(heads / layout.kv_heads), scale_(scale) {
+    plan_workspace(call);
+  }
 
   const KeyValueLayout& layout() const { return layout_; }
   Index heads() const { return heads_; }
   float scale() const { return scale_; }
 
   // Workspace floats one run() needs, whatever its number of query tokens.
-  Index workspace_floats() const {
-    const Index rows = kQueryTokens * heads_;
-    return WorkspaceCarver::floats_for(rows * layout_.key_width(), score_floats(),
-                                       key_scratch_floats(), value_scratch_floats(), rows, rows,
-                                       rows * layout_.value.width);
-  }
+  Index workspace_floats() const { return workspace_floats_; }
 
   // q:   [query_tokens, heads, key_width], already rotated;
   // out: [query_tokens, heads, value_width];  lse: [query_tokens, heads] or null (natural log).
@@ -93,9 +92,9 @@ class AttentionCore {
 
     WorkspaceCarver carve(workspace);  // same order as workspace_floats()
     float* queries = carve.take(kQueryTokens * heads_ * key_width);
-    float* scores = carve.take(score_floats());  // row stride kTileTokens
-    float* key_scratch = carve.take(key_scratch_floats());
-    float* value_scratch = carve.take(value_scratch_floats());
+    float* scores = carve.take(score_floats_);  // row stride kTileTokens
+    float* key_scratch = carve.take(key_scratch_floats_);
+    float* value_scratch = carve.take(value_scratch_floats_);
     float* max = carve.take(kQueryTokens * heads_);
     float* sum = carve.take(kQueryTokens * heads_);
     float* acc = carve.take(kQueryTokens * heads_ * value_width);
@@ -162,22 +161,36 @@ class AttentionCore {
 
   bool token_major(Index rows) const { return layout_.kv_heads > 1 && rows <= kTokenMajorRows; }
 
-  Index score_floats() const {
-    const Index per_head = kQueryTokens * group_ * kTileTokens;
-    const Index token_major = layout_.kv_heads * kTokenMajorRows * kTileTokens;
-    return per_head > token_major ? per_head : token_major;
-  }
-  // A tile of one KV head's key (per-head products), or one token's keys of all KV heads
-  // (token-major), widened to fp32.
-  Index key_scratch_floats() const {
-    const Index token = layout_.kv_heads * layout_.key_width();
-    const Index tile = kTileTokens * layout_.key_width();
-    return token > tile ? token : tile;
-  }
-  Index value_scratch_floats() const {
-    const Index token = layout_.kv_heads * layout_.value.width;
-    const Index tile = kTileTokens * layout_.value.width;
-    return token > tile ? token : tile;
+  // The workspace's pieces, every size checked once here (run() then carves the same sizes, or
+  // parts of them, unchecked):
+  //   scores: one KV head's query rows x a tile (per-head products), or every KV head's
+  //           kTokenMajorRows rows x a tile (token-major);
+  //   key / value scratch: a tile of one KV head's key (value), or one token's keys (values) of
+  //           all KV heads, widened to fp32.
+  void plan_workspace(const char* call) {
+    const char* argument = "workspace_floats()";
+    const auto product = [&](Index a, Index b) {
+      return detail::checked_product(call, argument, a, b);
+    };
+    const auto larger = [](Index a, Index b) { return a > b ? a : b; };
+    const Index kv_heads = layout_.kv_heads;
+    const Index key_width =
+        detail::checked_sum(call, argument, layout_.key[0].width, layout_.key[1].width);
+    const Index value_width = layout_.value.width;
+    const Index rows = product(kQueryTokens, heads_);
+    const Index queries = product(rows, key_width);
+    // Each size in order, so the first that overflows is the one reported.
+    const Index per_head_scores = product(product(kQueryTokens, group_), kTileTokens);
+    const Index token_major_scores = product(product(kv_heads, kTokenMajorRows), kTileTokens);
+    score_floats_ = larger(per_head_scores, token_major_scores);
+    const Index token_keys = product(kv_heads, key_width);
+    key_scratch_floats_ = larger(token_keys, product(kTileTokens, key_width));
+    const Index token_values = product(kv_heads, value_width);
+    value_scratch_floats_ = larger(token_values, product(kTileTokens, value_width));
+    workspace_floats_ = WorkspaceCarver::floats_for(
+        call, argument,
+        {queries, score_floats_, key_scratch_floats_, value_scratch_floats_, rows, rows,
+         product(rows, value_width)});
   }
 
   // Token t's plane row (all KV heads), fp32: the cache itself for float storage, else widened
@@ -258,6 +271,10 @@ class AttentionCore {
   Index heads_ = 0;
   Index group_ = 1;
   float scale_ = 1.0f;
+  Index score_floats_ = 0;
+  Index key_scratch_floats_ = 0;
+  Index value_scratch_floats_ = 0;
+  Index workspace_floats_ = 0;
 };
 
 }  // namespace tpattn

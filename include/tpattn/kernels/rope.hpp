@@ -12,9 +12,11 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <initializer_list>
 #include <vector>
 
+#include "tpattn/core/checked_size.hpp"
 #include "tpattn/core/error.hpp"
 #include "tpattn/core/storage_type.hpp"
 
@@ -37,19 +39,33 @@ class Rope {
 
   // head_dim: width of the vectors this Rope rotates. `call` names the operator for errors.
   Rope(const RopeConfig& config, Index head_dim, const char* call = "Rope")
-      : config_(config), head_dim_(head_dim) {
+      : config_(validated(config, head_dim, call)), head_dim_(head_dim) {
     if (!config_.enabled) return;
-    if (config_.rotary_dim == 0) config_.rotary_dim = head_dim;
-    TPATTN_CHECK(config_.rotary_dim > 0 && config_.rotary_dim <= head_dim, call, "rope.rotary_dim",
-                 "in [1, " + detail::to_text(head_dim) + "]", config_.rotary_dim);
-    TPATTN_CHECK(config_.rotary_dim % 2 == 0, call, "rope.rotary_dim", "an even number",
-                 config_.rotary_dim);
-    TPATTN_CHECK(config_.base > 1.0, call, "rope.base", "> 1", config_.base);
     const Index pairs = config_.rotary_dim / 2;
-    inverse_frequency_.resize(static_cast<std::size_t>(pairs));
+    detail::resize_or_fail(call, "rope table", inverse_frequency_, pairs, "doubles");
     for (Index j = 0; j < pairs; ++j)
       inverse_frequency_[static_cast<std::size_t>(j)] = std::pow(
           config_.base, -2.0 * static_cast<double>(j) / static_cast<double>(config_.rotary_dim));
+  }
+
+  // Every check of the constructor, allocating nothing; returns the config with rotary_dim
+  // resolved (0 -> head_dim). A disabled config is returned as it is: no other field is read.
+  static RopeConfig validated(RopeConfig config, Index head_dim, const char* call = "Rope") {
+    if (!config.enabled) return config;
+    TPATTN_CHECK(
+        config.pairing == RopePairing::half_split || config.pairing == RopePairing::interleaved,
+        call, "rope.pairing", "half_split or interleaved", static_cast<int>(config.pairing));
+    TPATTN_CHECK(
+        config.direction == RopeDirection::standard || config.direction == RopeDirection::reversed,
+        call, "rope.direction", "standard or reversed", static_cast<int>(config.direction));
+    if (config.rotary_dim == 0) config.rotary_dim = head_dim;
+    TPATTN_CHECK(config.rotary_dim > 0 && config.rotary_dim <= head_dim, call, "rope.rotary_dim",
+                 "in [1, " + detail::to_text(head_dim) + "]", config.rotary_dim);
+    TPATTN_CHECK(config.rotary_dim % 2 == 0, call, "rope.rotary_dim", "an even number",
+                 config.rotary_dim);
+    TPATTN_CHECK(std::isfinite(config.base) && config.base > 1.0, call, "rope.base",
+                 "a finite value > 1", config.base);
+    return config;
   }
 
   const RopeConfig& config() const { return config_; }

@@ -33,7 +33,8 @@ struct TpaShape {
 
 enum class TpaOrder : std::uint8_t { automatic, factor, query };
 
-// The contraction order with fewer multiply-adds per cached token (ties: factor order).
+// The contraction order with fewer multiply-adds per cached token (ties: factor order). For a
+// shape a TpaCore accepted, both costs are parts of its checked workspace, so they fit in Index.
 inline TpaOrder cheaper_tpa_order(const TpaShape& shape) {
   if (shape.rank_q == 0) return TpaOrder::query;
   const Index factor = shape.rank_q * (shape.head_dim + shape.heads);
@@ -51,23 +52,13 @@ class TpaCore {
   static constexpr Index kPlaneAK = 0, kPlaneBK = 1, kPlaneAV = 2, kPlaneBV = 3;
 
   TpaCore() = default;
-  explicit TpaCore(const TpaShape& shape) : shape_(shape) {}
+  // Throws Error naming `call` if a workspace size does not fit in Index.
+  explicit TpaCore(const TpaShape& shape, const char* call = "TpaCore")
+      : shape_(shape), workspace_floats_(planned_workspace_floats(call)) {}
 
   const TpaShape& shape() const { return shape_; }
 
-  Index workspace_floats() const {
-    const Index h = shape_.heads, dh = shape_.head_dim, dv = shape_.value_dim;
-    const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
-    const Index rows = kQueryTokens * h, hp = padded_heads();
-    return WorkspaceCarver::floats_for(
-        rows * dh, kQueryTokens * dh * hp,                              // q, q^T
-        kQueryTokens * rq * hp, kQueryTokens * rq * dh,                 // scaled A_Q, B_Q
-        kTileTokens * rk * h, kTileTokens * rk * dh,                    // A_K, B_K tile
-        kTileTokens * rv * h, kTileTokens * rv * dv,                    // A_V, B_V tile
-        kTileTokens * rk * rq, kTileTokens * rk * hp, kTileTokens * h,  // P, W, L^T
-        kTileTokens * rv * h, rows * kTileTokens,                       // Z, scores
-        rows, rows, rows * dv);                                         // softmax state
-  }
+  Index workspace_floats() const { return workspace_floats_; }
 
   // Factored query (TPA). a_q: [query_tokens, R_Q, h], b_q: [query_tokens, R_Q, d_h] (rotated).
   // out: [query_tokens, h, d_v]; lse: [query_tokens, h] or null. Query token t sees cached tokens
@@ -219,10 +210,34 @@ class TpaCore {
     return map_matrix(tile + r * cols, tokens, cols, ranks * cols);
   }
 
+  // Every size of the workspace, checked once here; run() then carves the same sizes unchecked.
+  Index planned_workspace_floats(const char* call) const {
+    const char* argument = "workspace_floats()";
+    const auto product = [&](Index a, Index b, Index c = 1) {
+      return detail::checked_product(call, argument, detail::checked_product(call, argument, a, b),
+                                     c);
+    };
+    const Index h = shape_.heads, dh = shape_.head_dim, dv = shape_.value_dim;
+    const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
+    const Index rows = product(kQueryTokens, h);
+    const Index hp = detail::checked_sum(call, argument, h, kPacketFloats - 1) / kPacketFloats *
+                     kPacketFloats;  // padded_heads()
+    // The list is evaluated in order, so the first size that overflows is the one reported.
+    return WorkspaceCarver::floats_for(
+        call, argument,
+        {product(rows, dh), product(kQueryTokens, dh, hp),              // q, q^T
+         product(kQueryTokens, rq, hp), product(kQueryTokens, rq, dh),  // scaled A_Q, B_Q
+         product(kTileTokens, rk, h), product(kTileTokens, rk, dh),     // A_K, B_K tile
+         product(kTileTokens, rv, h), product(kTileTokens, rv, dv),     // A_V, B_V tile
+         product(kTileTokens, rk, rq), product(kTileTokens, rk, hp),    // P, W
+         product(kTileTokens, h), product(kTileTokens, rv, h),          // L^T, Z
+         product(rows, kTileTokens), rows, rows, product(rows, dv)});   // scores, state
+  }
+
   // h rounded up to whole SIMD packets.
+  static constexpr Index kPacketFloats = Eigen::internal::packet_traits<float>::size;
   Index padded_heads() const {
-    constexpr Index kSize = Eigen::internal::packet_traits<float>::size;
-    return (shape_.heads + kSize - 1) / kSize * kSize;
+    return (shape_.heads + kPacketFloats - 1) / kPacketFloats * kPacketFloats;
   }
 
   // A tile's rows of a whole plane as an fp32 [rows, cols] matrix (R rows per token).
@@ -233,6 +248,7 @@ class TpaCore {
   }
 
   TpaShape shape_;
+  Index workspace_floats_ = 0;
 };
 
 }  // namespace tpattn
