@@ -858,6 +858,105 @@ TEST(CacheFootprint, ASizeWhoseBytesOverflowAnIndexThrowsInsteadOfWrapping) {
                             std::to_string(p62) + " + " + std::to_string(p62) + " overflows"}));
 }
 
+// ---- every check before any allocation ------------------------------------------------------
+
+// The allocations `call` makes before it throws tpattn::Error (a test failure if it throws none).
+std::uint64_t allocations_until_error(const std::function<void()>& call) {
+  std::uint64_t allocations = 0;
+  {
+    const AllocationCounter counter;
+    try {
+      call();
+      ADD_FAILURE() << "no tpattn::Error thrown";
+    } catch (const Error&) {
+    }
+    allocations = counter.allocations();
+  }
+  return allocations;
+}
+
+// A rejected constructor allocates only what footprint() allocates for the same rejection: the
+// error's message. No bookkeeping (call names, plane offsets, sequence slots, tables) may come
+// first, so a size too large fails as an Error before anything could fail as std::bad_alloc.
+TEST(CacheConstruction, EveryCheckRunsBeforeAnyAllocation) {
+  ASSERT_TRUE(AllocationCounter::installed());
+  const CacheRecord tiny = records::gqa(1, 1, 1);  // 8 bytes per token
+  const Index p61 = Index(1) << 61;
+  struct Paged {
+    std::string what;
+    CacheRecord record;
+    Index page_tokens, page_count, max_sequences, cap;
+  };
+  const Paged paged[] = {
+      {"a page size", tiny, 0, 4, 1, 0},
+      {"a record without planes", CacheRecord(), 4, 4, 1, 0},
+      {"a page's bytes", tiny, p61, 4, 1, 0},
+      {"the tables' bytes", tiny, 1, Index(1) << 59, 2, 0},
+      {"the free-page list", CacheRecord({{"K", 1, 1, StorageType::bf16}}), 1, Index(1) << 61, 1,
+       1},
+  };
+  for (const Paged& c : paged) {
+    SCOPED_TRACE("PagedKvCache: " + c.what);
+    CacheRecord moved = c.record;  // the caller's copy, made before counting
+    const std::uint64_t built = allocations_until_error([&] {
+      PagedKvCache cache(std::move(moved), c.page_tokens, c.page_count, c.max_sequences, c.cap);
+    });
+    const std::uint64_t planned = allocations_until_error([&] {
+      (void)PagedKvCache::footprint(c.record, c.page_tokens, c.page_count, c.max_sequences, c.cap);
+    });
+    EXPECT_EQ(built, planned);
+  }
+  struct Contiguous {
+    std::string what;
+    CacheRecord record;
+    Index max_sequences, max_tokens;
+  };
+  const Contiguous contiguous[] = {
+      {"a size", tiny, 0, 4},
+      {"a record without planes", CacheRecord(), 1, 4},
+      {"a region's bytes", tiny, 1, p61},
+      {"the sequence slots", tiny, std::numeric_limits<Index>::max() / 2, 1},
+  };
+  for (const Contiguous& c : contiguous) {
+    SCOPED_TRACE("ContiguousKvCache: " + c.what);
+    CacheRecord moved = c.record;
+    const std::uint64_t built = allocations_until_error(
+        [&] { ContiguousKvCache cache(std::move(moved), c.max_sequences, c.max_tokens); });
+    const std::uint64_t planned = allocations_until_error(
+        [&] { (void)ContiguousKvCache::footprint(c.record, c.max_sequences, c.max_tokens); });
+    EXPECT_EQ(built, planned);
+  }
+}
+
+// 2^61 pages of one 2-byte token: 2^62 bytes of pages is an Index, but the list of free pages
+// (one Index each) holds more entries than a std::vector can (PTRDIFF_MAX / 8 = 2^60 - 1). That
+// is an Error naming page_count, from the constructor and footprint() alike, before anything is
+// allocated, not a std::bad_alloc (or std::length_error) from inside the constructor.
+TEST(PagedKvCache, APoolWhoseBookkeepingNoVectorCanHoldIsAnError) {
+  const CacheRecord two_bytes({{"K", 1, 1, StorageType::bf16}});
+  const Index pages = Index(1) << 61;
+  const Misuse misuse{"PagedKvCache", "page_count",
+                      "a count whose bookkeeping fits in memory (at most " +
+                          std::to_string(std::numeric_limits<Index>::max() / 8) +
+                          " blocks in the free-block list)",
+                      std::to_string(pages)};
+  EXPECT_TRUE(throws_error([&] { PagedKvCache cache(two_bytes, 1, pages, 1, 1); }, misuse));
+  EXPECT_TRUE(
+      throws_error([&] { (void)PagedKvCache::footprint(two_bytes, 1, pages, 1, 1); }, misuse));
+}
+
+// A slot's bookkeeping is 24 bytes (its length, its block count, whether it is live), so at most
+// PTRDIFF_MAX / 24 slots; the message names that limit.
+TEST(ContiguousKvCache, SequenceSlotsBeyondWhatAVectorCanHoldAreAnError) {
+  const Index limit = std::numeric_limits<Index>::max() / 24;
+  const CacheRecord tiny = records::gqa(1, 1, 1);
+  EXPECT_TRUE(throws_error([&] { ContiguousKvCache cache(tiny, limit + 1, 1); },
+                           {"ContiguousKvCache", "max_sequences",
+                            "a count whose bookkeeping fits in memory (at most " +
+                                std::to_string(limit) + " sequence slots)",
+                            std::to_string(limit + 1)}));
+}
+
 TEST(CacheFootprint, AllocatesNothing) {
   ASSERT_TRUE(AllocationCounter::installed());
   const CacheRecord gqa = records::gqa(8, 128, 128, StorageType::bf16);

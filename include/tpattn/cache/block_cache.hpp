@@ -79,8 +79,9 @@ class BlockCache : public KvCache {
 
  protected:
   // name: the storage's class name, for errors. The rest as BlockStore's constructor.
+  // The store comes first: its plan checks every size before this cache allocates anything.
   BlockCache(const char* name, CacheRecord record, const BlockGeometry& geometry)
-      : KvCache(std::move(record)), calls_(name), store_(name, this->record(), geometry) {}
+      : KvCache(std::move(record)), store_(name, this->record(), geometry), calls_(name) {}
 
   // What the constructor with these arguments would reserve, from the same BlockStore::plan and
   // with the same errors, allocating nothing. The storage checks its own sizes first.
@@ -109,8 +110,8 @@ class BlockCache : public KvCache {
     std::string add_sequence, remove_sequence, length, append, truncate, tokens_available, view;
   };
 
+  BlockStore store_;  // before calls_: see the constructor
   CallNames calls_;
-  BlockStore store_;
 };
 
 }  // namespace detail

@@ -42,11 +42,12 @@ inline Index checked_add(const char* call, Index a, Index b) {
 // How a cache lays its tokens out in a BlockStore; each storage derives one from its own sizes.
 // Sizes are >= 1 (checked by the cache).
 struct BlockGeometry {
-  Index block_tokens = 0;             // tokens per block
-  Index block_count = 0;              // blocks in the pool
-  Index max_sequences = 0;            // sequence slots
-  Index max_blocks_per_sequence = 0;  // block-table entries per slot
-  Index max_tokens_per_sequence = 0;  // exact cap on one sequence's length
+  Index block_tokens = 0;                            // tokens per block
+  Index block_count = 0;                             // blocks in the pool
+  Index max_sequences = 0;                           // sequence slots
+  Index max_blocks_per_sequence = 0;                 // block-table entries per slot
+  Index max_tokens_per_sequence = 0;                 // exact cap on one sequence's length
+  const char* block_count_argument = "block_count";  // its name in the cache's errors
 };
 
 class BlockStore {
@@ -65,45 +66,34 @@ class BlockStore {
   };
 
   // The sizes a store of `geometry` allocates, worked out without allocating: the constructor
-  // runs exactly this and then allocates what it returns, so a cache's footprint() cannot drift
-  // from what its constructor reserves. Throws tpattn::Error naming `call` for a record without
-  // planes, too many sequence slots, or a byte count that overflows an Index. plane_offsets,
-  // unless null, is an array of record.plane_count() that receives each plane's byte offset
-  // inside a block.
+  // runs exactly this before it allocates anything and then allocates what it returns, so a
+  // cache's footprint() cannot drift from what its constructor reserves. Throws tpattn::Error
+  // naming `call` for a record without planes, a byte count that overflows an Index, or more
+  // sequence slots or blocks than a std::vector of their bookkeeping can hold (vector_limit).
+  // plane_offsets, unless null, is an array of record.plane_count() that receives each plane's
+  // byte offset inside a block.
   static Sizes plan(const char* call, const CacheRecord& record, const BlockGeometry& geometry,
                     Index* plane_offsets = nullptr) {
     TPATTN_CHECK(record.plane_count() >= 1, call, "record", "at least one plane",
                  record.plane_count());
-    TPATTN_CHECK(geometry.max_sequences <=
-                     std::numeric_limits<Index>::max() / static_cast<Index>(sizeof(Sequence)),
-                 call, "max_sequences", "a count whose bookkeeping fits in memory",
-                 geometry.max_sequences);
+    // The slots' bookkeeping (24 bytes each) binds before their free list (8 bytes each).
+    check_count<Sequence>(call, "max_sequences", geometry.max_sequences, "sequence slots");
     Sizes sizes;
     sizes.block_bytes = block_layout(call, record, geometry.block_tokens, plane_offsets);
     sizes.pool_bytes = checked_product(call, sizes.block_bytes, geometry.block_count);
     sizes.table_bytes = table_size(call, geometry.max_sequences, geometry.max_blocks_per_sequence);
+    check_count<Index>(call, geometry.block_count_argument, geometry.block_count,
+                       "blocks in the free-block list");
     return sizes;
   }
 
   // call: the cache's name for errors. A sequence holds at most geometry.max_blocks_per_sequence
-  // blocks and geometry.max_tokens_per_sequence tokens.
+  // blocks and geometry.max_tokens_per_sequence tokens. Plans first, so every check runs before
+  // anything is allocated, then allocates the pool (usually the largest part) before the rest.
+  // Only an ::operator new that fails for a size the plan accepted throws (std::bad_alloc), and
+  // what was allocated before it is freed.
   BlockStore(const char* call, const CacheRecord& record, const BlockGeometry& geometry)
-      : block_tokens_(geometry.block_tokens),
-        block_count_(geometry.block_count),
-        max_blocks_per_sequence_(geometry.max_blocks_per_sequence),
-        max_tokens_per_sequence_(geometry.max_tokens_per_sequence),
-        plane_offsets_(static_cast<std::size_t>(record.plane_count())) {
-    const Sizes sizes = plan(call, record, geometry, plane_offsets_.data());
-    block_bytes_ = sizes.block_bytes;
-    sequences_.resize(static_cast<std::size_t>(geometry.max_sequences));
-    tables_.resize(static_cast<std::size_t>(sizes.table_bytes) / sizeof(std::byte*));
-    memory_.reset(static_cast<std::byte*>(
-        ::operator new(static_cast<std::size_t>(sizes.pool_bytes), std::align_val_t(kAlignment))));
-    free_blocks_.reserve(static_cast<std::size_t>(block_count_));
-    for (Index b = block_count_ - 1; b >= 0; --b) free_blocks_.push_back(b);
-    free_slots_.reserve(static_cast<std::size_t>(geometry.max_sequences));
-    for (Index s = geometry.max_sequences - 1; s >= 0; --s) free_slots_.push_back(s);
-  }
+      : BlockStore(record, geometry, plan(call, record, geometry)) {}
 
   Index block_tokens() const { return block_tokens_; }
   Index block_count() const { return block_count_; }
@@ -202,6 +192,43 @@ class BlockStore {
     Index blocks = 0;  // entries in use at the start of the slot's block table
   };
 
+  // Allocates what `sizes`, the plan of `record` and `geometry`, says.
+  BlockStore(const CacheRecord& record, const BlockGeometry& geometry, const Sizes& sizes)
+      : block_tokens_(geometry.block_tokens),
+        block_count_(geometry.block_count),
+        max_blocks_per_sequence_(geometry.max_blocks_per_sequence),
+        max_tokens_per_sequence_(geometry.max_tokens_per_sequence),
+        block_bytes_(sizes.block_bytes) {
+    memory_.reset(static_cast<std::byte*>(
+        ::operator new(static_cast<std::size_t>(sizes.pool_bytes), std::align_val_t(kAlignment))));
+    tables_.resize(static_cast<std::size_t>(sizes.table_bytes) / sizeof(std::byte*));
+    sequences_.resize(static_cast<std::size_t>(geometry.max_sequences));
+    plane_offsets_.resize(static_cast<std::size_t>(record.plane_count()));
+    block_layout("BlockStore", record, block_tokens_, plane_offsets_.data());  // planned: no throw
+    free_blocks_.reserve(static_cast<std::size_t>(block_count_));
+    for (Index b = block_count_ - 1; b >= 0; --b) free_blocks_.push_back(b);
+    free_slots_.reserve(static_cast<std::size_t>(geometry.max_sequences));
+    for (Index s = geometry.max_sequences - 1; s >= 0; --s) free_slots_.push_back(s);
+  }
+
+  // The most elements of T a store's std::vector may be asked to hold: its max_size(), and no
+  // more than PTRDIFF_MAX bytes (which bounds libstdc++'s max_size; other libraries may allow
+  // more, and ::operator new could never give it). A count beyond it cannot be allocated, so it
+  // is an Error naming the count, not a std::length_error or std::bad_alloc.
+  template <class T>
+  static Index vector_limit() {
+    const Index bytes = std::numeric_limits<Index>::max() / static_cast<Index>(sizeof(T));
+    const std::size_t elements = std::vector<T>().max_size();
+    return elements < static_cast<std::size_t>(bytes) ? static_cast<Index>(elements) : bytes;
+  }
+  template <class T>
+  static void check_count(const char* call, const char* argument, Index count, const char* what) {
+    TPATTN_CHECK(count <= vector_limit<T>(), call, argument,
+                 "a count whose bookkeeping fits in memory (at most " + to_text(vector_limit<T>()) +
+                     " " + what + ")",
+                 count);
+  }
+
   std::byte** table_of(SequenceId seq) { return tables_.data() + seq * max_blocks_per_sequence_; }
   const std::byte* const* table_of(SequenceId seq) const {
     return tables_.data() + seq * max_blocks_per_sequence_;
@@ -236,6 +263,7 @@ class BlockStore {
   // Bytes of the block tables: one address per block a sequence may hold, for every slot.
   static Index table_size(const char* call, Index max_sequences, Index max_blocks_per_sequence) {
     const Index entries = checked_product(call, max_sequences, max_blocks_per_sequence);
+    // At most PTRDIFF_MAX bytes, so no more entries than vector_limit<std::byte*>().
     return checked_product(call, entries, Index(sizeof(std::byte*)));
   }
 

@@ -47,7 +47,7 @@ class ContiguousKvCache final : public detail::BlockCache {
 
   // One block of max_tokens per sequence slot, so a table of one entry each.
   static detail::BlockGeometry geometry(Index max_sequences, Index max_tokens) {
-    return {max_tokens, max_sequences, max_sequences, 1, max_tokens};
+    return {max_tokens, max_sequences, max_sequences, 1, max_tokens, "max_sequences"};
   }
 };
 

@@ -77,9 +77,12 @@ class PagedKvCache final : public detail::BlockCache {
   static detail::BlockGeometry geometry(Index page_tokens, Index page_count, Index max_sequences,
                                         Index max_tokens_per_sequence) {
     return {
-        page_tokens, page_count, max_sequences,
+        page_tokens,
+        page_count,
+        max_sequences,
         pages_per_sequence(page_tokens, page_count, max_tokens_per_sequence),
-        max_tokens_per_sequence == 0 ? std::numeric_limits<Index>::max() : max_tokens_per_sequence};
+        max_tokens_per_sequence == 0 ? std::numeric_limits<Index>::max() : max_tokens_per_sequence,
+        "page_count"};
   }
 
   // Page-table entries a sequence may need: the whole pool, or enough for its token cap. Safe
