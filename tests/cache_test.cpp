@@ -6,6 +6,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -746,6 +748,8 @@ TEST(CacheFootprint, CountsThePaddingOfMixedStorageRecords) {
   EXPECT_EQ(ContiguousKvCache::footprint(tail, 3, 7).bytes_reserved, 3 * 100);
 }
 
+// entries per slot = min(page_count, ceil(cap / page_tokens)), or page_count without a cap: the
+// worked example of docs/cache.md.
 TEST(CacheFootprint, TableBytesFollowTheCapAndThePool) {
   const CacheRecord record = records::gqa(2, 8, 8);
   EXPECT_EQ(PagedKvCache::footprint(record, 16, 100, 4).table_bytes, 4 * 100 * 8);
@@ -1118,6 +1122,82 @@ TEST(RecordMismatch, TheMessageNamesTheFirstFieldThatDiffers) {
     expect_record_mismatch(CacheRecord({{"K", 1, 8, f32}, {"V", 1, 8, bf16}}),
                            "plane 1 (V): storage f32", "plane 1 (V): storage bf16");
   }
+}
+
+// ---- the range of bf16 and f16, as docs/cache.md states it ----------------------------------
+
+// The values one token's single plane of `storage` gives back through a view.
+std::vector<float> stored(StorageType storage, const std::vector<float>& values) {
+  const Index n = static_cast<Index>(values.size());
+  ContiguousKvCache cache(CacheRecord({{"x", 1, n, storage}}), 1, 1);
+  const SequenceId seq = cache.add_sequence();
+  cache.append(seq, 1, {{values.data(), 1, n}});
+  std::vector<float> out;
+  const SequenceView view = cache.view(seq);
+  if (storage == StorageType::f16)
+    detail::read_elements(view.plane_block<Eigen::half>(0, 0), n, out);
+  if (storage == StorageType::bf16)
+    detail::read_elements(view.plane_block<Eigen::bfloat16>(0, 0), n, out);
+  return out;
+}
+
+TEST(StorageRange, F16OverflowsToInfinityAndBf16KeepsEightSignificantBits) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float tiny = std::ldexp(1.0f, -24);  // f16's smallest subnormal
+  const std::vector<float> f16 =
+      stored(StorageType::f16, {65504.0f, 65519.0f, 65520.0f, -70000.0f, tiny, tiny / 2});
+  EXPECT_EQ(f16, (std::vector<float>{65504.0f, 65504.0f, inf, -inf, tiny, 0.0f}));
+  const std::vector<float> bf16 = stored(StorageType::bf16, {70000.0f, 257.0f, 1e38f, 70000.0f});
+  EXPECT_EQ(bf16[0], 70144.0f);
+  EXPECT_EQ(bf16[1], 256.0f);
+  EXPECT_TRUE(std::isfinite(bf16[2]));
+}
+
+// One query row of GqaKernel<half> (h = g = 1, d 4) over f16 keys and values of `tokens` tokens.
+std::vector<float> attend_f16(const std::vector<float>& k, const std::vector<float>& v,
+                              const std::vector<float>& q, Index tokens) {
+  ContiguousKvCache cache(records::gqa(1, 4, 4, StorageType::f16), 1, tokens);
+  const SequenceId seq = cache.add_sequence();
+  cache.append(seq, tokens, {{k.data(), 1, 4}, {v.data(), 1, 4}});
+  const GqaKernel<Eigen::half> kernel(1, 1, 4, 4);
+  std::vector<float> out(5), workspace(static_cast<std::size_t>(kernel.workspace_floats()));
+  kernel.attend(q.data(), 1, cache.view(seq), out.data(), out.data() + 4, workspace.data());
+  return out;  // the row's 4 outputs, then its lse
+}
+
+// An f16 key element beyond 65504 is stored as an infinity. A score of +inf or NaN makes the
+// row's output and lse NaN; a score of -inf counts as a masked key; an infinite value makes its
+// output column infinite for a row that weights the token above 0.
+TEST(StorageRange, InfiniteF16KeysAndValuesReachTheOutputAsDocsCacheMdSays) {
+  const std::vector<float> k = {1, 1, 1, 1, 0.5f, 0.5f, 0.5f, 0.5f, 0.2f, 0.1f, 0, 0};
+  const std::vector<float> v = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+  const std::vector<float> q = {1, 1, 1, 1};
+  const auto all_nan = [](const std::vector<float>& out) {
+    return std::all_of(out.begin(), out.end(), [](float x) { return std::isnan(x); });
+  };
+  std::vector<float> plus_inf = k;
+  plus_inf[0] = 70000;  // score +inf
+  EXPECT_TRUE(all_nan(attend_f16(plus_inf, v, q, 3)));
+  std::vector<float> nan_score = k;
+  nan_score[0] = 70000;
+  nan_score[1] = -70000;  // +inf - inf: score NaN
+  EXPECT_TRUE(all_nan(attend_f16(nan_score, v, q, 3)));
+  std::vector<float> zero_query = q;
+  zero_query[0] = 0;  // 0 x inf: score NaN
+  EXPECT_TRUE(all_nan(attend_f16(plus_inf, v, zero_query, 3)));
+
+  std::vector<float> minus_inf = k;
+  minus_inf[0] = -70000;  // score -inf: as if token 0 were not there
+  const std::vector<float> masked = attend_f16(minus_inf, v, q, 3);
+  const std::vector<float> without =
+      attend_f16({k.begin() + 4, k.end()}, {v.begin() + 4, v.end()}, q, 2);
+  for (std::size_t i = 0; i < 5; ++i) EXPECT_NEAR(masked[i], without[i], 1e-6f) << i;
+
+  std::vector<float> inf_value = v;
+  inf_value[0] = 70000;  // token 0's first value column: +inf, weighted above 0
+  const std::vector<float> out = attend_f16(k, inf_value, q, 3);
+  EXPECT_EQ(out[0], std::numeric_limits<float>::infinity());
+  EXPECT_TRUE(std::isfinite(out[1]) && std::isfinite(out[2]) && std::isfinite(out[3]));
 }
 
 // ---- the allocation counter itself ----------------------------------------------------------

@@ -20,8 +20,9 @@ class PagedKvCache final : public detail::BlockCache {
  public:
   // page_tokens >= 1 tokens per page, page_count >= 1 pages, max_sequences >= 1.
   // max_tokens_per_sequence (0 = no cap but the pool) caps one sequence's length exactly and
-  // sizes each slot's page table: ceil(max_tokens_per_sequence / page_tokens) entries, or
-  // page_count without a cap (table_bytes() = max_sequences x that x 8 bytes, allocated here).
+  // sizes each slot's page table: min(page_count, ceil(max_tokens_per_sequence / page_tokens))
+  // entries, or page_count without a cap (table_bytes() = max_sequences x that x 8 bytes,
+  // allocated here).
   PagedKvCache(CacheRecord record, Index page_tokens, Index page_count, Index max_sequences,
                Index max_tokens_per_sequence = 0)
       : detail::BlockCache(
