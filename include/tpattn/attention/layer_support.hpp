@@ -44,11 +44,11 @@ inline void check_positive(const char* call, const char* name, Index value) {
 // both sides; either record may have any number of planes (an engine's cache may pass any).
 inline void check_cache_record(const char* call, const KvCache& cache,
                                const CacheRecord& expected) {
-  TPATTN_CHECK(cache.record() == expected, call, "cache",
-               "a cache built with this operator's cache_record() (" +
-                   describe_difference(expected, cache.record()) + ")",
-               "a cache with another record (" + describe_difference(cache.record(), expected) +
-                   ")");
+  TPATTN_CHECK(
+      cache.record() == expected, call, "cache",
+      "a cache built with this operator's cache_record() (" +
+          describe_difference(expected, cache.record()) + ")",
+      "a cache with another record (" + describe_difference(cache.record(), expected) + ")");
 }
 
 // The always-on checks of a bare kernel's attend(): the view comes from a cache with the
