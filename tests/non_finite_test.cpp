@@ -245,6 +245,87 @@ TEST(NonFinite, NanWeightMakesTheLayersOutputNan) {
   EXPECT_TRUE(all_nan(y, 0, d));
 }
 
+// Causal prefill: query token q sees tokens before q + 1 only, so a NaN or infinity in token p's
+// key or value reaches the outputs of tokens p.. and never those of earlier tokens, whatever
+// tile p falls in. Covers the attention core's per-head products (MQA, GQA 4 rows per KV head),
+// its token-major path (MHA), absorbed MLA and TPA in both orders.
+TEST(NonFinite, InACausalPrefillNonFiniteValuesReachOnlyTheTokensThatSeeThem) {
+  const Index n = 140;
+  auto filled = [](Index count, float step) {
+    std::vector<float> x(static_cast<std::size_t>(count));
+    for (Index i = 0; i < count; ++i)
+      x[static_cast<std::size_t>(i)] = std::sin(step * static_cast<float>(i));
+    return x;
+  };
+  auto check = [&](const std::vector<float>& out, Index width, Index position, const char* what) {
+    for (Index t = 0; t < n; ++t) {
+      if (t < position)
+        EXPECT_TRUE(all_finite(out, t * width, width))
+            << what << ": token " << t << " of NaN at " << position;
+      else
+        EXPECT_FALSE(all_finite(out, t * width, width))
+            << what << ": token " << t << " of NaN at " << position;
+    }
+  };
+  for (Index position : {1, 5, 63, 64, 100, 130}) {
+    for (float bad : {kNaN, kInf}) {
+      struct Shape {
+        Index h, g;
+      };
+      for (Shape shape : {Shape{4, 4}, Shape{8, 2}, Shape{4, 1}}) {
+        const Index d = 8;
+        GqaKernel<float> kernel(shape.h, shape.g, d, d);
+        ContiguousKvCache cache(kernel.cache_record(), 1, n);
+        const SequenceId seq = cache.add_sequence();
+        std::vector<float> k = filled(n * shape.g * d, 0.3f), v = filled(n * shape.g * d, 0.7f);
+        for (Index j = 0; j < shape.g; ++j)
+          v[static_cast<std::size_t>((position * shape.g + j) * d + 1)] = bad;
+        cache.append(seq, n, {{k.data(), shape.g, d}, {v.data(), shape.g, d}});
+        const std::vector<float> q = filled(n * shape.h * d, 0.2f);
+        std::vector<float> out(q.size()),
+            workspace(static_cast<std::size_t>(kernel.workspace_floats()));
+        kernel.attend(q.data(), n, cache.view(seq), out.data(), nullptr, workspace.data());
+        check(out, shape.h * d, position,
+              shape.g == shape.h ? "MHA"
+              : shape.g == 1     ? "MQA"
+                                 : "GQA");
+      }
+      {
+        const Index h = 3, dc = 16, dr = 8;
+        MlaKernel<float> kernel(h, dc, dr, 0.2f);
+        ContiguousKvCache cache(kernel.cache_record(), 1, n);
+        const SequenceId seq = cache.add_sequence();
+        std::vector<float> latent = filled(n * dc, 0.3f), rope = filled(n * dr, 0.2f);
+        latent[static_cast<std::size_t>(position * dc + 4)] = bad;
+        cache.append(seq, n, {{latent.data(), 1, dc}, {rope.data(), 1, dr}});
+        const std::vector<float> q = filled(n * h * (dc + dr), 0.1f);
+        std::vector<float> out(static_cast<std::size_t>(n * h * dc));
+        std::vector<float> workspace(static_cast<std::size_t>(kernel.workspace_floats()));
+        kernel.attend(q.data(), n, cache.view(seq), out.data(), nullptr, workspace.data());
+        check(out, h * dc, position, "MLA");
+      }
+      for (TpaOrder order : {TpaOrder::factor, TpaOrder::query}) {
+        const Index h = 4, dh = 8, rq = 2, rk = 2, rv = 2;
+        TpaKernel<float> kernel(TpaShape{h, dh, dh, rq, rk, rv});
+        ContiguousKvCache cache(kernel.cache_record(), 1, n);
+        const SequenceId seq = cache.add_sequence();
+        std::vector<float> a_k = filled(n * rk * h, 0.3f), b_k = filled(n * rk * dh, 0.7f);
+        std::vector<float> a_v = filled(n * rv * h, 0.5f), b_v = filled(n * rv * dh, 0.9f);
+        b_v[static_cast<std::size_t>(position * rv * dh + 3)] = bad;
+        cache.append(
+            seq, n,
+            {{a_k.data(), rk, h}, {b_k.data(), rk, dh}, {a_v.data(), rv, h}, {b_v.data(), rv, dh}});
+        const std::vector<float> a_q = filled(n * rq * h, 0.4f), b_q = filled(n * rq * dh, 0.6f);
+        std::vector<float> out(static_cast<std::size_t>(n * h * dh));
+        std::vector<float> workspace(static_cast<std::size_t>(kernel.workspace_floats()));
+        kernel.attend(a_q.data(), b_q.data(), n, cache.view(seq), out.data(), nullptr,
+                      workspace.data(), order);
+        check(out, h * dh, position, order == TpaOrder::factor ? "TPA factor" : "TPA query");
+      }
+    }
+  }
+}
+
 TEST(NonFinite, MergingAStateThatSawNanGivesNan) {
   const float nan_lse = kNaN;
   std::vector<float> a = {1.0f, 2.0f}, b = {3.0f, kNaN};

@@ -123,7 +123,7 @@ class AttentionCore {
           mask_future(head_scores, tile, visible);
           state_of(j).absorb_scores(head_scores);
         }
-        add_values_token_major(view, tile, scores, rows, acc, value_scratch);
+        add_values_token_major(view, tile, visible, scores, rows, acc, value_scratch);
       });
     } else {
       for_each_tile(view, limit, kTileTokens, [&](const CacheTile& tile) {
@@ -146,7 +146,18 @@ class AttentionCore {
           state.absorb_scores(tile_scores);
           const ConstMatrixMap values = read_tile<Storage>(
               view, layout_.value.plane, tile, j * value_width, value_width, value_scratch);
-          multiply(tile_scores, values, state.acc(), /*accumulate=*/true);
+          if (tile.first + tile.tokens <= visible) {
+            multiply(tile_scores, values, state.acc(), /*accumulate=*/true);
+          } else {
+            // Each query token's rows take only the values it sees: a masked weight is 0, and
+            // 0 x (NaN or inf in a hidden value) would still poison the row.
+            for (Index t = 0; t < count; ++t) {
+              const Index seen = visible_columns(tile, visible, t);
+              if (seen > 0)
+                multiply(tile_scores.block(t * group_, 0, group_, seen), values.topRows(seen),
+                         state.acc().middleRows(t * group_, group_), /*accumulate=*/true);
+            }
+          }
         }
       });
     }
@@ -238,20 +249,29 @@ class AttentionCore {
   }
 
   // acc row (j rows + r) += weights[(j rows + r) kTileTokens + t] v_{t, j}, token by token.
-  void add_values_token_major(const SequenceView& view, const CacheTile& tile, const float* weights,
-                              Index rows, float* acc, float* scratch) const {
+  void add_values_token_major(const SequenceView& view, const CacheTile& tile, Index visible,
+                              const float* weights, Index rows, float* acc, float* scratch) const {
     const Index g = layout_.kv_heads, width = layout_.value.width;
     for (Index t = 0; t < tile.tokens; ++t) {
       // values: [g, width], KV head j's value of token t at columns [j width, (j + 1) width).
       const ConstMatrixMap values =
           map_matrix(token_row(view, layout_.value.plane, tile, t, scratch), g, width);
-      for (Index r = 0; r < rows; ++r) {
+      // Only the query tokens that see this token take its value (query token q sees tokens
+      // before visible + q): a masked weight is 0, and 0 x NaN is NaN.
+      const Index first_seeing = tile.first + t - visible + 1;
+      for (Index r = first_seeing > 0 ? first_seeing * group_ : 0; r < rows; ++r) {
         MatrixMap acc_r = map_matrix(acc + r * width, g, width, rows * width);
         const Eigen::Map<const Eigen::VectorXf, Eigen::Unaligned, Eigen::InnerStride<>> p(
             weights + r * kTileTokens + t, g, Eigen::InnerStride<>(rows * kTileTokens));
         acc_r.array() += values.array().colwise() * p.array();
       }
     }
+  }
+
+  // How many leading columns of `tile` query token t sees (it sees tokens before visible + t).
+  static Index visible_columns(const CacheTile& tile, Index visible, Index t) {
+    const Index seen = visible + t - tile.first;
+    return seen < 0 ? 0 : seen > tile.tokens ? tile.tokens : seen;
   }
 
   // Row t * group + i may see tokens before visible + t only.

@@ -186,14 +186,19 @@ class TpaCore {
       const ConstMatrixMap a_v = read_tile_rows(view, kPlaneAV, tile, rv * h, tile_av, n * rv, h);
       const ConstMatrixMap b_v = read_tile_rows(view, kPlaneBV, tile, rv * dv, tile_bv, n * rv, dv);
       MatrixMap z = map_matrix(values_z, n * rv, h);
-      MatrixMap weights = map_matrix(logits_t, n, h);  // p^T of one query token: [tile, h]
       for (Index t = 0; t < count; ++t) {
+        // Only the tokens query token t sees (those before visible + t): a masked weight is 0,
+        // and 0 x (NaN or inf in a hidden value) would still poison its output.
+        Index seen = visible + t - tile.first;
+        seen = seen < 0 ? 0 : seen > n ? n : seen;
+        if (seen == 0) continue;
         // Z[s][v][i] = p[i][s] A_V[s][v][i];  O_t += Z^T B_V
-        weights = tile_scores.middleRows(t * h, h).transpose();
+        MatrixMap seen_weights = map_matrix(logits_t, seen, h);  // p^T of query token t
+        seen_weights = tile_scores.block(t * h, 0, h, seen).transpose();
         for (Index v = 0; v < rv; ++v)
-          rank_rows(values_z, v, n, rv, h) =
-              rank_rows(a_v.data(), v, n, rv, h).cwiseProduct(weights);
-        small_product(z.data(), 1, h, b_v.data(), dv, n * rv, h, dv,
+          rank_rows(values_z, v, seen, rv, h) =
+              rank_rows(a_v.data(), v, seen, rv, h).cwiseProduct(seen_weights);
+        small_product(z.data(), 1, h, b_v.data(), dv, seen * rv, h, dv,
                       state.acc().data() + t * h * dv, dv, /*accumulate=*/true);
       }
     });
