@@ -90,10 +90,10 @@ class BlockStore {
   // call: the cache's name for errors. A sequence holds at most geometry.max_blocks_per_sequence
   // blocks and geometry.max_tokens_per_sequence tokens. Plans first, so every check runs before
   // anything is allocated, then allocates the pool (usually the largest part) before the rest.
-  // Only an ::operator new that fails for a size the plan accepted throws (std::bad_alloc), and
-  // what was allocated before it is freed.
+  // An allocation the system refuses for a size the plan accepted is a tpattn::Error giving the
+  // bytes asked for, and what was allocated before it is freed.
   BlockStore(const char* call, const CacheRecord& record, const BlockGeometry& geometry)
-      : BlockStore(record, geometry, plan(call, record, geometry)) {}
+      : BlockStore(call, record, geometry, plan(call, record, geometry)) {}
 
   Index block_tokens() const { return block_tokens_; }
   Index block_count() const { return block_count_; }
@@ -193,21 +193,28 @@ class BlockStore {
   };
 
   // Allocates what `sizes`, the plan of `record` and `geometry`, says.
-  BlockStore(const CacheRecord& record, const BlockGeometry& geometry, const Sizes& sizes)
+  BlockStore(const char* call, const CacheRecord& record, const BlockGeometry& geometry,
+             const Sizes& sizes)
       : block_tokens_(geometry.block_tokens),
         block_count_(geometry.block_count),
         max_blocks_per_sequence_(geometry.max_blocks_per_sequence),
         max_tokens_per_sequence_(geometry.max_tokens_per_sequence),
         block_bytes_(sizes.block_bytes) {
-    memory_.reset(static_cast<std::byte*>(
-        ::operator new(static_cast<std::size_t>(sizes.pool_bytes), std::align_val_t(kAlignment))));
-    tables_.resize(static_cast<std::size_t>(sizes.table_bytes) / sizeof(std::byte*));
-    sequences_.resize(static_cast<std::size_t>(geometry.max_sequences));
-    plane_offsets_.resize(static_cast<std::size_t>(record.plane_count()));
+    try {
+      memory_.reset(static_cast<std::byte*>(::operator new(
+          static_cast<std::size_t>(sizes.pool_bytes), std::align_val_t(kAlignment))));
+      tables_.resize(static_cast<std::size_t>(sizes.table_bytes) / sizeof(std::byte*));
+      sequences_.resize(static_cast<std::size_t>(geometry.max_sequences));
+      plane_offsets_.resize(static_cast<std::size_t>(record.plane_count()));
+      free_blocks_.reserve(static_cast<std::size_t>(block_count_));
+      free_slots_.reserve(static_cast<std::size_t>(geometry.max_sequences));
+    } catch (const std::bad_alloc&) {
+      fail(call, "sizes", "memory the system can allocate",
+           to_text(sizes.pool_bytes) + " bytes of token memory and " +
+               to_text(sizes.table_bytes) + " bytes of block tables, refused");
+    }
     block_layout("BlockStore", record, block_tokens_, plane_offsets_.data());  // planned: no throw
-    free_blocks_.reserve(static_cast<std::size_t>(block_count_));
     for (Index b = block_count_ - 1; b >= 0; --b) free_blocks_.push_back(b);
-    free_slots_.reserve(static_cast<std::size_t>(geometry.max_sequences));
     for (Index s = geometry.max_sequences - 1; s >= 0; --s) free_slots_.push_back(s);
   }
 
