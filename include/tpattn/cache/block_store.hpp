@@ -210,8 +210,8 @@ class BlockStore {
       free_slots_.reserve(static_cast<std::size_t>(geometry.max_sequences));
     } catch (const std::bad_alloc&) {
       fail(call, "sizes", "memory the system can allocate",
-           to_text(sizes.pool_bytes) + " bytes of token memory and " +
-               to_text(sizes.table_bytes) + " bytes of block tables, refused");
+           to_text(sizes.pool_bytes) + " bytes of token memory and " + to_text(sizes.table_bytes) +
+               " bytes of block tables, refused");
     }
     block_layout("BlockStore", record, block_tokens_, plane_offsets_.data());  // planned: no throw
     for (Index b = block_count_ - 1; b >= 0; --b) free_blocks_.push_back(b);
