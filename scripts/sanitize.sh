@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test suite under AddressSanitizer and UndefinedBehaviorSanitizer: builds the `asan` preset
+# (RelWithDebInfo, -fsanitize=address,undefined -fno-sanitize-recover=all, so the first report
+# fails the test) and runs every test with 2 jobs (the test preset sets ASAN_OPTIONS and
+# UBSAN_OPTIONS: leaks detected, abort on the first error). CI runs it after ./scripts/test.sh.
+# Installs the Debian packages it needs when they are missing.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/deps.sh
+
+tpattn_install_deps cmake ninja-build g++ libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev
+tpattn_check_cmake
+
+cmake --workflow --preset asan
