@@ -152,7 +152,7 @@ class AttentionCore {
             // Each query token's rows take only the values it sees: a masked weight is 0, and
             // 0 x (NaN or inf in a hidden value) would still poison the row.
             for (Index t = 0; t < count; ++t) {
-              const Index seen = visible_columns(tile, visible, t);
+              const Index seen = tile.seen_by(visible + t);
               if (seen > 0)
                 multiply(tile_scores.block(t * group_, 0, group_, seen), values.topRows(seen),
                          state.acc().middleRows(t * group_, group_), /*accumulate=*/true);
@@ -268,20 +268,13 @@ class AttentionCore {
     }
   }
 
-  // How many leading columns of `tile` query token t sees (it sees tokens before visible + t).
-  static Index visible_columns(const CacheTile& tile, Index visible, Index t) {
-    const Index seen = visible + t - tile.first;
-    return seen < 0 ? 0 : seen > tile.tokens ? tile.tokens : seen;
-  }
-
   // Row t * group + i may see tokens before visible + t only.
   void mask_future(MatrixMap scores, const CacheTile& tile, Index visible) const {
     if (tile.first + tile.tokens <= visible) return;  // the whole tile is visible to all rows
     const Index count = scores.rows() / group_;
     for (Index t = 0; t < count; ++t) {
-      Index start = visible + t - tile.first;  // first hidden column of this token's rows
-      if (start < 0) start = 0;
-      if (start >= tile.tokens) continue;
+      const Index start = tile.seen_by(visible + t);  // first hidden column of t's rows
+      if (start == tile.tokens) continue;
       scores.block(t * group_, start, group_, tile.tokens - start)
           .setConstant(-std::numeric_limits<float>::infinity());
     }

@@ -17,6 +17,14 @@ struct CacheTile {
   Index row;     // first token inside the block
   Index tokens;  // tokens in the tile
   Index first;   // position of the tile's first token in the sequence
+
+  // How many leading tokens of the tile a query token sees that sees the tokens before
+  // `horizon` (causal attention: query token t of a call sees those before visible + t). The
+  // rest are masked: their scores are -inf and their values must not be touched.
+  Index seen_by(Index horizon) const {
+    const Index seen = horizon - first;
+    return seen < 0 ? 0 : seen > tokens ? tokens : seen;
+  }
 };
 
 // Calls visit(CacheTile) for consecutive tiles covering tokens [0, limit) of `view`.

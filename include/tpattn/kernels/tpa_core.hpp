@@ -175,8 +175,7 @@ class TpaCore {
                         .cwiseProduct(rank_rows(w.data(), u, n, rk, hp).leftCols(h));
         tile_scores.middleRows(t * h, h) = logits.transpose();
         // Query token t sees tokens before visible + t only.
-        Index start = visible + t - tile.first;
-        if (start < 0) start = 0;
+        const Index start = tile.seen_by(visible + t);
         if (start < n)
           tile_scores.block(t * h, start, h, n - start)
               .setConstant(-std::numeric_limits<float>::infinity());
@@ -189,8 +188,7 @@ class TpaCore {
       for (Index t = 0; t < count; ++t) {
         // Only the tokens query token t sees (those before visible + t): a masked weight is 0,
         // and 0 x (NaN or inf in a hidden value) would still poison its output.
-        Index seen = visible + t - tile.first;
-        seen = seen < 0 ? 0 : seen > n ? n : seen;
+        const Index seen = tile.seen_by(visible + t);
         if (seen == 0) continue;
         // Z[s][v][i] = p[i][s] A_V[s][v][i];  O_t += Z^T B_V
         MatrixMap seen_weights = map_matrix(logits_t, seen, h);  // p^T of query token t
