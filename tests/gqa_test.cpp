@@ -1392,7 +1392,8 @@ TEST(GqaMisuse, OutOfRangeRopeFieldsThrowNamingTheField) {
 TEST(GqaMisuse, ReserveRejectsNonPositiveAndUnallocatableSizes) {
   const GqaConfig config = gqa_config(8, 2, 1, 4);  // 24 workspace floats per row: q, k, v, o
   GroupedQueryAttention<float> op(config, ref::random_gqa_weights(config, 157));
-  const Index kernel = op.kernel().workspace_floats();
+  // The driver's workspace for one thread: the kernel's task workspace and split slots.
+  const Index kernel = AttentionPlan::workspace_bound(op.kernel().plan_shape(), 1, "");
   const std::string call = "GroupedQueryAttention::reserve";
   expect_error_before_allocating([&] { op.reserve(-1); }, call, "max_batch", ">= 1", "-1");
   expect_error_before_allocating([&] { op.reserve(0, 4); }, call, "max_batch", ">= 1", "0");

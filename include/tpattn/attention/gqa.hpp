@@ -16,6 +16,7 @@
 #include "tpattn/cache/record.hpp"
 #include "tpattn/core/checked_size.hpp"
 #include "tpattn/kernels/attention_core.hpp"
+#include "tpattn/kernels/attention_driver.hpp"
 #include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/rope.hpp"
 
@@ -28,6 +29,7 @@ struct GqaConfig {
   Index head_dim = 0;   // d_h
   Index value_dim = 0;  // d_v; 0 means d_h
   RopeConfig rope;      // on q and k (rotary_dim <= d_h)
+  Index window = 0;     // sliding window: each token sees the last `window` tokens; 0: all
 };
 
 // Weights: row-major `out x in`, as nn.Linear.weight in the public PyTorch code (llama-mha.py,
@@ -44,22 +46,50 @@ template <class Storage = float>
 class GqaKernel {
  public:
   GqaKernel() = default;
-  // heads: h, a multiple of kv_heads (g); head_dim: d_h; value_dim: d_v.
-  GqaKernel(Index heads, Index kv_heads, Index head_dim, Index value_dim,
+  // heads: h, a multiple of kv_heads (g); head_dim: d_h; value_dim: d_v. window: each query
+  // token sees only the last `window` tokens up to itself (sliding window); 0: all of them.
+  GqaKernel(Index heads, Index kv_heads, Index head_dim, Index value_dim, Index window = 0,
             const char* call = "GqaKernel")
-      : core_(checked_core(heads, kv_heads, head_dim, value_dim, call)),
-        record_(records::gqa(kv_heads, head_dim, value_dim, storage_type_of<Storage>)) {}
+      : core_(checked_core(heads, kv_heads, head_dim, value_dim, window, call)),
+        record_(records::gqa(kv_heads, head_dim, value_dim, storage_type_of<Storage>)),
+        window_(window) {}
 
   const CacheRecord& cache_record() const { return record_; }
+  Index window() const { return window_; }
   Index workspace_floats() const { return core_.workspace_floats(); }
 
-  // q: [n, h, d_h] for the last n tokens of `view` (already cached, already rotated);
-  // out: [n, h, d_v]; lse: [n, h] or null. Causal: query token t sees tokens up to itself.
-  // n = 1 is a decode step. workspace: workspace_floats() floats.
+  // One sequence on the calling thread. q: [n, h, d_h] for the last n tokens of `view` (already
+  // cached, already rotated); out: [n, h, d_v]; lse: [n, h] or null. Causal: query token t sees
+  // tokens up to itself (the last window() of them if set). n = 1 is a decode step.
+  // workspace: workspace_floats() floats.
   void attend(const float* q, Index n, const SequenceView& view, float* out, float* lse,
               float* workspace) const {
     detail::check_attend("GqaKernel::attend", record_, view, n, q, out, workspace);
-    core_.run(q, n, view, view.length() - n + 1, out, lse, workspace);
+    core_.run(q, n, view, KeyRange{view.length() - n + 1, window_}, out, lse, workspace);
+  }
+
+  // What AttentionPlan::make needs to cut a batch for this kernel.
+  PlanShape plan_shape() const {
+    return {core_.heads(), core_.layout().value.width, core_.workspace_floats(),
+            AttentionCore<Storage>::kQueryTokens, window_};
+  }
+
+  // A batch of sequences, any mix of decode tokens and prompt chunks (a continuous-batching
+  // step), cut by `plan` (made with plan_shape() for these lengths and new tokens) and run on
+  // `executor` (null: the calling thread). views: [batch], the sequences with their new tokens
+  // already cached; q: [plan.query_tokens(), h, d_h], sequence b's new tokens from row
+  // plan.token_offset(b); out: [plan.query_tokens(), h, d_v]; lse: [plan.query_tokens(), h] or
+  // null; workspace: plan.workspace_floats() floats. Any mismatch between plan and views is an
+  // Error before any work starts.
+  void run(const AttentionPlan& plan, const SequenceView* views, Index batch, const float* q,
+           float* out, float* lse, float* workspace, Executor* executor = nullptr) const {
+    const char* call = "GqaKernel::run";
+    TPATTN_CHECK(q != nullptr, call, "q", "non-null", "null");
+    const Index stride = core_.heads() * core_.layout().key_width();
+    run_plan(
+        call, plan, plan_shape(), record_, views, batch, out, lse, workspace, executor,
+        [&](Index token, Index count, const SequenceView& view, const KeyRange& range, float* o,
+            float* l, float* ws) { core_.run(q + token * stride, count, view, range, o, l, ws); });
   }
 
  private:
@@ -68,7 +98,8 @@ class GqaKernel {
 
   // Every check of the constructor, allocating nothing (the record is allocated after it).
   static AttentionCore<Storage> checked_core(Index heads, Index kv_heads, Index head_dim,
-                                             Index value_dim, const char* call) {
+                                             Index value_dim, Index window, const char* call) {
+    detail::check_window(call, window);
     detail::check_positive(call, "heads", heads);
     detail::check_positive(call, "kv_heads", kv_heads);
     detail::check_positive(call, "head_dim", head_dim);
@@ -91,6 +122,7 @@ class GqaKernel {
 
   AttentionCore<Storage> core_;
   CacheRecord record_;
+  Index window_ = 0;
 };
 
 template <class Storage = float>
@@ -134,7 +166,8 @@ class GroupedQueryAttention : public detail::AttentionLayer<GroupedQueryAttentio
         config_(std::move(checked.config)),
         floats_per_row_(checked.floats_per_row),
         weights_(std::move(weights)),
-        kernel_(config_.heads, config_.kv_heads, config_.head_dim, config_.value_dim, name),
+        kernel_(config_.heads, config_.kv_heads, config_.head_dim, config_.value_dim,
+                config_.window, name),
         rope_(config_.rope, config_.head_dim, name) {}
 
   // Every check of the constructor, allocating nothing: the config, each size product, the
@@ -151,7 +184,7 @@ class GroupedQueryAttention : public detail::AttentionLayer<GroupedQueryAttentio
     const Index k = detail::checked_product(name, "kv_heads x head_dim", g, config.head_dim);
     const Index v = detail::checked_product(name, "kv_heads x value_dim", g, config.value_dim);
     const Index o = detail::checked_product(name, "heads x value_dim", h, config.value_dim);
-    GqaKernel<Storage>::checked_core(h, g, config.head_dim, config.value_dim, name);
+    GqaKernel<Storage>::checked_core(h, g, config.head_dim, config.value_dim, config.window, name);
     Rope::validated(config.rope, config.head_dim, name);
     detail::check_weight(name, "w_q", weights.w_q, q, d);
     detail::check_weight(name, "w_k", weights.w_k, k, d);
@@ -166,7 +199,6 @@ class GroupedQueryAttention : public detail::AttentionLayer<GroupedQueryAttentio
   Index o_width() const { return config_.heads * config_.value_dim; }
 
   Index floats_per_row() const { return floats_per_row_; }  // q, k, v, o
-  Index kernel_floats() const { return kernel_.workspace_floats(); }
   Buffers carve(float* memory, Index rows) const {
     Buffers b;
     b.q = memory;
@@ -199,9 +231,10 @@ class GroupedQueryAttention : public detail::AttentionLayer<GroupedQueryAttentio
     planes[1] = {b.v + row * v_width(), config_.kv_heads, config_.value_dim};
   }
 
-  // o_i = softmax(q_i K_g(i)^T / sqrt(d_h)) V_g(i) for rows [row, row + count).
-  void attend(const Buffers& b, Index row, Index count, const SequenceView& view) const {
-    kernel_.attend(b.q + row * q_width(), count, view, b.o + row * o_width(), nullptr, b.kernel);
+  // o_i = softmax(q_i K_g(i)^T / sqrt(d_h)) V_g(i) for every new token of the batch.
+  void attend(const Buffers& b, const AttentionPlan& plan, const SequenceView* views,
+              Executor* executor) const {
+    kernel_.run(plan, views, plan.batch(), b.q, b.o, nullptr, b.kernel, executor);
   }
 
   // y = W_O [o_1 .. o_h]

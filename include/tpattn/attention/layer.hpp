@@ -1,27 +1,37 @@
 // tpattn/attention/layer.hpp -- the steps every whole-layer operator takes, written once.
 //
-// decode (one new token for each sequence of a batch) and prefill (n tokens of one sequence,
-// causal, after whatever it holds) both run:
-//   check -> plan workspace -> project -> RoPE at each token's position -> append to the cache
-//   (all or nothing) -> attention over the sequence's view -> output projection.
+// forward (a batch of sequences, each with its own number of new tokens: a continuous-batching
+// step), decode (one new token each) and prefill (n tokens of one sequence, causal, after
+// whatever it holds) all run:
+//   check -> plan the work (kernels/attention_plan.hpp) and the workspace -> project -> RoPE at
+//   each token's position -> append to the cache (all or nothing) -> attention of the whole
+//   batch through the driver, on the caller's executor -> output projection.
 // The operator (Derived) supplies the math of each step, privately, befriending this base:
 //   struct Buffers;                                   pointers into the planned workspace
 //   Index floats_per_row() const;                     workspace floats per token row
-//   Index kernel_floats() const;                      workspace floats of its kernel
-//   Buffers carve(float* memory, Index rows) const;
+//   Buffers carve(float* memory, Index rows) const;   the kernel's part last, from b.kernel
 //   void project(const float* x, Index rows, const Buffers&) const;
 //   void rotate(const Buffers&, Index row, Index count, Index position) const;
 //   void cache_planes(const Buffers&, Index row, PlaneInput* planes) const;  // record order
-//   void attend(const Buffers&, Index row, Index count, const SequenceView&) const;
+//   void attend(const Buffers&, const AttentionPlan&, const SequenceView*, Executor*) const;
 //   void output(const Buffers&, Index rows, float* y) const;
-// and the public cache_record(). Its constructor runs every check, size products included,
-// before it allocates anything (the base's call names too); here the workspace of rows token
-// rows, rows * floats_per_row() + kernel_floats(), is checked before it is allocated.
+// and the public cache_record() and kernel() (whose plan_shape() the plan is made for). Its
+// constructor runs every check, size products included, before it allocates anything (the
+// base's call names too); here the workspace is checked before it is allocated.
+//
+// Thread safety: one call at a time per operator object (the workspace and plan are its own);
+// the executor runs the attention's work items, which only read the cache and write disjoint
+// outputs. Distinct operator objects may run concurrently on distinct sequences of one cache
+// only if the cache's own append and truncate are not called concurrently (see docs/contracts.md).
 #pragma once
 
+#include <exception>
 #include <string>
+#include <vector>
 
 #include "tpattn/attention/layer_support.hpp"
+#include "tpattn/core/executor.hpp"
+#include "tpattn/kernels/attention_plan.hpp"
 
 namespace tpattn {
 namespace detail {
@@ -29,71 +39,133 @@ namespace detail {
 template <class Derived>
 class AttentionLayer {
  public:
-  // Plans the workspace for decode batches up to max_batch and prefills up to max_tokens, so
-  // that no later call of that size allocates. Both must be >= 1; a workspace whose size does
+  // Plans the workspace for batches up to max_batch sequences and up to max_tokens new tokens
+  // in all (decode: max_tokens = max_batch; a prefill of n: n), on `threads` threads, so that
+  // no later call within those sizes allocates. All must be >= 1; a workspace whose size does
   // not fit in Index or cannot be allocated is an Error naming it, and nothing changes.
-  void reserve(Index max_batch, Index max_tokens = 1) {
+  void reserve(Index max_batch, Index max_tokens = 1, Index threads = 1) {
     const char* call = reserve_call_.c_str();
     TPATTN_CHECK(max_batch >= 1, call, "max_batch", ">= 1", max_batch);
     TPATTN_CHECK(max_tokens >= 1, call, "max_tokens", ">= 1", max_tokens);
-    workspace_floats_for(call, max_batch > max_tokens ? max_batch : max_tokens);
+    TPATTN_CHECK(threads >= 1, call, "threads", ">= 1", threads);
+    const Index rows = max_batch > max_tokens ? max_batch : max_tokens;
+    workspace_floats_for(
+        call, rows, AttentionPlan::workspace_bound(self().kernel().plan_shape(), threads, call));
+    plan_.reserve(max_batch, rows, threads, call);
+    grow_batch(call, max_batch);
   }
 
   // One decode step for a batch of sequences of any lengths: x: [batch, d_model], row b the new
-  // token of seqs[b]; y: [batch, d_model]. Appends each token to its sequence. All or nothing:
-  // on error the cache is as it was.
-  void decode(KvCache& cache, const SequenceId* seqs, Index batch, const float* x, float* y) {
+  // token of seqs[b]; y: [batch, d_model]. Appends each token to its sequence. executor: runs
+  // the attention's work items (null: the calling thread). All or nothing: on error the cache is
+  // as it was.
+  void decode(KvCache& cache, const SequenceId* seqs, Index batch, const float* x, float* y,
+              Executor* executor = nullptr) {
     const char* call = decode_call_.c_str();
     check_cache_record(call, cache, self().cache_record());
     check_decode_batch(call, cache, seqs, batch, x, y);
-    const auto buffers = self().carve(workspace_floats_for(call, batch), batch);
-    self().project(x, batch, buffers);
-    for (Index b = 0; b < batch; ++b) self().rotate(buffers, b, 1, cache.length(seqs[b]));
-    append_one_token_each(call, cache, seqs, batch, [&](Index b, PlaneInput* planes) {
-      self().cache_planes(buffers, b, planes);
-    });
-    for (Index b = 0; b < batch; ++b) self().attend(buffers, b, 1, cache.view(seqs[b]));
-    self().output(buffers, batch, y);
+    run(call, cache, seqs, nullptr, batch, x, y, executor);
   }
 
   // Causal prefill of the next n tokens of `seq`, after whatever it already holds (chunked
   // prefill is a series of calls). x: [n, d_model]; y: [n, d_model]. On error nothing changes.
-  void prefill(KvCache& cache, SequenceId seq, Index n, const float* x, float* y) {
+  void prefill(KvCache& cache, SequenceId seq, Index n, const float* x, float* y,
+               Executor* executor = nullptr) {
     const char* call = prefill_call_.c_str();
     check_cache_record(call, cache, self().cache_record());
     check_prefill(call, cache, seq, n, x, y);
-    const auto buffers = self().carve(workspace_floats_for(call, n), n);
-    self().project(x, n, buffers);
-    self().rotate(buffers, 0, n, cache.length(seq));
-    PlaneInput planes[4];
-    self().cache_planes(buffers, 0, planes);
-    cache.append(seq, n, planes, cache.record().plane_count());
-    self().attend(buffers, 0, n, cache.view(seq));
-    self().output(buffers, n, y);
+    run(call, cache, &seq, &n, 1, x, y, executor);
+  }
+
+  // One continuous-batching step: new_tokens[b] >= 1 new tokens for each distinct sequence
+  // seqs[b] (decode tokens and prompt chunks mixed). x: [sum new_tokens, d_model], sequence b's
+  // rows after those of seqs[0 .. b); y: the same shape. All or nothing.
+  void forward(KvCache& cache, const SequenceId* seqs, const Index* new_tokens, Index batch,
+               const float* x, float* y, Executor* executor = nullptr) {
+    const char* call = forward_call_.c_str();
+    check_cache_record(call, cache, self().cache_record());
+    check_batch(call, cache, seqs, new_tokens, batch, x, y);
+    run(call, cache, seqs, new_tokens, batch, x, y, executor);
   }
 
  protected:
   explicit AttentionLayer(const char* name)
       : decode_call_(std::string(name) + "::decode"),
         prefill_call_(std::string(name) + "::prefill"),
+        forward_call_(std::string(name) + "::forward"),
         reserve_call_(std::string(name) + "::reserve") {}
 
  private:
   const Derived& self() const { return static_cast<const Derived&>(*this); }
 
-  // rows token rows and the kernel's workspace: rows * floats_per_row() + kernel_floats().
-  float* workspace_floats_for(const char* call, Index rows) {
-    const Index floats =
-        checked_sum(call, "workspace floats",
-                    checked_product(call, "workspace floats", rows, self().floats_per_row()),
-                    self().kernel_floats());
+  // The steps, after the call's own checks. new_tokens null: one each.
+  void run(const char* call, KvCache& cache, const SequenceId* seqs, const Index* new_tokens,
+           Index batch, const float* x, float* y, Executor* executor) {
+    const auto count_of = [&](Index b) { return new_tokens == nullptr ? 1 : new_tokens[b]; };
+    grow_batch(call, batch);
+    Index rows = 0;
+    for (Index b = 0; b < batch; ++b) {
+      lengths_[b] = cache.length(seqs[b]) + count_of(b);  // after the append
+      rows += count_of(b);
+    }
+    const Index threads = executor == nullptr ? 1 : executor->concurrency();
+    plan_.make(self().kernel().plan_shape(), lengths_.data(), new_tokens, batch, threads, call);
+    const auto buffers =
+        self().carve(workspace_floats_for(call, rows, plan_.workspace_floats()), rows);
+    self().project(x, rows, buffers);
+    for (Index b = 0; b < batch; ++b)
+      self().rotate(buffers, plan_.token_offset(b), count_of(b), lengths_[b] - count_of(b));
+    append_each(call, cache, seqs, new_tokens, batch, [&](Index b, PlaneInput* planes) {
+      self().cache_planes(buffers, plan_.token_offset(b), planes);
+    });
+    try {
+      for (Index b = 0; b < batch; ++b) views_[b] = cache.view(seqs[b]);
+      self().attend(buffers, plan_, views_.data(), executor);
+    } catch (...) {
+      // A failed work item (or an engine's executor or view) leaves the cache as it was.
+      for (Index b = 0; b < batch; ++b) cache.truncate(seqs[b], lengths_[b] - count_of(b));
+      rethrow_as_error(call);
+    }
+    self().output(buffers, rows, y);
+  }
+
+  static void rethrow_as_error(const char* call) {
+    try {
+      throw;
+    } catch (const Error&) {
+      throw;
+    } catch (const std::exception& e) {
+      fail(call, "executor", "every attention work item to complete",
+           std::string("a work item failed (") + e.what() + "); nothing was appended");
+    } catch (...) {
+      fail(call, "executor", "every attention work item to complete",
+           "a work item failed with a non-standard exception; nothing was appended");
+    }
+  }
+
+  // Room for a batch of `batch` sequences' lengths and views.
+  void grow_batch(const char* call, Index batch) {
+    if (static_cast<Index>(lengths_.size()) >= batch) return;
+    resize_or_fail(call, "batch", lengths_, batch, "lengths");
+    resize_or_fail(call, "batch", views_, batch, "views");
+  }
+
+  // rows token rows, then the kernel's workspace: rows * floats_per_row() + kernel_floats.
+  float* workspace_floats_for(const char* call, Index rows, Index kernel_floats) {
+    const Index floats = checked_sum(
+        call, "workspace floats",
+        checked_product(call, "workspace floats", rows, self().floats_per_row()), kernel_floats);
     return workspace_.floats(call, floats);
   }
 
   std::string decode_call_;  // built once, so checks never build strings on the happy path
   std::string prefill_call_;
+  std::string forward_call_;
   std::string reserve_call_;
   Workspace workspace_;
+  AttentionPlan plan_;
+  std::vector<Index> lengths_;
+  std::vector<SequenceView> views_;
 };
 
 }  // namespace detail

@@ -40,6 +40,10 @@ inline void check_positive(const char* call, const char* name, Index value) {
   TPATTN_CHECK(value >= 1, call, name, ">= 1", value);
 }
 
+inline void check_window(const char* call, Index window) {
+  TPATTN_CHECK(window >= 0, call, "window", ">= 0 (0: no sliding window)", window);
+}
+
 // The cache holds this operator's record. A mismatch names the first field that differs, on
 // both sides; either record may have any number of planes (an engine's cache may pass any).
 inline void check_cache_record(const char* call, const KvCache& cache,
@@ -101,34 +105,64 @@ inline void check_prefill(const char* call, const KvCache& cache, SequenceId seq
                "<= " + to_text(cache.tokens_available(seq)) + " (room left for the sequence)", n);
 }
 
-// Appends one token to each of seqs[0..batch): planes_of(b, PlaneInput* out) fills the record's
-// planes for row b. All or nothing: every sequence may have room on its own while a shared page
-// pool runs dry midway through the batch; then the sequences already extended are cut back and
-// the operator's call is named in the error. Any other exception from an engine's own cache
-// (std::bad_alloc, its own error type) is rethrown as it is, after the same rollback.
+// Appends new_tokens[b] tokens (one each if new_tokens is null) to each of seqs[0..batch):
+// planes_of(b, PlaneInput* out) fills the record's planes for sequence b's rows. All or
+// nothing: every sequence may have room on its own while a shared page pool runs dry midway
+// through the batch; then the sequences already extended are cut back and the operator's call
+// is named in the error. Any other exception from an engine's own cache (std::bad_alloc, its
+// own error type) is rethrown as it is, after the same rollback.
 template <class PlanesOf>
-void append_one_token_each(const char* call, KvCache& cache, const SequenceId* seqs, Index batch,
-                           PlanesOf&& planes_of) {
+void append_each(const char* call, KvCache& cache, const SequenceId* seqs, const Index* new_tokens,
+                 Index batch, PlanesOf&& planes_of) {
+  const auto count_of = [&](Index b) { return new_tokens == nullptr ? 1 : new_tokens[b]; };
   PlaneInput planes[4];
   const Index plane_count = cache.record().plane_count();
   TPATTN_ASSERT(plane_count <= 4);
   Index done = 0;
   const auto roll_back = [&] {
-    for (Index b = 0; b < done; ++b) cache.truncate(seqs[b], cache.length(seqs[b]) - 1);
+    for (Index b = 0; b < done; ++b) cache.truncate(seqs[b], cache.length(seqs[b]) - count_of(b));
   };
   try {
     for (; done < batch; ++done) {
       planes_of(done, planes);
-      cache.append(seqs[done], 1, planes, plane_count);
+      cache.append(seqs[done], count_of(done), planes, plane_count);
     }
   } catch (const Error& error) {
     roll_back();
-    fail(call, "cache", "room for one more token in every sequence of the batch",
+    fail(call, "cache",
+         new_tokens == nullptr ? "room for one more token in every sequence of the batch"
+                               : "room for every sequence's new tokens in the batch",
          "none left for seqs[" + to_text(done) + "] = " + to_text(seqs[done]) +
              " after the batch's earlier appends (" + error.what() + "); nothing was appended");
   } catch (...) {
     roll_back();
     throw;
+  }
+}
+
+// seqs: [batch] distinct live sequences of `cache`; new_tokens: [batch], each >= 1 and within
+// the room its sequence has left; x, y: [sum new_tokens, d_model].
+inline void check_batch(const char* call, const KvCache& cache, const SequenceId* seqs,
+                        const Index* new_tokens, Index batch, const float* x, const float* y) {
+  TPATTN_CHECK(batch >= 1, call, "batch", ">= 1", batch);
+  TPATTN_CHECK(seqs != nullptr, call, "seqs", "non-null", "null");
+  TPATTN_CHECK(new_tokens != nullptr, call, "new_tokens", "non-null", "null");
+  TPATTN_CHECK(x != nullptr, call, "x", "non-null", "null");
+  TPATTN_CHECK(y != nullptr, call, "y", "non-null", "null");
+  for (Index b = 0; b < batch; ++b) {
+    TPATTN_CHECK(cache.contains(seqs[b]), call, "seqs", "live sequence ids",
+                 "seqs[" + to_text(b) + "] = " + to_text(seqs[b]));
+    for (Index other = 0; other < b; ++other)
+      TPATTN_CHECK(
+          seqs[other] != seqs[b], call, "seqs", "distinct sequence ids",
+          "seqs[" + to_text(other) + "] == seqs[" + to_text(b) + "] == " + to_text(seqs[b]));
+    TPATTN_CHECK(new_tokens[b] >= 1, call, "new_tokens", ">= 1 for every sequence",
+                 "new_tokens[" + to_text(b) + "] = " + to_text(new_tokens[b]));
+    TPATTN_CHECK(new_tokens[b] <= cache.tokens_available(seqs[b]), call, "new_tokens",
+                 "within the room each sequence has left",
+                 "new_tokens[" + to_text(b) + "] = " + to_text(new_tokens[b]) + " > " +
+                     to_text(cache.tokens_available(seqs[b])) + " for seqs[" + to_text(b) +
+                     "] = " + to_text(seqs[b]));
   }
 }
 

@@ -20,6 +20,7 @@
 #include "tpattn/cache/record.hpp"
 #include "tpattn/core/checked_size.hpp"
 #include "tpattn/kernels/attention_core.hpp"
+#include "tpattn/kernels/attention_driver.hpp"
 #include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/rms_norm.hpp"
 #include "tpattn/kernels/rope.hpp"
@@ -37,7 +38,8 @@ struct MlaConfig {
   bool normalize_q_latent = true;   // RMSNorm with gain on c'_t; ignored if q_latent_dim is 0
   bool normalize_kv_latent = true;  // RMSNorm with gain on c_t before caching
   float norm_eps = 1e-6f;
-  RopeConfig rope;  // on qR and kR (rotary_dim <= d_R). DeepSeek pairs interleaved.
+  RopeConfig rope;   // on qR and kR (rotary_dim <= d_R). DeepSeek pairs interleaved.
+  Index window = 0;  // sliding window: each token sees the last `window` tokens; 0: all
 };
 
 // Weights, row-major `out x in`, in the layout of DeepSeek-V2 and the public T6 MLA baseline
@@ -57,13 +59,16 @@ template <class Storage = float>
 class MlaKernel {
  public:
   MlaKernel() = default;
-  // scale: 1 / sqrt(d_h + d_R) of the model (never derived from the cached width).
-  MlaKernel(Index heads, Index kv_latent_dim, Index rope_dim, float scale,
+  // scale: 1 / sqrt(d_h + d_R) of the model (never derived from the cached width). window:
+  // each query token sees only the last `window` tokens up to itself; 0: all of them.
+  MlaKernel(Index heads, Index kv_latent_dim, Index rope_dim, float scale, Index window = 0,
             const char* call = "MlaKernel")
-      : core_(checked_core(heads, kv_latent_dim, rope_dim, scale, call)),
-        record_(records::mla(kv_latent_dim, rope_dim, storage_type_of<Storage>)) {}
+      : core_(checked_core(heads, kv_latent_dim, rope_dim, scale, window, call)),
+        record_(records::mla(kv_latent_dim, rope_dim, storage_type_of<Storage>)),
+        window_(window) {}
 
   const CacheRecord& cache_record() const { return record_; }
+  Index window() const { return window_; }
   Index workspace_floats() const { return core_.workspace_floats(); }
 
   // q: [n, h, d_c + d_R] absorbed queries [q^_i | qR_i] (qR rotated) for the last n tokens of
@@ -71,7 +76,31 @@ class MlaKernel {
   void attend(const float* q, Index n, const SequenceView& view, float* out, float* lse,
               float* workspace) const {
     detail::check_attend("MlaKernel::attend", record_, view, n, q, out, workspace);
-    core_.run(q, n, view, view.length() - n + 1, out, lse, workspace);
+    core_.run(q, n, view, KeyRange{view.length() - n + 1, window_}, out, lse, workspace);
+  }
+
+  // What AttentionPlan::make needs to cut a batch for this kernel.
+  PlanShape plan_shape() const {
+    return {core_.heads(), core_.layout().value.width, core_.workspace_floats(),
+            AttentionCore<Storage>::kQueryTokens, window_};
+  }
+
+  // A batch of sequences, any mix of decode tokens and prompt chunks (a continuous-batching
+  // step), cut by `plan` (made with plan_shape() for these lengths and new tokens) and run on
+  // `executor` (null: the calling thread). views: [batch], the sequences with their new tokens
+  // already cached; q: [plan.query_tokens(), h, d_c + d_R], sequence b's new tokens from row
+  // plan.token_offset(b); out: [plan.query_tokens(), h, d_c]; lse: [plan.query_tokens(), h] or
+  // null; workspace: plan.workspace_floats() floats. Any mismatch between plan and views is an
+  // Error before any work starts.
+  void run(const AttentionPlan& plan, const SequenceView* views, Index batch, const float* q,
+           float* out, float* lse, float* workspace, Executor* executor = nullptr) const {
+    const char* call = "MlaKernel::run";
+    TPATTN_CHECK(q != nullptr, call, "q", "non-null", "null");
+    const Index stride = core_.heads() * core_.layout().key_width();
+    run_plan(
+        call, plan, plan_shape(), record_, views, batch, out, lse, workspace, executor,
+        [&](Index token, Index count, const SequenceView& view, const KeyRange& range, float* o,
+            float* l, float* ws) { core_.run(q + token * stride, count, view, range, o, l, ws); });
   }
 
  private:
@@ -80,7 +109,8 @@ class MlaKernel {
 
   // Every check of the constructor, allocating nothing (the record is allocated after it).
   static AttentionCore<Storage> checked_core(Index heads, Index kv_latent_dim, Index rope_dim,
-                                             float scale, const char* call) {
+                                             float scale, Index window, const char* call) {
+    detail::check_window(call, window);
     detail::check_positive(call, "heads", heads);
     detail::check_positive(call, "kv_latent_dim", kv_latent_dim);
     detail::check_positive(call, "rope_dim", rope_dim);
@@ -101,6 +131,7 @@ class MlaKernel {
 
   AttentionCore<Storage> core_;
   CacheRecord record_;
+  Index window_ = 0;
 };
 
 template <class Storage = float>
@@ -148,7 +179,8 @@ class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAt
         config_(std::move(checked.config)),
         floats_per_row_(checked.floats_per_row),
         weights_(std::move(weights)),
-        kernel_(config_.heads, config_.kv_latent_dim, config_.rope_dim, scale_of(config_), name),
+        kernel_(config_.heads, config_.kv_latent_dim, config_.rope_dim, scale_of(config_),
+                config_.window, name),
         rope_(config_.rope, config_.rope_dim, name) {}
 
   static float scale_of(const MlaConfig& config) {
@@ -183,7 +215,7 @@ class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAt
     const Index o = checked_product(name, "heads x value_dim", h, dv);
     const Index absorbed = checked_product(name, "heads x (kv_latent_dim + rope_dim)", h, kv);
     const Index latent_out = checked_product(name, "heads x kv_latent_dim", h, dc);
-    MlaKernel<Storage>::checked_core(h, dc, dr, scale_of(config), name);
+    MlaKernel<Storage>::checked_core(h, dc, dr, scale_of(config), config.window, name);
     Rope::validated(config.rope, dr, name);
 
     const Index query_in = config.q_latent_dim > 0 ? config.q_latent_dim : d;
@@ -211,7 +243,6 @@ class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAt
   Index absorbed_width() const { return config_.kv_latent_dim + config_.rope_dim; }
 
   Index floats_per_row() const { return floats_per_row_; }
-  Index kernel_floats() const { return kernel_.workspace_floats(); }
   Buffers carve(float* memory, Index rows) const {
     const Index h = config_.heads;
     Buffers b;
@@ -276,9 +307,9 @@ class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAt
   }
 
   // Latent outputs sum_s p_i(s) c_s, on the MQA kernel.
-  void attend(const Buffers& b, Index row, Index count, const SequenceView& view) const {
-    kernel_.attend(b.absorbed + row * config_.heads * absorbed_width(), count, view,
-                   b.latent_out + row * config_.heads * config_.kv_latent_dim, nullptr, b.kernel);
+  void attend(const Buffers& b, const AttentionPlan& plan, const SequenceView* views,
+              Executor* executor) const {
+    kernel_.run(plan, views, plan.batch(), b.absorbed, b.latent_out, nullptr, b.kernel, executor);
   }
 
   // o_i = W_UV_i latent_out_i per head, then y = W_O [o_1 .. o_h].

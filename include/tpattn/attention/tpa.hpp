@@ -21,6 +21,7 @@
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
 #include "tpattn/core/checked_size.hpp"
+#include "tpattn/kernels/attention_driver.hpp"
 #include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/rope.hpp"
 #include "tpattn/kernels/tpa_core.hpp"
@@ -37,6 +38,7 @@ struct TpaConfig {
   Index rank_v = 0;     // R_V
   RopeConfig rope;      // on B_Q and B_K rows (the public T6 code: half-split, reversed)
   TpaOrder order = TpaOrder::automatic;  // decode contraction order (both give the same numbers)
+  Index window = 0;  // sliding window: each token sees the last `window` tokens; 0: all
 };
 
 // Weights, row-major `out x in`, exactly as the public T6 code (model/T6.py, CPLinear) stores
@@ -60,13 +62,16 @@ class TpaKernel {
  public:
   TpaKernel() = default;
   // shape.rank_q = 0 for a kernel that only takes materialised queries (TPA-KVonly).
-  explicit TpaKernel(const TpaShape& shape, const char* call = "TpaKernel")
-      : core_(checked_core(shape, call)),
+  // window: each query token sees only the last `window` tokens up to itself; 0: all of them.
+  explicit TpaKernel(const TpaShape& shape, Index window = 0, const char* call = "TpaKernel")
+      : core_(checked_core(shape, window, call)),
         record_(records::tpa(shape.heads, shape.head_dim, shape.value_dim, shape.rank_k,
-                             shape.rank_v, storage_type_of<Storage>)) {}
+                             shape.rank_v, storage_type_of<Storage>)),
+        window_(window) {}
 
   const TpaShape& shape() const { return core_.shape(); }
   const CacheRecord& cache_record() const { return record_; }
+  Index window() const { return window_; }
   Index workspace_floats() const { return core_.workspace_floats(); }
 
   // Factored queries for the last n tokens of `view`: a_q: [n, R_Q, h], b_q: [n, R_Q, d_h]
@@ -79,14 +84,61 @@ class TpaKernel {
                  "rank_q = 0");
     TPATTN_CHECK(b_q != nullptr, "TpaKernel::attend", "b_q", "non-null", "null");
     check_order("TpaKernel::attend", order);
-    core_.run(a_q, b_q, n, view, view.length() - n + 1, out, lse, workspace, order);
+    core_.run(a_q, b_q, n, view, KeyRange{view.length() - n + 1, window_}, out, lse, workspace,
+              order);
   }
 
   // Materialised queries q: [n, h, d_h] (rotated), e.g. TPA-KVonly.
   void attend(const float* q, Index n, const SequenceView& view, float* out, float* lse,
               float* workspace) const {
     detail::check_attend("TpaKernel::attend", record_, view, n, q, out, workspace);
-    core_.run(q, n, view, view.length() - n + 1, out, lse, workspace);
+    core_.run(q, n, view, KeyRange{view.length() - n + 1, window_}, out, lse, workspace);
+  }
+
+  // What AttentionPlan::make needs to cut a batch for this kernel.
+  PlanShape plan_shape() const {
+    return {shape().heads, shape().value_dim, core_.workspace_floats(),
+            TpaCore<Storage>::kQueryTokens, window_};
+  }
+
+  // A batch of sequences, any mix of decode tokens and prompt chunks (a continuous-batching
+  // step), cut by `plan` (made with plan_shape() for these lengths and new tokens) and run on
+  // `executor` (null: the calling thread). views: [batch], the sequences with their new tokens
+  // already cached; factored queries a_q: [plan.query_tokens(), R_Q, h], b_q:
+  // [plan.query_tokens(), R_Q, d_h], sequence b's new tokens from row plan.token_offset(b);
+  // out: [plan.query_tokens(), h, d_v]; lse: [plan.query_tokens(), h] or null; workspace:
+  // plan.workspace_floats() floats. Any mismatch between plan and views is an Error before any
+  // work starts.
+  void run(const AttentionPlan& plan, const SequenceView* views, Index batch, const float* a_q,
+           const float* b_q, float* out, float* lse, float* workspace, Executor* executor = nullptr,
+           TpaOrder order = TpaOrder::automatic) const {
+    const char* call = "TpaKernel::run";
+    TPATTN_CHECK(shape().rank_q > 0, call, "a_q, b_q",
+                 "a kernel with rank_q >= 1 (this one takes materialised queries only)",
+                 "rank_q = 0");
+    TPATTN_CHECK(a_q != nullptr, call, "a_q", "non-null", "null");
+    TPATTN_CHECK(b_q != nullptr, call, "b_q", "non-null", "null");
+    check_order(call, order);
+    const Index a_stride = shape().rank_q * shape().heads;
+    const Index b_stride = shape().rank_q * shape().head_dim;
+    run_plan(call, plan, plan_shape(), record_, views, batch, out, lse, workspace, executor,
+             [&](Index token, Index count, const SequenceView& view, const KeyRange& range,
+                 float* o, float* l, float* ws) {
+               core_.run(a_q + token * a_stride, b_q + token * b_stride, count, view, range, o, l,
+                         ws, order);
+             });
+  }
+
+  // The same with materialised queries q: [plan.query_tokens(), h, d_h] (TPA-KVonly).
+  void run(const AttentionPlan& plan, const SequenceView* views, Index batch, const float* q,
+           float* out, float* lse, float* workspace, Executor* executor = nullptr) const {
+    const char* call = "TpaKernel::run";
+    TPATTN_CHECK(q != nullptr, call, "q", "non-null", "null");
+    const Index stride = shape().heads * shape().head_dim;
+    run_plan(
+        call, plan, plan_shape(), record_, views, batch, out, lse, workspace, executor,
+        [&](Index token, Index count, const SequenceView& view, const KeyRange& range, float* o,
+            float* l, float* ws) { core_.run(q + token * stride, count, view, range, o, l, ws); });
   }
 
  private:
@@ -100,7 +152,8 @@ class TpaKernel {
   }
 
   // Every check of the constructor, allocating nothing (the record is allocated after it).
-  static TpaCore<Storage> checked_core(const TpaShape& shape, const char* call) {
+  static TpaCore<Storage> checked_core(const TpaShape& shape, Index window, const char* call) {
+    detail::check_window(call, window);
     detail::check_positive(call, "heads", shape.heads);
     detail::check_positive(call, "head_dim", shape.head_dim);
     detail::check_positive(call, "value_dim", shape.value_dim);
@@ -122,6 +175,7 @@ class TpaKernel {
 
   TpaCore<Storage> core_;
   CacheRecord record_;
+  Index window_ = 0;
 };
 
 template <class Storage = float>
@@ -175,7 +229,7 @@ class TensorProductAttention : public detail::AttentionLayer<TensorProductAttent
         config_(std::move(checked.config)),
         floats_per_row_(checked.floats_per_row),
         weights_(std::move(weights)),
-        kernel_(shape_of(config_), name),
+        kernel_(shape_of(config_), config_.window, name),
         rope_(config_.rope, config_.head_dim, name) {
     const Index h = config_.heads;
     if (!kv_only()) weights_.w_a_q = head_major_to_rank_major(weights_.w_a_q, h, config_.rank_q);
@@ -215,7 +269,7 @@ class TensorProductAttention : public detail::AttentionLayer<TensorProductAttent
     const Index a_v = checked_product(name, "heads x rank_v", h, rv);
     const Index b_v = checked_product(name, "rank_v x value_dim", rv, dv);
     const Index o = checked_product(name, "heads x value_dim", h, dv);
-    TpaKernel<Storage>::checked_core(shape_of(config), name);
+    TpaKernel<Storage>::checked_core(shape_of(config), config.window, name);
     Rope::validated(config.rope, dh, name);
 
     if (rq == 0) {
@@ -244,7 +298,6 @@ class TensorProductAttention : public detail::AttentionLayer<TensorProductAttent
   }
 
   Index floats_per_row() const { return floats_per_row_; }
-  Index kernel_floats() const { return kernel_.workspace_floats(); }
   Buffers carve(float* memory, Index rows) const {
     const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
     const Index rq = config_.rank_q, rk = config_.rank_k, rv = config_.rank_v;
@@ -304,15 +357,14 @@ class TensorProductAttention : public detail::AttentionLayer<TensorProductAttent
     planes[3] = {b.b_v + row * rv * dv, rv, dv};
   }
 
-  // Attention from the cached factors for rows [row, row + n), the last n tokens of `view`.
-  void attend(const Buffers& b, Index row, Index n, const SequenceView& view) const {
-    const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
-    float* out = b.o + row * h * dv;
+  // Attention from the cached factors for every new token of the batch.
+  void attend(const Buffers& b, const AttentionPlan& plan, const SequenceView* views,
+              Executor* executor) const {
     if (kv_only())
-      kernel_.attend(b.q + row * h * dh, n, view, out, nullptr, b.kernel);
+      kernel_.run(plan, views, plan.batch(), b.q, b.o, nullptr, b.kernel, executor);
     else
-      kernel_.attend(b.a_q + row * config_.rank_q * h, b.b_q + row * config_.rank_q * dh, n, view,
-                     out, nullptr, b.kernel, order());
+      kernel_.run(plan, views, plan.batch(), b.a_q, b.b_q, b.o, nullptr, b.kernel, executor,
+                  order());
   }
 
   // y = W_O [o_1 .. o_h]

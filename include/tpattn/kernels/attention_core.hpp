@@ -5,8 +5,9 @@
 //   - a key is the concatenation of one or two segments of cached planes (GQA: the K plane;
 //     absorbed MLA: latent then rope_key), head j's segment at columns [j w, (j + 1) w);
 //   - a value is a segment of a plane, possibly the key's own plane (MLA: V = the latent).
-// Query token t of a call sees the first `visible + t` cached tokens (decode: one token sees the
-// whole sequence; prefill: the new tokens are already cached and see up to themselves).
+// Query token t of a call sees the cached tokens of a KeyRange (kernels/cache_tiles.hpp): causal
+// up to itself (decode: one token sees the whole sequence; prefill: the new tokens are already
+// cached), optionally only a sliding window of them, optionally only one work item's share.
 // The work is blocked: each group's queries meet one tile of cached tokens at a time through a
 // GEMM, and an online-softmax state carries max, sum and output across tiles. No score matrix
 // over the whole context is ever formed.
@@ -65,13 +66,13 @@ class AttentionCore {
 
   // q:   [query_tokens, heads, key_width], already rotated;
   // out: [query_tokens, heads, value_width];  lse: [query_tokens, heads] or null (natural log).
-  // Query token t attends to cached tokens [0, visible + t); visible + query_tokens - 1 must not
-  // exceed view.length(). workspace: workspace_floats() floats.
-  void run(const float* q, Index query_tokens, const SequenceView& view, Index visible, float* out,
-           float* lse, float* workspace) const {
+  // Query token t attends to the cached tokens [range.lower(t), range.horizon(t)), which must lie
+  // in the view. A row that sees none gives out 0 and lse -inf. workspace: workspace_floats().
+  void run(const float* q, Index query_tokens, const SequenceView& view, const KeyRange& range,
+           float* out, float* lse, float* workspace) const {
     for (Index first = 0; first < query_tokens; first += kQueryTokens) {
       const Index count = query_tokens - first < kQueryTokens ? query_tokens - first : kQueryTokens;
-      run_chunk(q + first * heads_ * layout_.key_width(), count, view, visible + first,
+      run_chunk(q + first * heads_ * layout_.key_width(), count, view, range.from_token(first),
                 out + first * heads_ * layout_.value.width,
                 lse == nullptr ? nullptr : lse + first * heads_, workspace);
     }
@@ -84,8 +85,8 @@ class AttentionCore {
   // read each token's rows g times at a stride of a whole token, defeating the prefetchers).
   // State rows are grouped by KV head: row (j count + t) group + i is query token t, head
   // j group + i.
-  void run_chunk(const float* q, Index count, const SequenceView& view, Index visible, float* out,
-                 float* lse, float* workspace) const {
+  void run_chunk(const float* q, Index count, const SequenceView& view, const KeyRange& range,
+                 float* out, float* lse, float* workspace) const {
     const Index key_width = layout_.key_width();
     const Index value_width = layout_.value.width;
     const Index rows = count * group_;  // state rows of one KV head
@@ -112,21 +113,20 @@ class AttentionCore {
       state_of(j).reset();
     }
 
-    const Index limit = visible + count - 1;  // the last query token sees this many tokens
     if (token_major(rows)) {
-      for_each_tile(view, limit, kTileTokens, [&](const CacheTile& tile) {
+      for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
         // Scores of KV head j: rows [j rows, (j + 1) rows) of a [kv_heads rows, tile] matrix.
         score_token_major(view, tile, queries, rows, scores, key_scratch);
         for (Index j = 0; j < layout_.kv_heads; ++j) {
           MatrixMap head_scores =
               map_matrix(scores + j * rows * kTileTokens, rows, tile.tokens, kTileTokens);
-          mask_future(head_scores, tile, visible);
+          mask_hidden(head_scores, tile, range);
           state_of(j).absorb_scores(head_scores);
         }
-        add_values_token_major(view, tile, visible, scores, rows, acc, value_scratch);
+        add_values_token_major(view, tile, range, count, scores, rows, acc, value_scratch);
       });
     } else {
-      for_each_tile(view, limit, kTileTokens, [&](const CacheTile& tile) {
+      for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
         MatrixMap tile_scores = map_matrix(scores, rows, tile.tokens, kTileTokens);
         for (Index j = 0; j < layout_.kv_heads; ++j) {
           const ConstMatrixMap group_queries = map_matrix(
@@ -141,20 +141,22 @@ class AttentionCore {
                      /*accumulate=*/s > 0);
             column += segment.width;
           }
-          mask_future(tile_scores, tile, visible);
+          mask_hidden(tile_scores, tile, range);
           SoftmaxState state = state_of(j);
           state.absorb_scores(tile_scores);
           const ConstMatrixMap values = read_tile<Storage>(
               view, layout_.value.plane, tile, j * value_width, value_width, value_scratch);
-          if (tile.first + tile.tokens <= visible) {
+          if (tile.seen_by_all(range, count)) {
             multiply(tile_scores, values, state.acc(), /*accumulate=*/true);
           } else {
             // Each query token's rows take only the values it sees: a masked weight is 0, and
             // 0 x (NaN or inf in a hidden value) would still poison the row.
             for (Index t = 0; t < count; ++t) {
-              const Index seen = tile.seen_by(visible + t);
-              if (seen > 0)
-                multiply(tile_scores.block(t * group_, 0, group_, seen), values.topRows(seen),
+              const Index from = tile.hidden_before(range.lower(t));
+              const Index seen = tile.seen_by(range.horizon(t));
+              if (seen > from)
+                multiply(tile_scores.block(t * group_, from, group_, seen - from),
+                         values.middleRows(from, seen - from),
                          state.acc().middleRows(t * group_, group_), /*accumulate=*/true);
             }
           }
@@ -249,17 +251,22 @@ class AttentionCore {
   }
 
   // acc row (j rows + r) += weights[(j rows + r) kTileTokens + t] v_{t, j}, token by token.
-  void add_values_token_major(const SequenceView& view, const CacheTile& tile, Index visible,
-                              const float* weights, Index rows, float* acc, float* scratch) const {
+  void add_values_token_major(const SequenceView& view, const CacheTile& tile,
+                              const KeyRange& range, Index count, const float* weights, Index rows,
+                              float* acc, float* scratch) const {
     const Index g = layout_.kv_heads, width = layout_.value.width;
     for (Index t = 0; t < tile.tokens; ++t) {
       // values: [g, width], KV head j's value of token t at columns [j width, (j + 1) width).
       const ConstMatrixMap values =
           map_matrix(token_row(view, layout_.value.plane, tile, t, scratch), g, width);
-      // Only the query tokens that see this token take its value (query token q sees tokens
-      // before visible + q): a masked weight is 0, and 0 x NaN is NaN.
-      const Index first_seeing = tile.first + t - visible + 1;
-      for (Index r = first_seeing > 0 ? first_seeing * group_ : 0; r < rows; ++r) {
+      // Only the query tokens that see this token take its value: a masked weight is 0, and
+      // 0 x NaN is NaN. Those are a run of query tokens [first, last), as lower() and horizon()
+      // never decrease.
+      const Index position = tile.first + t;
+      Index first = 0, last = count;
+      while (first < count && range.horizon(first) <= position) ++first;
+      while (last > first && range.lower(last - 1) > position) --last;
+      for (Index r = first * group_; r < last * group_; ++r) {
         MatrixMap acc_r = map_matrix(acc + r * width, g, width, rows * width);
         const Eigen::Map<const Eigen::VectorXf, Eigen::Unaligned, Eigen::InnerStride<>> p(
             weights + r * kTileTokens + t, g, Eigen::InnerStride<>(rows * kTileTokens));
@@ -268,15 +275,20 @@ class AttentionCore {
     }
   }
 
-  // Row t * group + i may see tokens before visible + t only.
-  void mask_future(MatrixMap scores, const CacheTile& tile, Index visible) const {
-    if (tile.first + tile.tokens <= visible) return;  // the whole tile is visible to all rows
+  // Rows t * group + i see the tile's columns [hidden_before(lower(t)), seen_by(horizon(t)))
+  // only; the others become -inf.
+  void mask_hidden(MatrixMap scores, const CacheTile& tile, const KeyRange& range) const {
     const Index count = scores.rows() / group_;
+    if (tile.seen_by_all(range, count)) return;
     for (Index t = 0; t < count; ++t) {
-      const Index start = tile.seen_by(visible + t);  // first hidden column of t's rows
-      if (start == tile.tokens) continue;
-      scores.block(t * group_, start, group_, tile.tokens - start)
-          .setConstant(-std::numeric_limits<float>::infinity());
+      const Index from = tile.hidden_before(range.lower(t));
+      const Index seen = tile.seen_by(range.horizon(t));
+      if (from > 0)
+        scores.block(t * group_, 0, group_, from)
+            .setConstant(-std::numeric_limits<float>::infinity());
+      if (seen < tile.tokens)
+        scores.block(t * group_, seen, group_, tile.tokens - seen)
+            .setConstant(-std::numeric_limits<float>::infinity());
     }
   }
 

@@ -1,16 +1,42 @@
 // tpattn/kernels/cache_tiles.hpp -- walking a cached sequence in tiles of tokens, read as fp32.
 //
-// Kernels visit the first `limit` tokens of a SequenceView in tiles of at most `tile_tokens`
-// tokens that never straddle a block (page), and read a tile's plane rows as fp32: float storage
-// is mapped in place, bfloat16/half rows are converted into a small scratch tile.
+// Kernels visit a range of a SequenceView's tokens in tiles of at most `tile_tokens` tokens that
+// never straddle a block (page), and read a tile's plane rows as fp32: float storage is mapped in
+// place, bfloat16/half rows are converted into a small scratch tile. Which tokens each query token
+// sees is a KeyRange: causal, optionally a sliding window, optionally one work item's share.
 #pragma once
 
+#include <limits>
 #include <type_traits>
 
 #include "tpattn/cache/sequence_view.hpp"
 #include "tpattn/core/matrix.hpp"
 
 namespace tpattn {
+
+// The cached tokens query token t of a call (t = 0 .. count - 1) sees: [lower(t), horizon(t)).
+//   causal:          the tokens before visible + t (decode: visible = length, t = 0);
+//   sliding window:  window > 0 keeps only the last `window` of them (Mistral-style; 0: all);
+//   work share:      none before `begin` nor from `end` on (split-KV: one work item's range).
+// lower(t) and horizon(t) never decrease with t.
+struct KeyRange {
+  Index visible = 0;
+  Index window = 0;
+  Index begin = 0;
+  Index end = std::numeric_limits<Index>::max();
+
+  Index horizon(Index t) const { return visible + t < end ? visible + t : end; }
+  Index lower(Index t) const {
+    const Index from = window > 0 ? visible + t - window : 0;
+    return from > begin ? from : begin;
+  }
+  // The same range for the query tokens from `first` on (their t counted from 0 again).
+  KeyRange from_token(Index first) const {
+    KeyRange shifted = *this;
+    shifted.visible += first;
+    return shifted;
+  }
+};
 
 struct CacheTile {
   Index block;   // block of the view
@@ -25,13 +51,20 @@ struct CacheTile {
     const Index seen = horizon - first;
     return seen < 0 ? 0 : seen > tokens ? tokens : seen;
   }
+  // The tile's columns query token t sees: [hidden_before(range.lower(t)), seen_by(horizon)).
+  Index hidden_before(Index lower) const { return seen_by(lower); }
+  // True if every query token 0 .. count - 1 of `range` sees every token of the tile.
+  bool seen_by_all(const KeyRange& range, Index count) const {
+    return first >= range.lower(count - 1) && first + tokens <= range.horizon(0);
+  }
 };
 
-// Calls visit(CacheTile) for consecutive tiles covering tokens [0, limit) of `view`.
+// Calls visit(CacheTile) for consecutive tiles covering tokens [begin, limit) of `view`.
 template <class Visit>
-void for_each_tile(const SequenceView& view, Index limit, Index tile_tokens, Visit&& visit) {
+void for_each_tile(const SequenceView& view, Index begin, Index limit, Index tile_tokens,
+                   Visit&& visit) {
   TPATTN_ASSERT(limit <= view.length());
-  Index position = 0;
+  Index position = begin;
   while (position < limit) {
     const Index block = position / view.block_tokens();
     const Index row = position % view.block_tokens();
@@ -42,6 +75,15 @@ void for_each_tile(const SequenceView& view, Index limit, Index tile_tokens, Vis
     visit(CacheTile{block, row, tokens, position});
     position += tokens;
   }
+}
+
+// The tiles holding every token some query token 0 .. count - 1 of `range` sees.
+template <class Visit>
+void for_each_tile(const SequenceView& view, const KeyRange& range, Index count, Index tile_tokens,
+                   Visit&& visit) {
+  const Index last = range.horizon(count - 1);
+  for_each_tile(view, range.lower(0), last < view.length() ? last : view.length(), tile_tokens,
+                visit);
 }
 
 // The fp32 rows [tile.tokens, width] of columns [column, column + width) of `plane` in the tile.

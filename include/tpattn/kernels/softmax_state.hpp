@@ -66,8 +66,7 @@ class SoftmaxState {
     TPATTN_ASSERT(other.rows_ == rows_ && other.width_ == width_);
     for (Index r = 0; r < rows_; ++r) {
       const float theirs_max = other.max_[r];
-      const float new_max =
-          theirs_max > max_[r] || std::isnan(theirs_max) ? theirs_max : max_[r];
+      const float new_max = theirs_max > max_[r] || std::isnan(theirs_max) ? theirs_max : max_[r];
       if (new_max == -std::numeric_limits<float>::infinity()) continue;
       const float mine = std::exp(max_[r] - new_max);
       const float theirs = std::exp(theirs_max - new_max);

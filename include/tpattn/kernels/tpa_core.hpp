@@ -61,40 +61,40 @@ class TpaCore {
   Index workspace_floats() const { return workspace_floats_; }
 
   // Factored query (TPA). a_q: [query_tokens, R_Q, h], b_q: [query_tokens, R_Q, d_h] (rotated).
-  // out: [query_tokens, h, d_v]; lse: [query_tokens, h] or null. Query token t sees cached tokens
-  // [0, visible + t). order: automatic picks cheaper_tpa_order().
+  // out: [query_tokens, h, d_v]; lse: [query_tokens, h] or null. Query token t sees the cached
+  // tokens [range.lower(t), range.horizon(t)) (kernels/cache_tiles.hpp); a row that sees none
+  // gives out 0 and lse -inf. order: automatic picks cheaper_tpa_order().
   void run(const float* a_q, const float* b_q, Index query_tokens, const SequenceView& view,
-           Index visible, float* out, float* lse, float* workspace,
+           const KeyRange& range, float* out, float* lse, float* workspace,
            TpaOrder order = TpaOrder::automatic) const {
     if (order == TpaOrder::automatic) order = cheaper_tpa_order(shape_);
-    run_impl(a_q, b_q, nullptr, query_tokens, view, visible, out, lse, workspace, order);
+    run_impl(a_q, b_q, nullptr, query_tokens, view, range, out, lse, workspace, order);
   }
 
   // Materialised query (TPA-KVonly, or an engine that formed q itself). q: [query_tokens, h, d_h].
-  void run(const float* q, Index query_tokens, const SequenceView& view, Index visible, float* out,
-           float* lse, float* workspace) const {
-    run_impl(nullptr, nullptr, q, query_tokens, view, visible, out, lse, workspace,
-             TpaOrder::query);
+  void run(const float* q, Index query_tokens, const SequenceView& view, const KeyRange& range,
+           float* out, float* lse, float* workspace) const {
+    run_impl(nullptr, nullptr, q, query_tokens, view, range, out, lse, workspace, TpaOrder::query);
   }
 
  private:
   void run_impl(const float* a_q, const float* b_q, const float* q, Index query_tokens,
-                const SequenceView& view, Index visible, float* out, float* lse, float* workspace,
-                TpaOrder order) const {
+                const SequenceView& view, const KeyRange& range, float* out, float* lse,
+                float* workspace, TpaOrder order) const {
     const Index h = shape_.heads, dh = shape_.head_dim, dv = shape_.value_dim;
     const Index rq = shape_.rank_q;
     for (Index first = 0; first < query_tokens; first += kQueryTokens) {
       const Index count = query_tokens - first < kQueryTokens ? query_tokens - first : kQueryTokens;
       run_chunk(a_q == nullptr ? nullptr : a_q + first * rq * h,
                 b_q == nullptr ? nullptr : b_q + first * rq * dh,
-                q == nullptr ? nullptr : q + first * h * dh, count, view, visible + first,
+                q == nullptr ? nullptr : q + first * h * dh, count, view, range.from_token(first),
                 out + first * h * dv, lse == nullptr ? nullptr : lse + first * h, workspace, order);
     }
   }
 
   void run_chunk(const float* a_q, const float* b_q, const float* q, Index count,
-                 const SequenceView& view, Index visible, float* out, float* lse, float* workspace,
-                 TpaOrder order) const {
+                 const SequenceView& view, const KeyRange& range, float* out, float* lse,
+                 float* workspace, TpaOrder order) const {
     const Index h = shape_.heads, dh = shape_.head_dim, dv = shape_.value_dim;
     const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
     const float score_scale = 1.0f / (static_cast<float>(rk) * std::sqrt(static_cast<float>(dh)));
@@ -148,8 +148,7 @@ class TpaCore {
       map_matrix(factor_b, count * rq, dh) = map_matrix(b_q, count * rq, dh);
     }
 
-    const Index limit = visible + count - 1;
-    for_each_tile(view, limit, kTileTokens, [&](const CacheTile& tile) {
+    for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
       const Index n = tile.tokens;
       const ConstMatrixMap a_k = read_tile_rows(view, kPlaneAK, tile, rk * h, tile_ak, n * rk, h);
       const ConstMatrixMap b_k = read_tile_rows(view, kPlaneBK, tile, rk * dh, tile_bk, n * rk, dh);
@@ -174,10 +173,13 @@ class TpaCore {
           logits += rank_rows(a_k.data(), u, n, rk, h)
                         .cwiseProduct(rank_rows(w.data(), u, n, rk, hp).leftCols(h));
         tile_scores.middleRows(t * h, h) = logits.transpose();
-        // Query token t sees tokens before visible + t only.
-        const Index start = tile.seen_by(visible + t);
-        if (start < n)
-          tile_scores.block(t * h, start, h, n - start)
+        // Query token t sees the tile's columns [from, seen) only.
+        const Index from = tile.hidden_before(range.lower(t));
+        const Index seen = tile.seen_by(range.horizon(t));
+        if (from > 0)
+          tile_scores.block(t * h, 0, h, from).setConstant(-std::numeric_limits<float>::infinity());
+        if (seen < n)
+          tile_scores.block(t * h, seen, h, n - seen)
               .setConstant(-std::numeric_limits<float>::infinity());
       }
       state.absorb_scores(tile_scores);
@@ -186,17 +188,19 @@ class TpaCore {
       const ConstMatrixMap b_v = read_tile_rows(view, kPlaneBV, tile, rv * dv, tile_bv, n * rv, dv);
       MatrixMap z = map_matrix(values_z, n * rv, h);
       for (Index t = 0; t < count; ++t) {
-        // Only the tokens query token t sees (those before visible + t): a masked weight is 0,
-        // and 0 x (NaN or inf in a hidden value) would still poison its output.
-        const Index seen = tile.seen_by(visible + t);
-        if (seen == 0) continue;
+        // Only the tokens query token t sees, columns [from, seen): a masked weight is 0, and
+        // 0 x (NaN or inf in a hidden value) would still poison its output.
+        const Index from = tile.hidden_before(range.lower(t));
+        const Index seen = tile.seen_by(range.horizon(t)) - from;
+        if (seen <= 0) continue;
         // Z[s][v][i] = p[i][s] A_V[s][v][i];  O_t += Z^T B_V
         MatrixMap seen_weights = map_matrix(logits_t, seen, h);  // p^T of query token t
-        seen_weights = tile_scores.block(t * h, 0, h, seen).transpose();
+        seen_weights = tile_scores.block(t * h, from, h, seen).transpose();
+        const float* a_v_seen = a_v.data() + from * rv * h;
         for (Index v = 0; v < rv; ++v)
           rank_rows(values_z, v, seen, rv, h) =
-              rank_rows(a_v.data(), v, seen, rv, h).cwiseProduct(seen_weights);
-        small_product(z.data(), 1, h, b_v.data(), dv, seen * rv, h, dv,
+              rank_rows(a_v_seen, v, seen, rv, h).cwiseProduct(seen_weights);
+        small_product(z.data(), 1, h, b_v.data() + from * rv * dv, dv, seen * rv, h, dv,
                       state.acc().data() + t * h * dv, dv, /*accumulate=*/true);
       }
     });
