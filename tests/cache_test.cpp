@@ -1,7 +1,9 @@
 // tests/cache_test.cpp -- tpattn's two cache storages: the conformance suite on each, plus what
 // only one storage promises (its memory formula, page accounting, its constructor's checks),
 // footprint(), which must report what the constructor reserves, and how an operator or a kernel
-// refuses a cache (an engine's own included) whose record is not its own.
+// refuses a cache (an engine's own included) whose record is not its own. Also an engine's cache
+// with a pool and a block table per plane (engine_cache.hpp): the suite on it, and kernels
+// reading its views as they read a PagedKvCache.
 #include "tpattn/cache.hpp"
 
 #include <gtest/gtest.h>
@@ -18,8 +20,10 @@
 #include <vector>
 
 #include "cache_conformance.hpp"
+#include "engine_cache.hpp"
 #include "support/counting_new.hpp"  // this executable's one copy of the counting operator new
 #include "tpattn/attention/gqa.hpp"
+#include "tpattn/attention/tpa.hpp"
 
 namespace tpattn::test {
 namespace {
@@ -70,6 +74,24 @@ using Paged1 = PagedFactory<T, 1>;
 
 using CappedPaged16Types = ::testing::Types<CappedPagedFactory<Eigen::bfloat16, 16>>;
 
+// An engine's cache with a pool per plane (engine_cache.hpp), sized as PagedFactory sizes its
+// pool: every pool has enough pages for every sequence to reach `capacity` at once.
+template <class T, Index PageTokens>
+struct SplitPoolFactory {
+  using Storage = T;
+  static constexpr Index block_tokens = PageTokens;
+  static std::unique_ptr<KvCache> make(const CacheRecord& record, Index max_sequences,
+                                       Index capacity) {
+    const Index pages_per_sequence = capacity > 0 ? (capacity + PageTokens - 1) / PageTokens : 0;
+    return std::make_unique<SplitPoolCache>(record, PageTokens, max_sequences * pages_per_sequence,
+                                            max_sequences);
+  }
+};
+template <class T>
+using SplitPool5 = SplitPoolFactory<T, 5>;
+template <class T>
+using SplitPool16 = SplitPoolFactory<T, 16>;
+
 }  // namespace
 
 INSTANTIATE_TYPED_TEST_SUITE_P(Contiguous, KvCacheConformance, ForEachStorage<ContiguousFactory>,
@@ -78,6 +100,10 @@ INSTANTIATE_TYPED_TEST_SUITE_P(Paged16, KvCacheConformance, ForEachStorage<Paged
 INSTANTIATE_TYPED_TEST_SUITE_P(Paged7, KvCacheConformance, ForEachStorage<Paged7>, StorageName);
 INSTANTIATE_TYPED_TEST_SUITE_P(Paged1, KvCacheConformance, ForEachStorage<Paged1>, StorageName);
 INSTANTIATE_TYPED_TEST_SUITE_P(CappedPaged16, KvCacheConformance, CappedPaged16Types, StorageName);
+INSTANTIATE_TYPED_TEST_SUITE_P(SplitPool5, KvCacheConformance, ForEachStorage<SplitPool5>,
+                               StorageName);
+INSTANTIATE_TYPED_TEST_SUITE_P(SplitPool16, KvCacheConformance, ForEachStorage<SplitPool16>,
+                               StorageName);
 
 namespace {
 
@@ -1275,6 +1301,266 @@ TEST(SequenceView, PrefixRejectsALengthOutsideTheSequence) {
   for (const Index bad : {Index(-1), Index(7)})
     EXPECT_TRUE(throws_error([&] { (void)view.prefix(bad); },
                              {"SequenceView::prefix", "length", "in [0, 6]", std::to_string(bad)}));
+}
+
+// ---- an engine's cache: a pool and a block table per plane ------------------------------------
+
+// The view of a SplitPoolCache points every plane into its own pool, at its own pages: K's
+// blocks of a sequence are not at V's page numbers, and no plane is read through another's table.
+TEST(SplitPoolCache, KeepsEachPlaneInItsOwnPoolWithItsOwnBlockTable) {
+  std::mt19937 rng(21);
+  const CacheRecord record = records::gqa(2, 3, 5);
+  SplitPoolCache cache(record, 4, 12, 3);
+  ReferenceCache model(record);
+  std::vector<SequenceId> seqs;
+  for (int i = 0; i < 3; ++i) {
+    seqs.push_back(cache.add_sequence());
+    model.add(seqs.back());
+  }
+  for (Index n : {3, 6, 2, 5}) {  // in turns, so each sequence's pages are scattered
+    for (SequenceId seq : seqs) {
+      TokenBatch batch(record, n, rng);
+      cache.append(seq, n, batch.inputs(), batch.plane_count());
+      model.append(seq, batch, 0, n);
+    }
+  }
+  EXPECT_TRUE(holds_all(cache, model));
+  EXPECT_EQ(cache.pages_in_use(0), 3 * 4);
+  EXPECT_EQ(cache.pages_in_use(1), 3 * 4);
+  Index same_page_numbers = 0;
+  for (SequenceId seq : seqs) {
+    const SequenceView view = cache.view(seq);
+    ASSERT_EQ(view.block_count(), 4);
+    for (Index b = 0; b < view.block_count(); ++b) {
+      for (Index p = 0; p < 2; ++p) {
+        const auto* rows = reinterpret_cast<const std::byte*>(view.plane_block<float>(p, b));
+        EXPECT_EQ(rows, cache.page_of(seq, p, b) + SplitPoolCache::kHeaderBytes);
+        EXPECT_TRUE(rows >= cache.pool_begin(p) && rows < cache.pool_end(p))
+            << "plane " << p << " block " << b << " outside its pool";
+      }
+      same_page_numbers += cache.page_number(seq, 0, b) == cache.page_number(seq, 1, b);
+    }
+  }
+  EXPECT_EQ(same_page_numbers, 0) << "K and V pages handed out in the same order";
+}
+
+// The same tokens in a PagedKvCache and a SplitPoolCache: sequences of `lengths` tokens,
+// appended in turns of 1 to 5 tokens so that every sequence's pages are scattered in each pool.
+struct TwinCaches {
+  std::unique_ptr<PagedKvCache> paged;
+  std::unique_ptr<SplitPoolCache> split;
+  std::vector<std::pair<SequenceId, SequenceId>> seqs;  // {id in paged, id in split}
+};
+
+TwinCaches twin_caches(const CacheRecord& record, Index paged_page, Index split_page,
+                       const std::vector<Index>& lengths, std::mt19937& rng) {
+  const Index count = static_cast<Index>(lengths.size());
+  Index total = 0;
+  for (Index length : lengths) total += length;
+  TwinCaches twins;
+  twins.paged =
+      std::make_unique<PagedKvCache>(record, paged_page, total / paged_page + count, count);
+  twins.split =
+      std::make_unique<SplitPoolCache>(record, split_page, total / split_page + count, count);
+  for (Index i = 0; i < count; ++i)
+    twins.seqs.emplace_back(twins.paged->add_sequence(), twins.split->add_sequence());
+  for (bool more = true; more;) {
+    more = false;
+    for (std::size_t i = 0; i < lengths.size(); ++i) {
+      const Index rest = lengths[i] - twins.paged->length(twins.seqs[i].first);
+      if (rest == 0) continue;
+      const Index n = std::min(rest, std::uniform_int_distribution<Index>(1, 5)(rng));
+      TokenBatch batch(record, n, rng);
+      twins.paged->append(twins.seqs[i].first, n, batch.inputs(), batch.plane_count());
+      twins.split->append(twins.seqs[i].second, n, batch.inputs(), batch.plane_count());
+      more = true;
+    }
+  }
+  return twins;
+}
+
+std::vector<float> random_floats(Index n, std::mt19937& rng) {
+  std::uniform_real_distribution<float> value(-1.0f, 1.0f);
+  std::vector<float> out(static_cast<std::size_t>(n));
+  for (float& x : out) x = value(rng);
+  return out;
+}
+
+// attend(view, n, queries, out, lse) runs a kernel for the last n tokens of `view`, with
+// `query_floats` floats of query per token (from `queries`), writing out: [n, out_floats] and
+// lse: [n, heads]. For each sequence and several n (decode, a short and a long prefill), the
+// outputs over the paged view and the split view must agree: bit for bit when both caches have
+// pages of one size (the kernel then meets the same tiles), else to `tolerance`.
+template <class Attend>
+void expect_same_attention(const TwinCaches& twins, Index query_floats, Index out_floats,
+                           Index heads, float tolerance, std::mt19937& rng, Attend attend) {
+  for (const auto& ids : twins.seqs) {
+    const SequenceView paged = twins.paged->view(ids.first);
+    const SequenceView split = twins.split->view(ids.second);
+    ASSERT_EQ(paged.length(), split.length());
+    const Index length = paged.length();
+    for (Index n : {Index(1), Index(2), Index(7), length}) {
+      if (n > length) continue;
+      SCOPED_TRACE("sequence of " + std::to_string(length) + " tokens, last " + std::to_string(n));
+      const std::vector<float> q = random_floats(n * query_floats, rng);
+      std::vector<float> out_paged(static_cast<std::size_t>(n * out_floats), -7.0f);
+      std::vector<float> out_split = out_paged;
+      std::vector<float> lse_paged(static_cast<std::size_t>(n * heads), -7.0f);
+      std::vector<float> lse_split = lse_paged;
+      attend(paged, n, q.data(), out_paged.data(), lse_paged.data());
+      attend(split, n, q.data(), out_split.data(), lse_split.data());
+      for (std::size_t i = 0; i < out_paged.size(); ++i) {
+        ASSERT_TRUE(std::isfinite(out_paged[i])) << "out[" << i << "]";
+        if (tolerance == 0.0f) {
+          ASSERT_TRUE(same_bits(out_paged[i], out_split[i]))
+              << "out[" << i << "]: paged " << out_paged[i] << ", split " << out_split[i];
+        } else {
+          ASSERT_NEAR(out_paged[i], out_split[i], tolerance) << "out[" << i << "]";
+        }
+      }
+      for (std::size_t i = 0; i < lse_paged.size(); ++i) {
+        if (tolerance == 0.0f) {
+          ASSERT_TRUE(same_bits(lse_paged[i], lse_split[i]))
+              << "lse[" << i << "]: paged " << lse_paged[i] << ", split " << lse_split[i];
+        } else {
+          ASSERT_NEAR(lse_paged[i], lse_split[i], tolerance) << "lse[" << i << "]";
+        }
+      }
+    }
+  }
+}
+
+template <class Storage>
+void gqa_reads_split_pools_as_paged(Index paged_page, Index split_page, float tolerance) {
+  std::mt19937 rng(31);
+  const Index h = 4, g = 2, d = 8, dv = 6;
+  const GqaKernel<Storage> kernel(h, g, d, dv);
+  const TwinCaches twins =
+      twin_caches(kernel.cache_record(), paged_page, split_page, {1, 13, 50}, rng);
+  std::vector<float> workspace(static_cast<std::size_t>(kernel.workspace_floats()));
+  expect_same_attention(twins, h * d, h * dv, h, tolerance, rng,
+                        [&](const SequenceView& view, Index n, const float* q, float* out,
+                            float* lse) { kernel.attend(q, n, view, out, lse, workspace.data()); });
+}
+
+TEST(EngineCacheView, GqaKernelReadsAPoolPerPlaneAsItReadsAPagedCache) {
+  {
+    SCOPED_TRACE("f32, pages of 5 in both");
+    gqa_reads_split_pools_as_paged<float>(5, 5, 0.0f);
+  }
+  {
+    SCOPED_TRACE("bf16, pages of 16 in both");
+    gqa_reads_split_pools_as_paged<Eigen::bfloat16>(16, 16, 0.0f);
+  }
+  {
+    SCOPED_TRACE("f16, pages of 16 and of 3: other tiles, another summation order");
+    gqa_reads_split_pools_as_paged<Eigen::half>(16, 3, 1e-5f);
+  }
+}
+
+template <class Storage>
+void tpa_reads_split_pools_as_paged(Index paged_page, Index split_page, float tolerance) {
+  std::mt19937 rng(41);
+  TpaShape shape;
+  shape.heads = 5;
+  shape.head_dim = 8;
+  shape.value_dim = 6;
+  shape.rank_q = 2;
+  shape.rank_k = 2;
+  shape.rank_v = 1;
+  const TpaKernel<Storage> kernel(shape);
+  const TwinCaches twins =
+      twin_caches(kernel.cache_record(), paged_page, split_page, {2, 17, 40}, rng);
+  std::vector<float> workspace(static_cast<std::size_t>(kernel.workspace_floats()));
+  const Index a_floats = shape.rank_q * shape.heads;
+  const Index b_floats = shape.rank_q * shape.head_dim;
+  for (TpaOrder order : {TpaOrder::factor, TpaOrder::query}) {
+    SCOPED_TRACE(order == TpaOrder::factor ? "factored queries, factor order"
+                                           : "factored queries, query order");
+    // The factored queries of one token side by side: a_q, then b_q, split below.
+    expect_same_attention(
+        twins, a_floats + b_floats, shape.heads * shape.value_dim, shape.heads, tolerance, rng,
+        [&](const SequenceView& view, Index n, const float* q, float* out, float* lse) {
+          std::vector<float> a_q, b_q;
+          for (Index t = 0; t < n; ++t) {
+            const float* token = q + t * (a_floats + b_floats);
+            a_q.insert(a_q.end(), token, token + a_floats);
+            b_q.insert(b_q.end(), token + a_floats, token + a_floats + b_floats);
+          }
+          kernel.attend(a_q.data(), b_q.data(), n, view, out, lse, workspace.data(), order);
+        });
+  }
+  SCOPED_TRACE("materialised queries");
+  expect_same_attention(twins, shape.heads * shape.head_dim, shape.heads * shape.value_dim,
+                        shape.heads, tolerance, rng,
+                        [&](const SequenceView& view, Index n, const float* q, float* out,
+                            float* lse) { kernel.attend(q, n, view, out, lse, workspace.data()); });
+}
+
+TEST(EngineCacheView, TpaKernelReadsAPoolPerPlaneAsItReadsAPagedCache) {
+  {
+    SCOPED_TRACE("f32, pages of 7 in both");
+    tpa_reads_split_pools_as_paged<float>(7, 7, 0.0f);
+  }
+  {
+    SCOPED_TRACE("bf16, pages of 4 in both");
+    tpa_reads_split_pools_as_paged<Eigen::bfloat16>(4, 4, 0.0f);
+  }
+  {
+    SCOPED_TRACE("f32, pages of 16 and of 5");
+    tpa_reads_split_pools_as_paged<float>(16, 5, 1e-5f);
+  }
+}
+
+// The shared-table constructor is the per-plane one with every plane on one table: the same
+// addresses, block by block.
+TEST(SequenceView, ASharedTableIsOneTablePerPlaneWithTheSameBlocks) {
+  const CacheRecord record = records::gqa(1, 2, 3);  // K: 2 floats, V: 3 floats per token
+  std::vector<float> memory(4 * 20);
+  const std::byte* base = reinterpret_cast<const std::byte*>(memory.data());
+  // Blocks of 4 tokens: K rows at byte 0, V rows at byte 32 of each 80-byte block, in the order
+  // 2, 0, 3.
+  const std::byte* blocks[] = {base + 2 * 80, base, base + 3 * 80};
+  const Index offsets[] = {0, 32};
+  const PlaneTable tables[] = {{blocks, 0}, {blocks, 32}};
+  const SequenceView shared(&record, blocks, offsets, 4, 10);
+  const SequenceView per_plane(&record, tables, 4, 10);
+  ASSERT_EQ(per_plane.block_count(), 3);
+  EXPECT_EQ(per_plane.tokens_in_block(2), 2);
+  for (Index b = 0; b < 3; ++b)
+    for (Index p = 0; p < 2; ++p)
+      EXPECT_EQ(per_plane.plane_block<float>(p, b), shared.plane_block<float>(p, b));
+  EXPECT_EQ(per_plane.plane_block<float>(1, 1), memory.data() + 8);
+  EXPECT_EQ(per_plane.prefix(4).block_count(), 1);
+  EXPECT_EQ(per_plane.prefix(4).plane_block<float>(1, 0), memory.data() + 2 * 20 + 8);
+}
+
+// A view of tokens needs somewhere to read them from; an empty one does not.
+TEST(SequenceView, ConstructorsRejectMissingTablesAndBadSizes) {
+  const CacheRecord record = records::gqa(1, 2, 3);
+  std::vector<float> memory(40);
+  const std::byte* block = reinterpret_cast<const std::byte*>(memory.data());
+  const std::byte* const blocks[] = {block};
+  const Index offsets[] = {0, 32};
+  const PlaneTable tables[] = {{blocks, 0}, {nullptr, 32}};
+  EXPECT_TRUE(throws_error(
+      [&] { SequenceView view(&record, tables, 4, 3); },
+      {"SequenceView", "planes[1].blocks", "the block addresses of plane 'V'", "null"}));
+  EXPECT_TRUE(throws_error(
+      [&] { SequenceView view(&record, nullptr, 4, 3); },
+      {"SequenceView", "planes", "one table per plane for a sequence of 3 tokens", "null"}));
+  EXPECT_TRUE(throws_error(
+      [&] { SequenceView view(&record, blocks, nullptr, 4, 3); },
+      {"SequenceView", "blocks, plane_offsets", "non-null for a sequence of 3 tokens", "null"}));
+  EXPECT_TRUE(throws_error([&] { SequenceView view(nullptr, tables, 4, 0); },
+                           {"SequenceView", "record", "the cache's record", "null"}));
+  EXPECT_TRUE(throws_error([&] { SequenceView view(&record, tables, 0, 3); },
+                           {"SequenceView", "block_tokens", ">= 1", "0"}));
+  EXPECT_TRUE(throws_error([&] { SequenceView view(&record, blocks, offsets, 4, -1); },
+                           {"SequenceView", "length", ">= 0", "-1"}));
+  // An empty sequence needs no tables.
+  EXPECT_EQ(SequenceView(&record, nullptr, 4, 0).block_count(), 0);
+  EXPECT_EQ(SequenceView(&record, nullptr, nullptr, 4, 0).block_count(), 0);
 }
 
 }  // namespace
