@@ -3,8 +3,8 @@
 // how large a batch each fits in a memory budget -- every timed row held against this machine's
 // read bandwidth and fp32 FMA peak, measured at the start of the same run.
 //
-//   attention_bench [--preset=default|full|smoke] [--configs=a,b] [--layers=32]
-//                   [--budget_gib=16] [--max_cache_gib=G] [--page_tokens=16] [--raw]
+//   attention_bench [--preset=default|full|smoke] [--configs=a,b] [--threads=1,2]
+//                   [--layers=32] [--budget_gib=16] [--max_cache_gib=G] [--page_tokens=16] [--raw]
 //                   [Google Benchmark flags, e.g. --benchmark_filter=decode/paper-d128/
 //                    --benchmark_out=run.json --benchmark_out_format=json]
 //
@@ -23,6 +23,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "support/bench_rows.hpp"
@@ -44,6 +45,7 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 struct Options {
   std::string preset = "default";
   std::vector<std::string> configs;  // empty: all the preset names
+  std::vector<Index> threads;        // the rows' "all cores" thread counts; empty: 1 and all
   Index layers = 32;                 // memory budget: the model's layers
   double budget_gib = 16.0;          // memory budget
   double max_cache_gib = 0.0;        // rows needing more memory are skipped; 0: half the RAM
@@ -59,7 +61,22 @@ struct Limits {
 };
 
 Options g_options;
-Limits g_limits;
+Limits g_limits;                          // 1 thread
+std::map<Index, Limits> g_thread_limits;  // per thread count the rows use
+
+const Limits& limits_for(Index threads) {
+  const auto found = g_thread_limits.find(threads);
+  return found == g_thread_limits.end() ? g_limits : found->second;
+}
+
+// The executor of a row: null for one thread (the calling thread), else a pool kept for the run.
+tpattn::Executor* executor_for(Index threads) {
+  static std::map<Index, std::unique_ptr<tpattn::ThreadPool>> pools;
+  if (threads <= 1) return nullptr;
+  auto& pool = pools[threads];
+  if (!pool) pool = std::make_unique<tpattn::ThreadPool>(threads);
+  return pool.get();
+}
 
 double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -93,9 +110,10 @@ Index rotation_layers(double bytes_per_layer) {
   return std::clamp<Index>(static_cast<Index>(std::ceil(target / bytes_per_layer)), 1, 512);
 }
 
-// Appends `tokens` random tokens to each of `seqs` (one random chunk, repeated).
+// Appends length_of(i) random tokens to seqs[i] (one random chunk, repeated).
+template <class LengthOf>
 void fill(tpattn::KvCache& cache, const std::vector<tpattn::SequenceId>& seqs, Index tokens,
-          std::mt19937& rng) {
+          LengthOf length_of, std::mt19937& rng) {
   const tpattn::CacheRecord& record = cache.record();
   const Index chunk = std::min<Index>(tokens, 1024);
   std::normal_distribution<float> normal(0.0f, 0.5f);
@@ -107,10 +125,17 @@ void fill(tpattn::KvCache& cache, const std::vector<tpattn::SequenceId>& seqs, I
     for (float& v : rows[p]) v = normal(rng);
     planes[p] = {rows[p].data(), plane.rows, plane.cols};
   }
-  for (tpattn::SequenceId seq : seqs)
-    for (Index done = 0; done < tokens; done += chunk)
-      cache.append(seq, std::min(chunk, tokens - done), planes.data(),
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const Index length = length_of(static_cast<Index>(i));
+    for (Index done = 0; done < length; done += chunk)
+      cache.append(seqs[i], std::min(chunk, length - done), planes.data(),
                    static_cast<Index>(planes.size()));
+  }
+}
+void fill(tpattn::KvCache& cache, const std::vector<tpattn::SequenceId>& seqs, Index tokens,
+          std::mt19937& rng) {
+  fill(
+      cache, seqs, tokens, [tokens](Index) { return tokens; }, rng);
 }
 
 std::vector<float> random_floats(Index count, std::mt19937& rng, float scale) {
@@ -135,7 +160,8 @@ bool skip_if_too_large(benchmark::State& state, double bytes) {
 // The counters every timed row carries; `seconds` is the time of one step of one layer.
 void set_counters(benchmark::State& state, const Row& row, Index layers, double cache_bytes,
                   double bytes, double flops, double tokens, double seconds) {
-  const double t_bandwidth = bytes / g_limits.bandwidth, t_compute = flops / g_limits.fma_peak;
+  const Limits& limits = limits_for(row.threads);
+  const double t_bandwidth = bytes / limits.bandwidth, t_compute = flops / limits.fma_peak;
   using benchmark::Counter;
   state.counters["bytes_per_token"] =
       Counter(static_cast<double>(row.op->record(row.storage).bytes_per_token()));
@@ -149,12 +175,16 @@ void set_counters(benchmark::State& state, const Row& row, Index layers, double 
 }
 
 // ---- decode: the bare kernel, one new token per sequence over `tokens` cached ones -----------
+// The batch runs through the kernel's batched run(): one plan for the batch's lengths on
+// row.threads threads (one thread: one item per sequence, the unsplit kernel).
 
 struct DecodeFixture {
   std::unique_ptr<tpattn::ContiguousKvCache> cache;
   std::vector<tpattn::SequenceId> seqs;  // [layers][batch]
   Index layers = 0;
   BareKernel kernel;
+  tpattn::AttentionPlan plan;
+  std::vector<tpattn::SequenceView> views;  // [layers][batch]
   std::vector<float> query, out, workspace;
 };
 
@@ -162,7 +192,9 @@ template <class Storage>
 void run_decode(benchmark::State& state, const Row& row) {
   const OperatorSpec& op = *row.op;
   const tpattn::CacheRecord record = op.record(row.storage);
-  const double layer_bytes = static_cast<double>(row.batch * row.tokens * record.bytes_per_token());
+  Index batch_tokens = 0;
+  for (Index b = 0; b < row.batch; ++b) batch_tokens += row.length(b);
+  const double layer_bytes = static_cast<double>(batch_tokens * record.bytes_per_token());
   const Index layers = rotation_layers(layer_bytes);
   if (skip_if_too_large(state, layer_bytes * static_cast<double>(layers))) return;
 
@@ -174,32 +206,37 @@ void run_decode(benchmark::State& state, const Row& row) {
         std::make_unique<tpattn::ContiguousKvCache>(record, layers * row.batch, row.tokens);
     for (Index s = 0; s < layers * row.batch; ++s)
       fixture->seqs.push_back(fixture->cache->add_sequence());
-    fill(*fixture->cache, fixture->seqs, row.tokens, rng);
+    fill(
+        *fixture->cache, fixture->seqs, row.tokens,
+        [&](Index i) { return row.length(i % row.batch); }, rng);
     fixture->kernel = make_bare_kernel<Storage>(op);
+    std::vector<Index> lengths;
+    for (Index b = 0; b < row.batch; ++b) lengths.push_back(row.length(b));
+    fixture->plan.make(fixture->kernel.plan_shape, lengths.data(), nullptr, row.batch, row.threads);
+    for (tpattn::SequenceId seq : fixture->seqs)
+      fixture->views.push_back(fixture->cache->view(seq));
     fixture->query = random_floats(row.batch * op.query_floats(), rng, 0.3f);
     fixture->out.resize(static_cast<std::size_t>(row.batch * op.out_floats()));
-    fixture->workspace.resize(static_cast<std::size_t>(fixture->kernel.workspace_floats));
+    fixture->workspace.resize(static_cast<std::size_t>(fixture->plan.workspace_floats()));
     return fixture;
   });
 
+  tpattn::Executor* executor = executor_for(row.threads);
   double seconds = 0.0;
   Index layer = 0;
   for (auto _ : state) {
     const auto start = std::chrono::steady_clock::now();
-    for (Index b = 0; b < row.batch; ++b) {
-      f.kernel.attend(f.query.data() + b * op.query_floats(),
-                      f.cache->view(f.seqs[static_cast<std::size_t>(layer * row.batch + b)]),
-                      f.out.data() + b * op.out_floats(), f.workspace.data());
-    }
+    f.kernel.run(f.plan, f.views.data() + layer * row.batch, f.query.data(), f.out.data(),
+                 f.workspace.data(), executor);
     benchmark::ClobberMemory();
     seconds += seconds_since(start);
     layer = layer + 1 == f.layers ? 0 : layer + 1;
   }
   const double step = seconds / static_cast<double>(state.iterations());
-  const double batch = static_cast<double>(row.batch), tokens = static_cast<double>(row.tokens);
+  const double batch = static_cast<double>(row.batch), tokens = static_cast<double>(batch_tokens);
   const double bytes =
       layer_bytes + 4.0 * batch * static_cast<double>(op.query_floats() + op.out_floats());
-  const double flops = 2.0 * batch * (tokens * op.macs_per_pair() + op.macs_per_query());
+  const double flops = 2.0 * (tokens * op.macs_per_pair() + batch * op.macs_per_query());
   set_counters(state, row, f.layers, layer_bytes * static_cast<double>(f.layers), bytes, flops,
                batch, step);
 }
@@ -233,19 +270,20 @@ void run_layer_decode(benchmark::State& state, const Row& row) {
     fill(*fixture->cache, fixture->seqs, row.tokens, rng);
     for (Index l = 0; l < layers; ++l) {
       fixture->layers.push_back(make_layer<Storage>(op, rng));
-      fixture->layers.back().reserve(row.batch, 1);
+      fixture->layers.back().reserve(row.batch, row.batch, row.threads);
     }
     fixture->x = random_floats(row.batch * op.d_model, rng, 1.0f);
     fixture->y.resize(fixture->x.size());
     return fixture;
   });
 
+  tpattn::Executor* executor = executor_for(row.threads);
   double seconds = 0.0;
   std::size_t layer = 0;
   for (auto _ : state) {
     const tpattn::SequenceId* seqs = f.seqs.data() + layer * static_cast<std::size_t>(row.batch);
     const auto start = std::chrono::steady_clock::now();
-    f.layers[layer].decode(*f.cache, seqs, row.batch, f.x.data(), f.y.data());
+    f.layers[layer].decode(*f.cache, seqs, row.batch, f.x.data(), f.y.data(), executor);
     benchmark::ClobberMemory();
     seconds += seconds_since(start);
     for (Index b = 0; b < row.batch; ++b) f.cache->truncate(seqs[b], row.tokens);  // O(1)
@@ -284,16 +322,17 @@ void run_prefill(benchmark::State& state, const Row& row) {
     fixture->cache = std::make_unique<tpattn::ContiguousKvCache>(record, 1, row.tokens);
     fixture->seq = fixture->cache->add_sequence();
     fixture->layer = make_layer<Storage>(op, rng);
-    fixture->layer.reserve(1, row.tokens);
+    fixture->layer.reserve(1, row.tokens, row.threads);
     fixture->x = random_floats(row.tokens * op.d_model, rng, 1.0f);
     fixture->y.resize(fixture->x.size());
     return fixture;
   });
 
+  tpattn::Executor* executor = executor_for(row.threads);
   double seconds = 0.0;
   for (auto _ : state) {
     const auto start = std::chrono::steady_clock::now();
-    f.layer.prefill(*f.cache, f.seq, row.tokens, f.x.data(), f.y.data());
+    f.layer.prefill(*f.cache, f.seq, row.tokens, f.x.data(), f.y.data(), executor);
     benchmark::ClobberMemory();
     seconds += seconds_since(start);
     f.cache->truncate(f.seq, 0);
@@ -363,19 +402,36 @@ struct Prefill {
   void operator()(benchmark::State& s, const Row& r) { run_prefill<S>(s, r); }
 };
 
+// The limits at `threads` threads: a streaming read of >= 1 GiB in all (64 MiB for smoke) and
+// the register-resident FMA loop, best of 5 passes (1 for smoke), every thread at once.
+Limits measure_limits(Index threads) {
+  const bool smoke = g_options.preset == "smoke";
+  Limits limits;
+  limits.bandwidth = measure_read_bandwidth(smoke ? Index(64) << 20 : Index(1) << 30, smoke ? 1 : 5,
+                                            static_cast<int>(threads));
+  limits.fma_peak = measure_fma_peak(smoke ? 1 : 5, static_cast<int>(threads));
+  return limits;
+}
+
 // The limits again, after every row: a shared machine's bandwidth can drift by 20% within
 // minutes, and rooflines are only as good as the limits they divide by.
-constexpr const char* kEndLimitsRow = "limits/end-of-run/threads:1";
+std::string end_limits_row(Index threads) {
+  return "limits/end-of-run/threads:" + std::to_string(threads);
+}
 
-void run_end_limits(benchmark::State& state) {
-  const bool smoke = g_options.preset == "smoke";
+void run_end_limits(benchmark::State& state, Index threads) {
   Limits end;
-  for (auto _ : state) {
-    end.bandwidth = measure_read_bandwidth(smoke ? Index(64) << 20 : Index(1) << 30, smoke ? 1 : 5);
-    end.fma_peak = measure_fma_peak(smoke ? 1 : 5);
-  }
+  for (auto _ : state) end = measure_limits(threads);
   state.counters["GB_per_s"] = benchmark::Counter(end.bandwidth / 1e9);
   state.counters["GFLOP_per_s"] = benchmark::Counter(end.fma_peak / 1e9);
+}
+
+// Every thread count the rows use, ascending.
+std::vector<Index> thread_counts(const std::vector<Row>& rows) {
+  std::set<Index> counts = {1};
+  for (const Row& row : rows)
+    if (row.kind != Kind::budget) counts.insert(row.threads);
+  return {counts.begin(), counts.end()};
 }
 
 void register_rows(const std::vector<Row>& rows) {
@@ -390,7 +446,11 @@ void register_rows(const std::vector<Row>& rows) {
     });
     b->Unit(row.kind == Kind::prefill ? benchmark::kMillisecond : benchmark::kMicrosecond);
   }
-  benchmark::RegisterBenchmark(kEndLimitsRow, run_end_limits)->Unit(benchmark::kMillisecond);
+  for (Index threads : thread_counts(rows))
+    benchmark::RegisterBenchmark(end_limits_row(threads).c_str(), [threads](
+                                                                      benchmark::State& state) {
+      run_end_limits(state, threads);
+    })->Unit(benchmark::kMillisecond);
 }
 
 // ---- the report: collect every run, print the summary tables ----------------------------------
@@ -465,6 +525,13 @@ void print_limits() {
       "Limits measured in this run (1 thread): %.1f GB/s streaming read, %.1f GFLOP/s fp32 FMA "
       "peak (Eigen GEMM %.1f GFLOP/s, for reference)\n",
       g_limits.bandwidth / 1e9, g_limits.fma_peak / 1e9, g_limits.gemm / 1e9);
+  for (const auto& [threads, limits] : g_thread_limits)
+    if (threads > 1)
+      std::printf(
+          "Limits at %td threads: %.1f GB/s streaming read (%.2fx of 1 thread), %.1f "
+          "GFLOP/s fp32 FMA peak (%.2fx)\n",
+          threads, limits.bandwidth / 1e9, limits.bandwidth / g_limits.bandwidth,
+          limits.fma_peak / 1e9, limits.fma_peak / g_limits.fma_peak);
 }
 
 void print_cache_table(const std::vector<Row>& rows) {
@@ -492,22 +559,25 @@ void print_timed_table(Kind kind, const std::vector<Row>& rows,
       header = true;
       if (kind == Kind::decode)
         std::printf(
-            "\nDecode, bare kernel: one new token per sequence over `tokens` cached ones, one "
-            "layer, 1 thread (median of repetitions)\n");
+            "\nDecode, bare kernel: one new token per sequence over `tokens` cached ones (a "
+            "ragged batch: lengths spread over a-b), one layer (median of repetitions)\n");
       else if (kind == Kind::layer_decode)
         std::printf(
             "\nDecode, whole layer: projections, RoPE, cache append, attention, output "
-            "projection; one layer, 1 thread\n");
+            "projection; one layer\n");
       else
-        std::printf("\nPrefill, whole layer: causal prefill of `tokens` prompt tokens, 1 thread\n");
-      std::printf("%-17s %-11s %-5s %7s %5s %6s %11s %11s %7s %8s %8s %-7s\n", "config", "operator",
-                  "store", "tokens", "batch", "layers",
+        std::printf("\nPrefill, whole layer: causal prefill of `tokens` prompt tokens\n");
+      std::printf("%-17s %-11s %-5s %11s %5s %7s %6s %11s %11s %7s %8s %8s %-7s\n", "config",
+                  "operator", "store", "tokens", "batch", "threads", "layers",
                   kind == Kind::prefill ? "ms/prefill" : "us/step", "tokens/s", "GB/s", "GFLOP/s",
                   "roofline", "bound");
     }
     const Result& r = found->second;
-    std::printf("%-17s %-11s %-5s %7td %5td ", row.config->name.c_str(), row.op->name.c_str(),
-                tpattn::name_of(row.storage), row.tokens, row.batch);
+    const std::string tokens = row.shortest > 0
+                                   ? std::to_string(row.shortest) + "-" + std::to_string(row.tokens)
+                                   : std::to_string(row.tokens);
+    std::printf("%-17s %-11s %-5s %11s %5td %7td ", row.config->name.c_str(), row.op->name.c_str(),
+                tpattn::name_of(row.storage), tokens.c_str(), row.batch, row.threads);
     if (r.repetitions.empty()) {
       std::printf("%s\n", r.error.c_str());
       continue;
@@ -562,6 +632,8 @@ void print_usage() {
       "attention_bench: the five attention operators compared (docs/benchmarks.md)\n"
       "  --preset=default|full|smoke  which rows run (default: about 10 minutes on 2 cores)\n"
       "  --configs=a,b                only these configurations of the preset\n"
+      "  --threads=1,2                thread counts of the rows that compare thread counts\n"
+      "                               (default: 1 and every core of the machine)\n"
       "                               (t6-small, t6-medium, paper-d128, paper-d64,\n"
       "                                deepseek-v2-lite)\n"
       "  --layers=32 --budget_gib=16  the model and budget of the memory-budget table\n"
@@ -591,6 +663,16 @@ bool parse_options(int& argc, char** argv) {
       g_options.preset = v;
     } else if (const char* v = value_of("--configs")) {
       g_options.configs = split(v, ',');
+    } else if (const char* v = value_of("--threads")) {
+      for (const std::string& t : split(v, ',')) {
+        const long count = std::atol(t.c_str());
+        if (count < 1 || count > 1024) {
+          std::fprintf(stderr, "attention_bench: --threads wants counts in [1, 1024], got '%s'\n",
+                       t.c_str());
+          return false;
+        }
+        g_options.threads.push_back(count);
+      }
     } else if (const char* v = value_of("--layers")) {
       g_options.layers = std::atol(v);
     } else if (const char* v = value_of("--budget_gib")) {
@@ -616,6 +698,10 @@ bool parse_options(int& argc, char** argv) {
       std::fprintf(stderr, "attention_bench: unknown config '%s' (see --help)\n", name.c_str());
       return false;
     }
+  }
+  if (g_options.threads.empty()) {
+    const Index cores = std::max<Index>(1, static_cast<Index>(std::thread::hardware_concurrency()));
+    g_options.threads = {1, cores};
   }
   if (g_options.max_cache_gib == 0.0)
     g_options.max_cache_gib = 0.5 * static_cast<double>(physical_memory_bytes()) / kGiB;
@@ -663,19 +749,21 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&args_count, args.data());
   if (benchmark::ReportUnrecognizedArguments(args_count, args.data())) return 2;
 
-  const std::vector<Row> rows =
-      rows_of(*preset, g_options.configs, g_options.layers, g_options.budget_gib);
+  const std::vector<Row> rows = rows_of(*preset, g_options.configs, g_options.layers,
+                                        g_options.budget_gib, g_options.threads);
   register_rows(rows);
   if (has_flag(argc, argv, "--benchmark_list_tests")) {
     benchmark::RunSpecifiedBenchmarks();
     return 0;
   }
 
+  g_limits = measure_limits(1);
   g_limits.l3_bytes = l3_cache_bytes();
-  g_limits.bandwidth =
-      measure_read_bandwidth(smoke ? Index(64) << 20 : Index(1) << 30, smoke ? 1 : 5);
-  g_limits.fma_peak = measure_fma_peak(smoke ? 1 : 5);
   g_limits.gemm = measure_gemm_rate(smoke ? 256 : 1024, smoke ? 1 : 3);
+  for (Index threads : thread_counts(rows)) {
+    g_thread_limits[threads] = threads == 1 ? g_limits : measure_limits(threads);
+    g_thread_limits[threads].l3_bytes = g_limits.l3_bytes;
+  }
   const auto number = [](double value) {
     char text[32];
     std::snprintf(text, sizeof text, "%.2f", value);
@@ -690,9 +778,15 @@ int main(int argc, char** argv) {
   benchmark::AddCustomContext("tpattn_layers", std::to_string(g_options.layers));
   benchmark::AddCustomContext("tpattn_budget_gib", number(g_options.budget_gib));
   benchmark::AddCustomContext("tpattn_page_tokens", std::to_string(g_options.page_tokens));
-  benchmark::AddCustomContext("tpattn_threads", "1");
-  benchmark::AddCustomContext("tpattn_bandwidth_GBps_t1", number(g_limits.bandwidth / 1e9));
-  benchmark::AddCustomContext("tpattn_fma_peak_GFLOPs_t1", number(g_limits.fma_peak / 1e9));
+  std::string thread_list;
+  for (Index threads : thread_counts(rows)) {
+    const Limits& limits = g_thread_limits[threads];
+    const std::string t = std::to_string(threads);
+    thread_list += (thread_list.empty() ? "" : ",") + t;
+    benchmark::AddCustomContext("tpattn_bandwidth_GBps_t" + t, number(limits.bandwidth / 1e9));
+    benchmark::AddCustomContext("tpattn_fma_peak_GFLOPs_t" + t, number(limits.fma_peak / 1e9));
+  }
+  benchmark::AddCustomContext("tpattn_threads", thread_list);
   benchmark::AddCustomContext("tpattn_gemm_GFLOPs_t1", number(g_limits.gemm / 1e9));
 
   std::printf("tpattn attention benchmark, preset '%s': %s, %s, %s\n", preset->name.c_str(),
@@ -700,7 +794,7 @@ int main(int argc, char** argv) {
   print_limits();
   std::fflush(stdout);
 
-  SummaryReporter reporter(rows.size() + 1, g_options.raw);  // + the end-of-run limits
+  SummaryReporter reporter(rows.size() + thread_counts(rows).size(), g_options.raw);
   benchmark::RunSpecifiedBenchmarks(&reporter);
   g_fixture = {};
 
@@ -708,14 +802,18 @@ int main(int argc, char** argv) {
   for (Kind kind : {Kind::decode, Kind::layer_decode, Kind::prefill})
     print_timed_table(kind, rows, reporter.results());
   print_budget_table(rows, reporter.results());
-  const auto end = reporter.results().find(kEndLimitsRow);
-  if (end != reporter.results().end() && !end->second.repetitions.empty()) {
+  for (Index threads : thread_counts(rows)) {
+    const auto end = reporter.results().find(end_limits_row(threads));
+    if (end == reporter.results().end() || end->second.repetitions.empty()) continue;
+    const Limits& start = g_thread_limits[threads];
     const double bandwidth = end->second.median("GB_per_s") * 1e9;
     const double fma_peak = end->second.median("GFLOP_per_s") * 1e9;
-    std::printf("\nLimits measured again at the end of the run: %.1f GB/s, %.1f GFLOP/s.\n",
-                bandwidth / 1e9, fma_peak / 1e9);
-    const double drift = std::max(std::abs(bandwidth / g_limits.bandwidth - 1.0),
-                                  std::abs(fma_peak / g_limits.fma_peak - 1.0));
+    std::printf(
+        "\nLimits at %td thread(s) measured again at the end of the run: %.1f GB/s, "
+        "%.1f GFLOP/s.\n",
+        threads, bandwidth / 1e9, fma_peak / 1e9);
+    const double drift = std::max(std::abs(bandwidth / start.bandwidth - 1.0),
+                                  std::abs(fma_peak / start.fma_peak - 1.0));
     if (drift > 0.1 && g_options.preset != "smoke")  // smoke's one-pass limits are rough
       std::printf(
           "WARNING: the machine's limits moved by %.0f%% during the run (a shared "

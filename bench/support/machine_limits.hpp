@@ -1,5 +1,6 @@
 // bench/support/machine_limits.hpp -- this machine's limits, measured in the benchmark's own run:
-// streaming read bandwidth and the fp32 FMA peak (docs/benchmarks.md, "The limits").
+// streaming read bandwidth and the fp32 FMA peak, at each thread count the rows use
+// (docs/benchmarks.md, "The limits").
 //
 // A decode step reads its whole cache once, so its floor is bytes / bandwidth; TPA and absorbed
 // MLA do many flops per cached byte, so theirs can be flops / FMA peak. Both probes use Eigen's
@@ -11,10 +12,12 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <fstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tpattn/core/matrix.hpp"
@@ -33,21 +36,47 @@ inline double seconds_since(std::chrono::steady_clock::time_point start) {
 
 // Keeps a value alive without a benchmark library call (these probes run before it starts).
 inline void keep(const void* p) { asm volatile("" : : "g"(p) : "memory"); }
+
+// Runs probe(thread) on `threads` threads at once (the calling thread is thread 0), released
+// together, and returns the longest of their times in seconds: the time all of them needed.
+template <class Probe>
+double run_together(int threads, Probe probe) {
+  std::atomic<int> ready{0};
+  std::atomic<bool> go{false};
+  std::vector<double> seconds(static_cast<std::size_t>(threads), 0.0);
+  const auto body = [&](int t) {
+    ready.fetch_add(1);
+    while (!go.load()) {
+    }
+    const auto start = std::chrono::steady_clock::now();
+    probe(t);
+    seconds[static_cast<std::size_t>(t)] = seconds_since(start);
+  };
+  std::vector<std::thread> workers;
+  for (int t = 1; t < threads; ++t) workers.emplace_back(body, t);
+  while (ready.load() < threads - 1) {
+  }
+  ready.fetch_add(1);
+  go.store(true);
+  body(0);
+  for (std::thread& w : workers) w.join();
+  return *std::max_element(seconds.begin(), seconds.end());
+}
 }  // namespace detail
 
-// Bytes per second of a streaming read of `bytes` (make it far beyond the L3), the best of
-// `passes` over a buffer written once. 16 independent packet accumulators: one add chain per
-// packet would wait on the add latency and under-read the memory (spec: >= 8 accumulators).
-inline double measure_read_bandwidth(Index bytes, int passes) {
+// Bytes per second of a streaming read of `bytes` in all (make it far beyond the L3) by
+// `threads` threads at once, each over its own share, the best of `passes` over buffers written
+// once. 16 independent packet accumulators: one add chain per packet would wait on the add
+// latency and under-read the memory (spec: >= 8 accumulators).
+inline double measure_read_bandwidth(Index bytes, int passes, int threads = 1) {
   using namespace detail;
   constexpr int kChains = 16;
   constexpr Index kStep = kChains * kPacketFloats;
-  const Index floats = bytes / Index(sizeof(float)) / kStep * kStep;
-  std::vector<float> buffer(static_cast<std::size_t>(floats), 1.0f);  // written once: paged in
-  const float* data = buffer.data();
-  double best = 0.0;
-  for (int pass = 0; pass < passes; ++pass) {
-    const auto start = std::chrono::steady_clock::now();
+  const Index floats = bytes / threads / Index(sizeof(float)) / kStep * kStep;  // per thread
+  std::vector<std::vector<float>> buffers(static_cast<std::size_t>(threads));
+  for (auto& buffer : buffers) buffer.assign(static_cast<std::size_t>(floats), 1.0f);  // paged in
+  const auto read = [&](int t) {
+    const float* data = buffers[static_cast<std::size_t>(t)].data();
     Packet acc[kChains];
     for (Packet& a : acc) a = Eigen::internal::pset1<Packet>(0.0f);
     for (Index i = 0; i < floats; i += kStep) {
@@ -58,36 +87,42 @@ inline double measure_read_bandwidth(Index bytes, int passes) {
     for (int c = 1; c < kChains; ++c) acc[0] = Eigen::internal::padd(acc[0], acc[c]);
     float total = Eigen::internal::predux(acc[0]);
     keep(&total);
-    best = std::max(best, static_cast<double>(floats) * sizeof(float) / seconds_since(start));
+  };
+  double best = 0.0;
+  for (int pass = 0; pass < passes; ++pass) {
+    const double seconds = run_together(threads, read);
+    best = std::max(best, static_cast<double>(floats) * threads * sizeof(float) / seconds);
   }
   return best;
 }
 
-// Flop per second of `passes` register-resident loops of 12 independent FMA chains (the FMA
-// latency, 4-5 cycles, times two pipes needs >= 10 chains in flight), the best pass. The chains
-// multiply by a number just below one and add a small one, so values stay normal and bounded.
-inline double measure_fma_peak(int passes) {
+// Flop per second of `threads` threads at once, each running register-resident loops of 12
+// independent FMA chains (the FMA latency, 4-5 cycles, times two pipes needs >= 10 chains in
+// flight), the best of `passes`. The chains multiply by a number just below one and add a
+// small one, so values stay normal and bounded.
+inline double measure_fma_peak(int passes, int threads = 1) {
   using namespace detail;
   constexpr int kChains = 12;
   constexpr Index kIterations = Index(1) << 24;
-  double best = 0.0;
-  for (int pass = 0; pass < passes; ++pass) {
+  const auto loop = [&](int) {
     volatile float opaque = 0.999999f;  // unknown to the compiler: the loop cannot be folded
     const float seed = opaque;
     const Packet scale = Eigen::internal::pset1<Packet>(seed);
     const Packet shift = Eigen::internal::pset1<Packet>(1e-7f * seed);
     Packet acc[kChains];
     for (int c = 0; c < kChains; ++c) acc[c] = Eigen::internal::pset1<Packet>(0.5f + 0.01f * c);
-    const auto start = std::chrono::steady_clock::now();
     for (Index i = 0; i < kIterations; ++i) {
       for (int c = 0; c < kChains; ++c) acc[c] = Eigen::internal::pmadd(acc[c], scale, shift);
     }
-    const double seconds = seconds_since(start);
     for (int c = 1; c < kChains; ++c) acc[0] = Eigen::internal::padd(acc[0], acc[c]);
     float total = Eigen::internal::predux(acc[0]);
     keep(&total);
-    best =
-        std::max(best, 2.0 * kChains * kPacketFloats * static_cast<double>(kIterations) / seconds);
+  };
+  double best = 0.0;
+  for (int pass = 0; pass < passes; ++pass) {
+    const double seconds = run_together(threads, loop);
+    best = std::max(
+        best, 2.0 * kChains * kPacketFloats * static_cast<double>(kIterations) * threads / seconds);
   }
   return best;
 }

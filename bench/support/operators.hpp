@@ -12,44 +12,52 @@
 
 namespace tpattn_bench {
 
-// The bare kernel: one query token of the last cached position, out and workspace caller-owned.
+// The bare kernel's batched run: plan_shape for AttentionPlan::make, then run(plan, views,
+// query, out, workspace, executor) for the plan's sequences, one query token each.
 struct BareKernel {
-  Index workspace_floats = 0;
-  // query: OperatorSpec::query_floats() floats (TPA: A_Q [R_Q, h] then B_Q [R_Q, d_h]).
-  std::function<void(const float* query, const tpattn::SequenceView&, float* out, float* ws)>
-      attend;
+  tpattn::PlanShape plan_shape;
+  // query: plan.query_tokens() x OperatorSpec::query_floats() floats (TPA: every token's A_Q
+  // [R_Q, h] first, then every token's B_Q [R_Q, d_h]); out: plan.query_tokens() x out_floats().
+  std::function<void(const tpattn::AttentionPlan&, const tpattn::SequenceView* views,
+                     const float* query, float* out, float* workspace, tpattn::Executor*)>
+      run;
 };
 
 template <class Storage>
 BareKernel make_bare_kernel(const OperatorSpec& spec) {
+  using tpattn::AttentionPlan, tpattn::Executor, tpattn::SequenceView;
   BareKernel k;
   if (spec.family == Family::gqa) {
     auto kernel = std::make_shared<tpattn::GqaKernel<Storage>>(spec.heads, spec.kv_heads,
                                                                spec.head_dim, spec.value_dim);
-    k.workspace_floats = kernel->workspace_floats();
-    k.attend = [kernel](const float* q, const tpattn::SequenceView& view, float* out, float* ws) {
-      kernel->attend(q, 1, view, out, nullptr, ws);
+    k.plan_shape = kernel->plan_shape();
+    k.run = [kernel](const AttentionPlan& plan, const SequenceView* views, const float* q,
+                     float* out, float* ws, Executor* executor) {
+      kernel->run(plan, views, plan.batch(), q, out, nullptr, ws, executor);
     };
   } else if (spec.family == Family::mla) {
     const float scale = 1.0f / std::sqrt(static_cast<float>(spec.head_dim + spec.rope_dim));
     auto kernel = std::make_shared<tpattn::MlaKernel<Storage>>(spec.heads, spec.kv_latent,
                                                                spec.rope_dim, scale);
-    k.workspace_floats = kernel->workspace_floats();
-    k.attend = [kernel](const float* q, const tpattn::SequenceView& view, float* out, float* ws) {
-      kernel->attend(q, 1, view, out, nullptr, ws);
+    k.plan_shape = kernel->plan_shape();
+    k.run = [kernel](const AttentionPlan& plan, const SequenceView* views, const float* q,
+                     float* out, float* ws, Executor* executor) {
+      kernel->run(plan, views, plan.batch(), q, out, nullptr, ws, executor);
     };
   } else {
     auto kernel = std::make_shared<tpattn::TpaKernel<Storage>>(spec.tpa_shape());
-    k.workspace_floats = kernel->workspace_floats();
+    k.plan_shape = kernel->plan_shape();
     const Index a_q_floats = spec.rank_q * spec.heads;
     if (spec.rank_q == 0) {
-      k.attend = [kernel](const float* q, const tpattn::SequenceView& view, float* out, float* ws) {
-        kernel->attend(q, 1, view, out, nullptr, ws);
+      k.run = [kernel](const AttentionPlan& plan, const SequenceView* views, const float* q,
+                       float* out, float* ws, Executor* executor) {
+        kernel->run(plan, views, plan.batch(), q, out, nullptr, ws, executor);
       };
     } else {
-      k.attend = [kernel, a_q_floats](const float* q, const tpattn::SequenceView& view, float* out,
-                                      float* ws) {
-        kernel->attend(q, q + a_q_floats, 1, view, out, nullptr, ws);
+      k.run = [kernel, a_q_floats](const AttentionPlan& plan, const SequenceView* views,
+                                   const float* q, float* out, float* ws, Executor* executor) {
+        kernel->run(plan, views, plan.batch(), q, q + plan.query_tokens() * a_q_floats, out,
+                    nullptr, ws, executor);
       };
     }
   }
@@ -59,12 +67,13 @@ BareKernel make_bare_kernel(const OperatorSpec& spec) {
 // A whole layer: hidden states in and out, [rows, d_model].
 struct Layer {
   std::function<void(tpattn::KvCache&, const tpattn::SequenceId*, tpattn::Index batch,
-                     const float* x, float* y)>
+                     const float* x, float* y, tpattn::Executor*)>
       decode;
   std::function<void(tpattn::KvCache&, tpattn::SequenceId, tpattn::Index n, const float* x,
-                     float* y)>
+                     float* y, tpattn::Executor*)>
       prefill;
-  std::function<void(tpattn::Index max_batch, tpattn::Index max_tokens)> reserve;
+  std::function<void(tpattn::Index max_batch, tpattn::Index max_tokens, tpattn::Index threads)>
+      reserve;
 };
 
 namespace detail {
@@ -81,10 +90,15 @@ template <class Op>
 Layer wrap(std::shared_ptr<Op> op) {
   Layer layer;
   layer.decode = [op](tpattn::KvCache& cache, const tpattn::SequenceId* seqs, Index batch,
-                      const float* x, float* y) { op->decode(cache, seqs, batch, x, y); };
+                      const float* x, float* y, tpattn::Executor* executor) {
+    op->decode(cache, seqs, batch, x, y, executor);
+  };
   layer.prefill = [op](tpattn::KvCache& cache, tpattn::SequenceId seq, Index n, const float* x,
-                       float* y) { op->prefill(cache, seq, n, x, y); };
-  layer.reserve = [op](Index max_batch, Index max_tokens) { op->reserve(max_batch, max_tokens); };
+                       float* y,
+                       tpattn::Executor* executor) { op->prefill(cache, seq, n, x, y, executor); };
+  layer.reserve = [op](Index max_batch, Index max_tokens, Index threads) {
+    op->reserve(max_batch, max_tokens, threads);
+  };
   return layer;
 }
 }  // namespace detail

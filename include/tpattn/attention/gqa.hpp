@@ -210,10 +210,10 @@ class GroupedQueryAttention : public detail::AttentionLayer<GroupedQueryAttentio
   }
 
   // q = W_Q x, k = W_K x, v = W_V x
-  void project(const float* x, Index rows, const Buffers& b) const {
-    linear(weights_.w_q, x, rows, b.q);
-    linear(weights_.w_k, x, rows, b.k);
-    linear(weights_.w_v, x, rows, b.v);
+  void project(const float* x, Index rows, const Buffers& b, Executor* executor) const {
+    linear(weights_.w_q, x, rows, b.q, executor);
+    linear(weights_.w_k, x, rows, b.k, executor);
+    linear(weights_.w_v, x, rows, b.v, executor);
   }
 
   // RoPE on q and k (never v); rows [row, row + count) are tokens at position, position + 1, ...
@@ -238,7 +238,9 @@ class GroupedQueryAttention : public detail::AttentionLayer<GroupedQueryAttentio
   }
 
   // y = W_O [o_1 .. o_h]
-  void output(const Buffers& b, Index rows, float* y) const { linear(weights_.w_o, b.o, rows, y); }
+  void output(const Buffers& b, Index rows, float* y, Executor* executor) const {
+    linear(weights_.w_o, b.o, rows, y, executor);
+  }
 
   GqaConfig config_;
   Index floats_per_row_;

@@ -10,11 +10,11 @@
 //   struct Buffers;                                   pointers into the planned workspace
 //   Index floats_per_row() const;                     workspace floats per token row
 //   Buffers carve(float* memory, Index rows) const;   the kernel's part last, from b.kernel
-//   void project(const float* x, Index rows, const Buffers&) const;
+//   void project(const float* x, Index rows, const Buffers&, Executor*) const;
 //   void rotate(const Buffers&, Index row, Index count, Index position) const;
 //   void cache_planes(const Buffers&, Index row, PlaneInput* planes) const;  // record order
 //   void attend(const Buffers&, const AttentionPlan&, const SequenceView*, Executor*) const;
-//   void output(const Buffers&, Index rows, float* y) const;
+//   void output(const Buffers&, Index rows, float* y, Executor*) const;
 // and the public cache_record() and kernel() (whose plan_shape() the plan is made for). Its
 // constructor runs every check, size products included, before it allocates anything (the
 // base's call names too); here the workspace is checked before it is allocated.
@@ -112,7 +112,7 @@ class AttentionLayer {
     plan_.make(self().kernel().plan_shape(), lengths_.data(), new_tokens, batch, threads, call);
     const auto buffers =
         self().carve(workspace_floats_for(call, rows, plan_.workspace_floats()), rows);
-    self().project(x, rows, buffers);
+    self().project(x, rows, buffers, executor);
     for (Index b = 0; b < batch; ++b)
       self().rotate(buffers, plan_.token_offset(b), count_of(b), lengths_[b] - count_of(b));
     append_each(call, cache, seqs, new_tokens, batch, [&](Index b, PlaneInput* planes) {
@@ -126,7 +126,7 @@ class AttentionLayer {
       for (Index b = 0; b < batch; ++b) cache.truncate(seqs[b], lengths_[b] - count_of(b));
       rethrow_as_error(call);
     }
-    self().output(buffers, rows, y);
+    self().output(buffers, rows, y, executor);
   }
 
   static void rethrow_as_error(const char* call) {

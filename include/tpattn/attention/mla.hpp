@@ -260,19 +260,19 @@ class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAt
 
   // c'_t = RMSNorm(W_DQ x) (optional); [qC | qR] = W_UQ c'_t;  [c | kR] = W_DKV x;
   // c <- RMSNorm(c) (optional); then the absorbed query [W_UK_i^T qC_i | qR_i] per head.
-  void project(const float* x, Index rows, const Buffers& b) const {
+  void project(const float* x, Index rows, const Buffers& b, Executor* executor) const {
     const Index h = config_.heads, dh = config_.head_dim, dc = config_.kv_latent_dim;
     const Index dr = config_.rope_dim;
     if (config_.q_latent_dim > 0) {
-      linear(weights_.w_dq, x, rows, b.q_latent);
+      linear(weights_.w_dq, x, rows, b.q_latent, executor);
       if (config_.normalize_q_latent)
         rms_norm(b.q_latent, rows, config_.q_latent_dim, config_.q_latent_dim,
                  weights_.q_norm.data(), config_.norm_eps);
-      linear(weights_.w_uq, b.q_latent, rows, b.q);
+      linear(weights_.w_uq, b.q_latent, rows, b.q, executor);
     } else {
-      linear(weights_.w_uq, x, rows, b.q);
+      linear(weights_.w_uq, x, rows, b.q, executor);
     }
-    linear(weights_.w_dkv, x, rows, b.kv);
+    linear(weights_.w_dkv, x, rows, b.kv, executor);
     if (config_.normalize_kv_latent)
       rms_norm(b.kv, rows, dc, kv_width(), weights_.kv_norm.data(), config_.norm_eps);
     const ConstMatrixMap kv = map_matrix(static_cast<const float*>(b.kv), rows, kv_width());
@@ -280,14 +280,16 @@ class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAt
     map_matrix(b.rope_key, rows, dr) = kv.rightCols(dr);
 
     const Index head_rows = dh + config_.value_dim;  // rows of w_ukv per head: [W_UK_i | W_UV_i]
-    for (Index i = 0; i < h; ++i) {
-      const float* q_head = b.q + i * query_width();
-      MatrixMap absorbed = map_matrix(b.absorbed + i * absorbed_width(), rows, absorbed_width(),
-                                      h * absorbed_width());
-      multiply(map_matrix(q_head, rows, dh, h * query_width()),
-               weights_.w_ukv.middleRows(i * head_rows, dh), absorbed.leftCols(dc));
-      absorbed.rightCols(dr) = map_matrix(q_head + dh, rows, dr, h * query_width());
-    }
+    parallel_ranges(executor, h, 1, [&](Index first, Index end) {
+      for (Index i = first; i < end; ++i) {
+        const float* q_head = b.q + i * query_width();
+        MatrixMap absorbed = map_matrix(b.absorbed + i * absorbed_width(), rows, absorbed_width(),
+                                        h * absorbed_width());
+        multiply(map_matrix(q_head, rows, dh, h * query_width()),
+                 weights_.w_ukv.middleRows(i * head_rows, dh), absorbed.leftCols(dc));
+        absorbed.rightCols(dr) = map_matrix(q_head + dh, rows, dr, h * query_width());
+      }
+    });
   }
 
   // RoPE on every head's qR (inside the absorbed query) and on kR.
@@ -313,14 +315,16 @@ class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAt
   }
 
   // o_i = W_UV_i latent_out_i per head, then y = W_O [o_1 .. o_h].
-  void output(const Buffers& b, Index rows, float* y) const {
+  void output(const Buffers& b, Index rows, float* y, Executor* executor) const {
     const Index h = config_.heads, dh = config_.head_dim, dv = config_.value_dim;
     const Index dc = config_.kv_latent_dim;
-    for (Index i = 0; i < h; ++i)
-      multiply(map_matrix(static_cast<const float*>(b.latent_out) + i * dc, rows, dc, h * dc),
-               weights_.w_ukv.middleRows(i * (dh + dv) + dh, dv).transpose(),
-               map_matrix(b.o + i * dv, rows, dv, h * dv));
-    linear(weights_.w_o, b.o, rows, y);
+    parallel_ranges(executor, h, 1, [&](Index first, Index end) {
+      for (Index i = first; i < end; ++i)
+        multiply(map_matrix(static_cast<const float*>(b.latent_out) + i * dc, rows, dc, h * dc),
+                 weights_.w_ukv.middleRows(i * (dh + dv) + dh, dv).transpose(),
+                 map_matrix(b.o + i * dv, rows, dv, h * dv));
+    });
+    linear(weights_.w_o, b.o, rows, y, executor);
   }
 
   MlaConfig config_;

@@ -321,8 +321,10 @@ class TensorProductAttention : public detail::AttentionLayer<TensorProductAttent
   }
 
   // The six factors A_Q = W_AQ x, B_Q = W_BQ x, ..., B_V = W_BV x (KV-only: q = W_Q x).
-  void project(const float* x, Index rows, const Buffers& b) const {
-    auto apply = [&](const RowMatrix& weight, float* out) { linear(weight, x, rows, out); };
+  void project(const float* x, Index rows, const Buffers& b, Executor* executor) const {
+    auto apply = [&](const RowMatrix& weight, float* out) {
+      linear(weight, x, rows, out, executor);
+    };
     if (kv_only()) {
       apply(weights_.w_q, b.q);
     } else {
@@ -368,7 +370,9 @@ class TensorProductAttention : public detail::AttentionLayer<TensorProductAttent
   }
 
   // y = W_O [o_1 .. o_h]
-  void output(const Buffers& b, Index rows, float* y) const { linear(weights_.w_o, b.o, rows, y); }
+  void output(const Buffers& b, Index rows, float* y, Executor* executor) const {
+    linear(weights_.w_o, b.o, rows, y, executor);
+  }
 
   TpaConfig config_;
   Index floats_per_row_;

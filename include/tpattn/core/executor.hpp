@@ -96,4 +96,25 @@ inline void run_tasks(Executor* executor, Index tasks, TaskRef task) {
   }
 }
 
+// Cuts [0, count) into at most executor->concurrency() contiguous ranges of whole `grain`s and
+// calls range(begin, end) for each, one task per range (null executor: one range, the calling
+// thread). For loops whose iterations write disjoint outputs, e.g. the output features of a
+// projection. range must not throw.
+template <class Range>
+void parallel_ranges(Executor* executor, Index count, Index grain, Range&& range) {
+  const Index grains = (count + grain - 1) / grain;
+  const Index threads = executor == nullptr ? 1 : executor->concurrency();
+  const Index tasks = threads < grains ? threads : grains;
+  if (executor == nullptr || tasks <= 1) {
+    if (count > 0) range(Index{0}, count);
+    return;
+  }
+  auto task = [&](Index t) {
+    const Index begin = grains * t / tasks * grain;
+    const Index end = grains * (t + 1) / tasks * grain;
+    if (begin < end) range(begin, end < count ? end : count);
+  };
+  executor->run(tasks, TaskRef(task));
+}
+
 }  // namespace tpattn

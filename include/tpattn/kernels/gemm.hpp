@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "tpattn/core/error.hpp"
+#include "tpattn/core/executor.hpp"
 #include "tpattn/core/matrix.hpp"
 
 namespace tpattn {
@@ -147,9 +148,17 @@ inline void small_product(const float* a, Index a_row_stride, Index a_depth_stri
 }
 
 // y: [rows, out] = x: [rows, in] W^T for a row-major `out x in` weight (a bias-free linear layer).
-inline void linear(const RowMatrix& weight, const float* x, Index rows, float* y) {
-  multiply(map_matrix(x, rows, weight.cols()), weight.transpose(),
-           map_matrix(y, rows, weight.rows()));
+// With an executor, the output features are shared among its threads (a decode step's
+// projections read the weights once: the threads' shares of the bandwidth add up).
+inline void linear(const RowMatrix& weight, const float* x, Index rows, float* y,
+                   Executor* executor = nullptr) {
+  constexpr Index kFeatureGrain = 64;
+  const ConstMatrixMap input = map_matrix(x, rows, weight.cols());
+  MatrixMap output = map_matrix(y, rows, weight.rows());
+  parallel_ranges(executor, weight.rows(), kFeatureGrain, [&](Index begin, Index end) {
+    multiply(input, weight.middleRows(begin, end - begin).transpose(),
+             output.middleCols(begin, end - begin));
+  });
 }
 
 }  // namespace tpattn
