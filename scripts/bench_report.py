@@ -32,7 +32,7 @@ KINDS = {
 
 
 # attention_bench measures the machine's limits again after its last row, under this name.
-END_LIMITS_ROW = "limits/end-of-run/threads:1"
+END_LIMITS_PREFIX = "limits/end-of-run/threads:"  # then the thread count
 
 
 def fail(message):
@@ -160,9 +160,9 @@ def setup_section(context, json_path, end_limits=None):
               "larger of the two terms.", ""]
     rows = [[t, fmt(v.get("bandwidth_GBps")), fmt(v.get("fma_peak_GFLOPs")),
              fmt(v.get("gemm_GFLOPs"))] for t, v in limits(context).items()]
-    if end_limits:
-        rows.append(["1, again after the last row", fmt(end_limits.get("GB_per_s")),
-                     fmt(end_limits.get("GFLOP_per_s")), "–"])
+    for t, end in sorted((end_limits or {}).items()):
+        rows.append([f"{t}, again after the last row", fmt(end.get("GB_per_s")),
+                     fmt(end.get("GFLOP_per_s")), "–"])
     return lines + table(["Threads", "Read bandwidth (GB/s)", "fp32 FMA peak (GFLOP/s)",
                           "Eigen GEMM (GFLOP/s)"], rows)
 
@@ -197,7 +197,9 @@ def timed_sections(results, made):
             out = []
             for r in sorted(mine, key=lambda r: ops.index(r["operator"])):
                 p, row = r["params"], r["row"]
-                cells = [r["operator"], r["storage"], f"{p.get('tokens', 0):,}"]
+                tokens = p.get("tokens", 0)  # a ragged batch's "first-last" stays text
+                cells = [r["operator"], r["storage"],
+                         f"{tokens:,}" if isinstance(tokens, int) else tokens]
                 if kind != "prefill":
                     cells += [p.get("batch", "?")] + ([p.get("threads", 1)] if threads else [])
                 cells += [fmt(row["us"] / (1e3 if kind == "prefill" else 1)), fmt_rate(rate(r))]
@@ -316,7 +318,8 @@ def plot_bytes(plt, sizes, colors, storage, out_dir):
 def decode_panels(results):
     """The configs worth a panel (>= 2 contexts) with their rows at the fewest threads and the
     smallest batch (batch 1 normally), so each line is one operator's scaling with context."""
-    rows = [r for r in results if r["kind"] == "decode"]
+    rows = [r for r in results
+            if r["kind"] == "decode" and isinstance(r["params"].get("tokens"), int)]
     threads = min((r["params"].get("threads", 1) for r in rows), default=1)
     rows = [r for r in rows if r["params"].get("threads", 1) == threads]
     panels = {}
@@ -386,10 +389,10 @@ def main():
     context, loaded = load_run(args.json)
     timed = [r for r in loaded.values() if r["kind"] and not r["error"]]
     skipped = [r for r in loaded.values() if r["error"]]
-    end = loaded.get(END_LIMITS_ROW)
-    end_limits = end["row"] if end and end["row"] else None
+    end_limits = {int(name[len(END_LIMITS_PREFIX):]): r["row"] for name, r in loaded.items()
+                  if name.startswith(END_LIMITS_PREFIX) and r["row"]}
     ignored = [r["name"] for r in loaded.values()
-               if not r["kind"] and not r["error"] and r["name"] != END_LIMITS_ROW]
+               if not r["kind"] and not r["error"] and not r["name"].startswith(END_LIMITS_PREFIX)]
     if ignored:
         print(f"note: {len(ignored)} results with other names left out, e.g. {ignored[0]}",
               file=sys.stderr)
