@@ -1,6 +1,6 @@
 // tests/support/mla_reference.hpp -- a double-precision reference for MLA (docs/attention.md §2).
 //
-// Written from the spec alone: it never calls tpattn::Rope, rms_norm, AttentionCore or a cache.
+// Written from the spec alone: it never calls tpattn::Rope, rms_norm, DenseScorer or a cache.
 // It computes MLA the long way, with EXPLICIT per-head keys and values (§6.4), in the layout of
 // DeepSeek-V2 and the public T6 MLA baseline:
 //

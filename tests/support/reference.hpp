@@ -1,7 +1,7 @@
 // tests/support/reference.hpp -- a plain double-precision reference for the attention tests.
 //
 // Written from docs/attention.md alone and independent of the library's kernels: nothing here
-// calls tpattn::Rope, AttentionCore, SoftmaxState or a cache. It only borrows the library's plain
+// calls tpattn::Rope, DenseScorer, SoftmaxState or a cache. It only borrows the library's plain
 // config and weight structs so that a test hands the same numbers to both sides.
 //
 //   rope_reference()          RoPE of §4: half-split / interleaved, standard / reversed, partial

@@ -15,8 +15,8 @@
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
 #include "tpattn/core/checked_size.hpp"
-#include "tpattn/kernels/attention_core.hpp"
 #include "tpattn/kernels/attention_driver.hpp"
+#include "tpattn/kernels/dense_scorer.hpp"
 #include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/rope.hpp"
 
@@ -50,13 +50,13 @@ class GqaKernel {
   // token sees only the last `window` tokens up to itself (sliding window); 0: all of them.
   GqaKernel(Index heads, Index kv_heads, Index head_dim, Index value_dim, Index window = 0,
             const char* call = "GqaKernel")
-      : core_(checked_core(heads, kv_heads, head_dim, value_dim, window, call)),
+      : scorer_(checked_scorer(heads, kv_heads, head_dim, value_dim, window, call)),
         record_(records::gqa(kv_heads, head_dim, value_dim, storage_type_of<Storage>)),
         window_(window) {}
 
   const CacheRecord& cache_record() const { return record_; }
   Index window() const { return window_; }
-  Index workspace_floats() const { return core_.workspace_floats(); }
+  Index workspace_floats() const { return scorer_.workspace_floats(); }
 
   // One sequence on the calling thread. q: [n, h, d_h] for the last n tokens of `view` (already
   // cached, already rotated); out: [n, h, d_v]; lse: [n, h] or null. Causal: query token t sees
@@ -65,13 +65,13 @@ class GqaKernel {
   void attend(const float* q, Index n, const SequenceView& view, float* out, float* lse,
               float* workspace) const {
     detail::check_attend("GqaKernel::attend", record_, view, n, q, out, workspace);
-    core_.run(q, n, view, KeyRange{view.length() - n + 1, window_}, out, lse, workspace);
+    scorer_.run(q, n, view, KeyRange{view.length() - n + 1, window_}, out, lse, workspace);
   }
 
   // What AttentionPlan::make needs to cut a batch for this kernel.
   PlanShape plan_shape() const {
-    return {core_.heads(), core_.layout().value.width, core_.workspace_floats(),
-            AttentionCore<Storage>::kQueryTokens, window_};
+    return {scorer_.heads(), scorer_.layout().value.width, scorer_.workspace_floats(),
+            DenseScorer<Storage>::kQueryTokens, window_};
   }
 
   // A batch of sequences, any mix of decode tokens and prompt chunks (a continuous-batching
@@ -85,11 +85,11 @@ class GqaKernel {
            float* out, float* lse, float* workspace, Executor* executor = nullptr) const {
     const char* call = "GqaKernel::run";
     TPATTN_CHECK(q != nullptr, call, "q", "non-null", "null");
-    const Index stride = core_.heads() * core_.layout().key_width();
-    run_plan(
-        call, plan, plan_shape(), record_, views, batch, out, lse, workspace, executor,
-        [&](Index token, Index count, const SequenceView& view, const KeyRange& range, float* o,
-            float* l, float* ws) { core_.run(q + token * stride, count, view, range, o, l, ws); });
+    const Index stride = scorer_.heads() * scorer_.layout().key_width();
+    run_plan(call, plan, plan_shape(), record_, views, batch, out, lse, workspace, executor,
+             [&](Index token, Index count, const SequenceView& view, const KeyRange& range,
+                 float* o, float* l,
+                 float* ws) { scorer_.run(q + token * stride, count, view, range, o, l, ws); });
   }
 
  private:
@@ -97,7 +97,7 @@ class GqaKernel {
   friend class GroupedQueryAttention;
 
   // Every check of the constructor, allocating nothing (the record is allocated after it).
-  static AttentionCore<Storage> checked_core(Index heads, Index kv_heads, Index head_dim,
+  static DenseScorer<Storage> checked_scorer(Index heads, Index kv_heads, Index head_dim,
                                              Index value_dim, Index window, const char* call) {
     detail::check_window(call, window);
     detail::check_positive(call, "heads", heads);
@@ -116,11 +116,11 @@ class GqaKernel {
     layout.kv_heads = kv_heads;
     layout.key[0] = {0, head_dim};  // plane K
     layout.value = {1, value_dim};  // plane V
-    return AttentionCore<Storage>(layout, heads, 1.0f / std::sqrt(static_cast<float>(head_dim)),
-                                  call);
+    return DenseScorer<Storage>(layout, heads, 1.0f / std::sqrt(static_cast<float>(head_dim)),
+                                call);
   }
 
-  AttentionCore<Storage> core_;
+  DenseScorer<Storage> scorer_;
   CacheRecord record_;
   Index window_ = 0;
 };
@@ -184,7 +184,8 @@ class GroupedQueryAttention : public detail::AttentionLayer<GroupedQueryAttentio
     const Index k = detail::checked_product(name, "kv_heads x head_dim", g, config.head_dim);
     const Index v = detail::checked_product(name, "kv_heads x value_dim", g, config.value_dim);
     const Index o = detail::checked_product(name, "heads x value_dim", h, config.value_dim);
-    GqaKernel<Storage>::checked_core(h, g, config.head_dim, config.value_dim, config.window, name);
+    GqaKernel<Storage>::checked_scorer(h, g, config.head_dim, config.value_dim, config.window,
+                                       name);
     Rope::validated(config.rope, config.head_dim, name);
     detail::check_weight(name, "w_q", weights.w_q, q, d);
     detail::check_weight(name, "w_k", weights.w_k, k, d);

@@ -19,8 +19,8 @@
 #include "tpattn/attention/layer_support.hpp"
 #include "tpattn/cache/record.hpp"
 #include "tpattn/core/checked_size.hpp"
-#include "tpattn/kernels/attention_core.hpp"
 #include "tpattn/kernels/attention_driver.hpp"
+#include "tpattn/kernels/dense_scorer.hpp"
 #include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/rms_norm.hpp"
 #include "tpattn/kernels/rope.hpp"
@@ -63,26 +63,26 @@ class MlaKernel {
   // each query token sees only the last `window` tokens up to itself; 0: all of them.
   MlaKernel(Index heads, Index kv_latent_dim, Index rope_dim, float scale, Index window = 0,
             const char* call = "MlaKernel")
-      : core_(checked_core(heads, kv_latent_dim, rope_dim, scale, window, call)),
+      : scorer_(checked_scorer(heads, kv_latent_dim, rope_dim, scale, window, call)),
         record_(records::mla(kv_latent_dim, rope_dim, storage_type_of<Storage>)),
         window_(window) {}
 
   const CacheRecord& cache_record() const { return record_; }
   Index window() const { return window_; }
-  Index workspace_floats() const { return core_.workspace_floats(); }
+  Index workspace_floats() const { return scorer_.workspace_floats(); }
 
   // q: [n, h, d_c + d_R] absorbed queries [q^_i | qR_i] (qR rotated) for the last n tokens of
   // `view`; out: [n, h, d_c] latent outputs sum_s p_i(s) c_s; lse: [n, h] or null. Causal.
   void attend(const float* q, Index n, const SequenceView& view, float* out, float* lse,
               float* workspace) const {
     detail::check_attend("MlaKernel::attend", record_, view, n, q, out, workspace);
-    core_.run(q, n, view, KeyRange{view.length() - n + 1, window_}, out, lse, workspace);
+    scorer_.run(q, n, view, KeyRange{view.length() - n + 1, window_}, out, lse, workspace);
   }
 
   // What AttentionPlan::make needs to cut a batch for this kernel.
   PlanShape plan_shape() const {
-    return {core_.heads(), core_.layout().value.width, core_.workspace_floats(),
-            AttentionCore<Storage>::kQueryTokens, window_};
+    return {scorer_.heads(), scorer_.layout().value.width, scorer_.workspace_floats(),
+            DenseScorer<Storage>::kQueryTokens, window_};
   }
 
   // A batch of sequences, any mix of decode tokens and prompt chunks (a continuous-batching
@@ -96,11 +96,11 @@ class MlaKernel {
            float* out, float* lse, float* workspace, Executor* executor = nullptr) const {
     const char* call = "MlaKernel::run";
     TPATTN_CHECK(q != nullptr, call, "q", "non-null", "null");
-    const Index stride = core_.heads() * core_.layout().key_width();
-    run_plan(
-        call, plan, plan_shape(), record_, views, batch, out, lse, workspace, executor,
-        [&](Index token, Index count, const SequenceView& view, const KeyRange& range, float* o,
-            float* l, float* ws) { core_.run(q + token * stride, count, view, range, o, l, ws); });
+    const Index stride = scorer_.heads() * scorer_.layout().key_width();
+    run_plan(call, plan, plan_shape(), record_, views, batch, out, lse, workspace, executor,
+             [&](Index token, Index count, const SequenceView& view, const KeyRange& range,
+                 float* o, float* l,
+                 float* ws) { scorer_.run(q + token * stride, count, view, range, o, l, ws); });
   }
 
  private:
@@ -108,7 +108,7 @@ class MlaKernel {
   friend class MultiHeadLatentAttention;
 
   // Every check of the constructor, allocating nothing (the record is allocated after it).
-  static AttentionCore<Storage> checked_core(Index heads, Index kv_latent_dim, Index rope_dim,
+  static DenseScorer<Storage> checked_scorer(Index heads, Index kv_latent_dim, Index rope_dim,
                                              float scale, Index window, const char* call) {
     detail::check_window(call, window);
     detail::check_positive(call, "heads", heads);
@@ -126,10 +126,10 @@ class MlaKernel {
     layout.key[0] = {0, kv_latent_dim};  // plane latent
     layout.key[1] = {1, rope_dim};       // plane rope_key
     layout.value = {0, kv_latent_dim};   // the latent again
-    return AttentionCore<Storage>(layout, heads, scale, call);
+    return DenseScorer<Storage>(layout, heads, scale, call);
   }
 
-  AttentionCore<Storage> core_;
+  DenseScorer<Storage> scorer_;
   CacheRecord record_;
   Index window_ = 0;
 };
@@ -215,7 +215,7 @@ class MultiHeadLatentAttention : public detail::AttentionLayer<MultiHeadLatentAt
     const Index o = checked_product(name, "heads x value_dim", h, dv);
     const Index absorbed = checked_product(name, "heads x (kv_latent_dim + rope_dim)", h, kv);
     const Index latent_out = checked_product(name, "heads x kv_latent_dim", h, dc);
-    MlaKernel<Storage>::checked_core(h, dc, dr, scale_of(config), config.window, name);
+    MlaKernel<Storage>::checked_scorer(h, dc, dr, scale_of(config), config.window, name);
     Rope::validated(config.rope, dr, name);
 
     const Index query_in = config.q_latent_dim > 0 ? config.q_latent_dim : d;

@@ -10,7 +10,7 @@
 // rotated once, when it is written to the cache. Attention is then causal softmax attention
 // over Q, K, V with scale 1 / sqrt(d_h), followed by y_t = W_O [o_1 .. o_h].
 // The cache keeps the factors A_K, B_K, A_V, B_V: R_K (h + d_h) + R_V (h + d_v) elements per
-// token, and decode reads them directly (kernels/tpa_core.hpp), never forming K or V.
+// token, and decode reads them directly (kernels/tpa_scorer.hpp), never forming K or V.
 // TPA-KVonly: the query is a plain q_t = W_Q x_t (h x d_h); K and V are factorised as above.
 #pragma once
 
@@ -24,7 +24,7 @@
 #include "tpattn/kernels/attention_driver.hpp"
 #include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/rope.hpp"
-#include "tpattn/kernels/tpa_core.hpp"
+#include "tpattn/kernels/tpa_scorer.hpp"
 
 namespace tpattn {
 
@@ -64,15 +64,15 @@ class TpaKernel {
   // shape.rank_q = 0 for a kernel that only takes materialised queries (TPA-KVonly).
   // window: each query token sees only the last `window` tokens up to itself; 0: all of them.
   explicit TpaKernel(const TpaShape& shape, Index window = 0, const char* call = "TpaKernel")
-      : core_(checked_core(shape, window, call)),
+      : scorer_(checked_scorer(shape, window, call)),
         record_(records::tpa(shape.heads, shape.head_dim, shape.value_dim, shape.rank_k,
                              shape.rank_v, storage_type_of<Storage>)),
         window_(window) {}
 
-  const TpaShape& shape() const { return core_.shape(); }
+  const TpaShape& shape() const { return scorer_.shape(); }
   const CacheRecord& cache_record() const { return record_; }
   Index window() const { return window_; }
-  Index workspace_floats() const { return core_.workspace_floats(); }
+  Index workspace_floats() const { return scorer_.workspace_floats(); }
 
   // Factored queries for the last n tokens of `view`: a_q: [n, R_Q, h], b_q: [n, R_Q, d_h]
   // (rotated). out: [n, h, d_v]; lse: [n, h] or null. Causal.
@@ -84,21 +84,21 @@ class TpaKernel {
                  "rank_q = 0");
     TPATTN_CHECK(b_q != nullptr, "TpaKernel::attend", "b_q", "non-null", "null");
     check_order("TpaKernel::attend", order);
-    core_.run(a_q, b_q, n, view, KeyRange{view.length() - n + 1, window_}, out, lse, workspace,
-              order);
+    scorer_.run(a_q, b_q, n, view, KeyRange{view.length() - n + 1, window_}, out, lse, workspace,
+                order);
   }
 
   // Materialised queries q: [n, h, d_h] (rotated), e.g. TPA-KVonly.
   void attend(const float* q, Index n, const SequenceView& view, float* out, float* lse,
               float* workspace) const {
     detail::check_attend("TpaKernel::attend", record_, view, n, q, out, workspace);
-    core_.run(q, n, view, KeyRange{view.length() - n + 1, window_}, out, lse, workspace);
+    scorer_.run(q, n, view, KeyRange{view.length() - n + 1, window_}, out, lse, workspace);
   }
 
   // What AttentionPlan::make needs to cut a batch for this kernel.
   PlanShape plan_shape() const {
-    return {shape().heads, shape().value_dim, core_.workspace_floats(),
-            TpaCore<Storage>::kQueryTokens, window_};
+    return {shape().heads, shape().value_dim, scorer_.workspace_floats(),
+            TpaScorer<Storage>::kQueryTokens, window_};
   }
 
   // A batch of sequences, any mix of decode tokens and prompt chunks (a continuous-batching
@@ -124,8 +124,8 @@ class TpaKernel {
     run_plan(call, plan, plan_shape(), record_, views, batch, out, lse, workspace, executor,
              [&](Index token, Index count, const SequenceView& view, const KeyRange& range,
                  float* o, float* l, float* ws) {
-               core_.run(a_q + token * a_stride, b_q + token * b_stride, count, view, range, o, l,
-                         ws, order);
+               scorer_.run(a_q + token * a_stride, b_q + token * b_stride, count, view, range, o, l,
+                           ws, order);
              });
   }
 
@@ -135,10 +135,10 @@ class TpaKernel {
     const char* call = "TpaKernel::run";
     TPATTN_CHECK(q != nullptr, call, "q", "non-null", "null");
     const Index stride = shape().heads * shape().head_dim;
-    run_plan(
-        call, plan, plan_shape(), record_, views, batch, out, lse, workspace, executor,
-        [&](Index token, Index count, const SequenceView& view, const KeyRange& range, float* o,
-            float* l, float* ws) { core_.run(q + token * stride, count, view, range, o, l, ws); });
+    run_plan(call, plan, plan_shape(), record_, views, batch, out, lse, workspace, executor,
+             [&](Index token, Index count, const SequenceView& view, const KeyRange& range,
+                 float* o, float* l,
+                 float* ws) { scorer_.run(q + token * stride, count, view, range, o, l, ws); });
   }
 
  private:
@@ -152,7 +152,7 @@ class TpaKernel {
   }
 
   // Every check of the constructor, allocating nothing (the record is allocated after it).
-  static TpaCore<Storage> checked_core(const TpaShape& shape, Index window, const char* call) {
+  static TpaScorer<Storage> checked_scorer(const TpaShape& shape, Index window, const char* call) {
     detail::check_window(call, window);
     detail::check_positive(call, "heads", shape.heads);
     detail::check_positive(call, "head_dim", shape.head_dim);
@@ -170,10 +170,10 @@ class TpaKernel {
         detail::checked_product(call, "rank_v x value_dim", shape.rank_v, shape.value_dim);
     detail::checked_product(call, bytes, detail::checked_sum(call, bytes, a_k, b_k, a_v, b_v),
                             element_bytes(storage_type_of<Storage>));
-    return TpaCore<Storage>(shape, call);
+    return TpaScorer<Storage>(shape, call);
   }
 
-  TpaCore<Storage> core_;
+  TpaScorer<Storage> scorer_;
   CacheRecord record_;
   Index window_ = 0;
 };
@@ -269,7 +269,7 @@ class TensorProductAttention : public detail::AttentionLayer<TensorProductAttent
     const Index a_v = checked_product(name, "heads x rank_v", h, rv);
     const Index b_v = checked_product(name, "rank_v x value_dim", rv, dv);
     const Index o = checked_product(name, "heads x value_dim", h, dv);
-    TpaKernel<Storage>::checked_core(shape_of(config), config.window, name);
+    TpaKernel<Storage>::checked_scorer(shape_of(config), config.window, name);
     Rope::validated(config.rope, dh, name);
 
     if (rq == 0) {

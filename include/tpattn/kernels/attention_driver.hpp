@@ -1,7 +1,7 @@
 // tpattn/kernels/attention_driver.hpp -- runs a plan's work items on an executor and merges the
 // split ones: the one batched path every operator's attention takes.
 //
-// The scorer (AttentionCore for dense keys and values, TpaCore for TPA's factors) is the policy:
+// The scorer (DenseScorer for dense keys and values, TpaScorer for TPA's factors) is the policy:
 // given a run of query tokens, a view and a KeyRange, it writes (out, lse). The driver owns what
 // is the same for all of them: cutting the batch (AttentionPlan), handing items to tasks, one
 // workspace per task, the log-sum-exp merge of split key ranges, and errors.

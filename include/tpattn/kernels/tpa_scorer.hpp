@@ -1,4 +1,6 @@
-// tpattn/kernels/tpa_core.hpp -- attention straight from cached TPA factors (docs/attention.md §3).
+// tpattn/kernels/tpa_scorer.hpp -- attention straight from cached TPA factors (docs/attention.md
+// §3): the scoring policy of TPA, which the driver (kernels/attention_driver.hpp) runs per work
+// item.
 //
 // Cached per token s: A_K[s] (R_K x h), B_K[s] (R_K x d_h, rotated), A_V[s] (R_V x h),
 // B_V[s] (R_V x d_v). K and V are never materialised. For query head i of one query token:
@@ -34,7 +36,7 @@ struct TpaShape {
 enum class TpaOrder : std::uint8_t { automatic, factor, query };
 
 // The contraction order with fewer multiply-adds per cached token (ties: factor order). For a
-// shape a TpaCore accepted, both costs are parts of its checked workspace, so they fit in Index.
+// shape a TpaScorer accepted, both costs are parts of its checked workspace, so they fit in Index.
 inline TpaOrder cheaper_tpa_order(const TpaShape& shape) {
   if (shape.rank_q == 0) return TpaOrder::query;
   const Index factor = shape.rank_q * (shape.head_dim + shape.heads);
@@ -43,7 +45,7 @@ inline TpaOrder cheaper_tpa_order(const TpaShape& shape) {
 }
 
 template <class Storage>
-class TpaCore {
+class TpaScorer {
  public:
   static constexpr Index kTileTokens = 128;
   static constexpr Index kQueryTokens = 8;
@@ -51,9 +53,9 @@ class TpaCore {
   // Plane indices of the TPA record: A_K, B_K, A_V, B_V.
   static constexpr Index kPlaneAK = 0, kPlaneBK = 1, kPlaneAV = 2, kPlaneBV = 3;
 
-  TpaCore() = default;
+  TpaScorer() = default;
   // Throws Error naming `call` if a workspace size does not fit in Index.
-  explicit TpaCore(const TpaShape& shape, const char* call = "TpaCore")
+  explicit TpaScorer(const TpaShape& shape, const char* call = "TpaScorer")
       : shape_(shape), workspace_floats_(planned_workspace_floats(call)) {}
 
   const TpaShape& shape() const { return shape_; }

@@ -1,6 +1,8 @@
-// tpattn/kernels/attention_core.hpp -- causal softmax attention over cached keys and values.
+// tpattn/kernels/dense_scorer.hpp -- softmax attention over cached keys and values: the scoring
+// policy of the dense operators, which the driver (kernels/attention_driver.hpp) runs per work
+// item.
 //
-// One kernel serves MHA, GQA, MQA and absorbed MLA (docs/attention.md §1-2):
+// One scorer serves MHA, GQA, MQA and absorbed MLA (docs/attention.md §1-2):
 //   - g KV heads; query head i reads KV head floor(i / (h / g)) (contiguous groups);
 //   - a key is the concatenation of one or two segments of cached planes (GQA: the K plane;
 //     absorbed MLA: latent then rope_key), head j's segment at columns [j w, (j + 1) w);
@@ -37,7 +39,7 @@ struct KeyValueLayout {
 };
 
 template <class Storage>
-class AttentionCore {
+class DenseScorer {
  public:
   static constexpr Index kTileTokens = 64;   // cached tokens per tile
   static constexpr Index kQueryTokens = 16;  // query tokens per pass (bounds the workspace)
@@ -48,11 +50,11 @@ class AttentionCore {
   // stream already) it lost 2x, so those keep the products.
   static constexpr Index kTokenMajorRows = 8;
 
-  AttentionCore() = default;
+  DenseScorer() = default;
   // heads: query heads, a multiple of layout.kv_heads. scale: multiplies q . k. Throws Error
   // naming `call` if a workspace size does not fit in Index.
-  AttentionCore(const KeyValueLayout& layout, Index heads, float scale,
-                const char* call = "AttentionCore")
+  DenseScorer(const KeyValueLayout& layout, Index heads, float scale,
+              const char* call = "DenseScorer")
       : layout_(layout), heads_(heads), group_(heads / layout.kv_heads), scale_(scale) {
     plan_workspace(call);
   }
