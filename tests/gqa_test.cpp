@@ -37,7 +37,10 @@
 #include <vector>
 
 #include "support/allocation_counter.hpp"
+#include "support/feeds.hpp"
 #include "support/reference.hpp"
+#include "support/storage_types.hpp"
+#include "support/test_caches.hpp"
 #include "tpattn/cache.hpp"
 #include "tpattn/kernels/rope.hpp"
 #include "tpattn/kernels/softmax_state.hpp"
@@ -66,33 +69,7 @@ double storage_tolerance(StorageType storage, Index tokens) {
   return 0.0;
 }
 
-// Calls f(S{}) with S the C++ type of a runtime storage type.
-template <class F>
-decltype(auto) with_storage(StorageType type, F&& f) {
-  switch (type) {
-    case StorageType::bf16: return f(Bf16{});
-    case StorageType::f16: return f(Half{});
-    case StorageType::f32: break;
-  }
-  return f(float{});
-}
-
 // ---- caches -------------------------------------------------------------------------------------
-
-enum class CacheKind { contiguous, paged };
-
-const char* name_of(CacheKind kind) {
-  return kind == CacheKind::contiguous ? "Contiguous" : "Paged";
-}
-
-// Room for max_sequences sequences of `capacity` tokens each (pages shared by all when paged).
-std::unique_ptr<KvCache> make_cache(const CacheRecord& record, CacheKind kind, Index capacity,
-                                    Index page_tokens = 16, Index max_sequences = 1) {
-  if (kind == CacheKind::contiguous)
-    return std::make_unique<ContiguousKvCache>(record, max_sequences, capacity);
-  const Index pages = max_sequences * ((capacity + page_tokens - 1) / page_tokens);
-  return std::make_unique<PagedKvCache>(record, page_tokens, pages, max_sequences);
-}
 
 // Calls visit(t, const S* row) for each token of plane `plane` of the view, S its storage type.
 template <class Visit>
@@ -220,29 +197,23 @@ void decode_tokens(GroupedQueryAttention<S>& op, KvCache& cache, SequenceId seq,
     op.decode(cache, &seq, 1, x.row(t).data(), y.row(t).data());
 }
 
-enum class Mode { prefill, decode, chunked };
-const Mode kAllModes[] = {Mode::prefill, Mode::decode, Mode::chunked};
-const char* name_of(Mode mode) {
-  switch (mode) {
-    case Mode::prefill: return "prefill";
-    case Mode::decode: return "decode";
-    case Mode::chunked: return "chunked prefill";
-  }
-  return "?";
-}
-
-// The whole of x through a fresh sequence of `cache` in one of three ways.
+// The whole of x through a fresh sequence of `cache`, fed one of three ways (kDecodePrefillChunked;
+// the chunks are of `chunk` tokens).
 template <class S>
 RowMatrix run_sequence(GroupedQueryAttention<S>& op, KvCache& cache, SequenceId seq,
-                       const RowMatrix& x, Mode mode, Index chunk = 7) {
+                       const RowMatrix& x, Feed feed, Index chunk = 7) {
   RowMatrix y = RowMatrix::Constant(x.rows(), x.cols(), std::numeric_limits<float>::quiet_NaN());
-  if (mode == Mode::prefill) prefill_chunks(op, cache, seq, x, y, 0, {x.rows()});
-  if (mode == Mode::decode) decode_tokens(op, cache, seq, x, y, 0, x.rows());
-  if (mode == Mode::chunked) {
-    std::vector<Index> chunks;
-    for (Index done = 0; done < x.rows(); done += chunk)
-      chunks.push_back(std::min(chunk, x.rows() - done));
-    prefill_chunks(op, cache, seq, x, y, 0, chunks);
+  switch (feed) {
+    case Feed::prefill: prefill_chunks(op, cache, seq, x, y, 0, {x.rows()}); break;
+    case Feed::decode: decode_tokens(op, cache, seq, x, y, 0, x.rows()); break;
+    case Feed::chunked: {
+      std::vector<Index> chunks;
+      for (Index done = 0; done < x.rows(); done += chunk)
+        chunks.push_back(std::min(chunk, x.rows() - done));
+      prefill_chunks(op, cache, seq, x, y, 0, chunks);
+      break;
+    }
+    case Feed::prefill_then_decode: ADD_FAILURE() << "run_sequence does not run " << feed; break;
   }
   return y;
 }
@@ -330,9 +301,9 @@ TYPED_TEST(GqaLayer, DecodeMatchesDoubleReference) {
   const GqaWeights weights = ref::random_gqa_weights(config, 11);
   const RowMatrix x = ref::random_inputs(70, config.d_model, 12);  // crosses a 64-token tile
   GroupedQueryAttention<TypeParam> op(config, weights);
-  auto cache = make_cache(op.cache_record(), CacheKind::paged, 80, 16);
+  auto cache = make_cache(op.cache_record(), CacheKind::paged, 1, 80);
   const SequenceId seq = cache->add_sequence();
-  const RowMatrix y = run_sequence(op, *cache, seq, x, Mode::decode);
+  const RowMatrix y = run_sequence(op, *cache, seq, x, Feed::decode);
   expect_layer_matches_reference(config, weights, x, y, *cache, seq);
 }
 
@@ -341,9 +312,9 @@ TYPED_TEST(GqaLayer, PrefillMatchesDoubleReference) {
   const GqaWeights weights = ref::random_gqa_weights(config, 21);
   const RowMatrix x = ref::random_inputs(200, config.d_model, 22);
   GroupedQueryAttention<TypeParam> op(config, weights);
-  auto cache = make_cache(op.cache_record(), CacheKind::contiguous, 200);
+  auto cache = make_cache(op.cache_record(), CacheKind::contiguous, 1, 200);
   const SequenceId seq = cache->add_sequence();
-  const RowMatrix y = run_sequence(op, *cache, seq, x, Mode::prefill);
+  const RowMatrix y = run_sequence(op, *cache, seq, x, Feed::prefill);
   expect_layer_matches_reference(config, weights, x, y, *cache, seq);
 }
 
@@ -352,7 +323,7 @@ TYPED_TEST(GqaLayer, ChunkedPrefillMatchesDoubleReference) {
   const GqaWeights weights = ref::random_gqa_weights(config, 31);
   const RowMatrix x = ref::random_inputs(100, config.d_model, 32);
   GroupedQueryAttention<TypeParam> op(config, weights);
-  auto cache = make_cache(op.cache_record(), CacheKind::paged, 100, 15);
+  auto cache = make_cache(op.cache_record(), CacheKind::paged, 1, 100, 15);
   const SequenceId seq = cache->add_sequence();
   RowMatrix y(x.rows(), x.cols());
   prefill_chunks(op, *cache, seq, x, y, 0, {5, 1, 11, 30, 23, 1, 29});
@@ -365,7 +336,7 @@ TYPED_TEST(GqaLayer, PrefillThenDecodeMatchesDoubleReference) {
   const GqaWeights weights = ref::random_gqa_weights(config, 41);
   const RowMatrix x = ref::random_inputs(70, config.d_model, 42);
   GroupedQueryAttention<TypeParam> op(config, weights);
-  auto cache = make_cache(op.cache_record(), CacheKind::paged, 70, 17);
+  auto cache = make_cache(op.cache_record(), CacheKind::paged, 1, 70, 17);
   const SequenceId seq = cache->add_sequence();
   RowMatrix y(x.rows(), x.cols());
   prefill_chunks(op, *cache, seq, x, y, 0, {40});
@@ -387,8 +358,8 @@ TYPED_TEST(GqaLayer, KernelOutAndLseMatchReferenceOverTheCachedValues) {
       ref::Tensor3::from_floats(ref::round_through<TypeParam>(v).data(), length, g, d_v);
   std::vector<float> workspace(static_cast<std::size_t>(kernel.workspace_floats()));
 
-  for (CacheKind kind : {CacheKind::contiguous, CacheKind::paged}) {
-    auto cache = make_cache(kernel.cache_record(), kind, length, 16);
+  for (CacheKind kind : kAllCacheKinds) {
+    auto cache = make_cache(kernel.cache_record(), kind, 1, length);
     const SequenceId seq = cache->add_sequence();
     cache->append(seq, length, {{k.data(), g, d_k}, {v.data(), g, d_v}});
     // (visible length, query tokens): decode and causal blocks, across tiles and query chunks.
@@ -421,7 +392,7 @@ struct Transcript {
 // Two sequences: prefills, single decodes and batched decodes, all outputs and the cache kept.
 template <class S>
 Transcript transcript(GroupedQueryAttention<S>& op, const RowMatrix& x) {
-  auto cache = make_cache(op.cache_record(), CacheKind::paged, 40, 16, 2);
+  auto cache = make_cache(op.cache_record(), CacheKind::paged, 2, 40);
   const SequenceId a = cache->add_sequence();
   const SequenceId b = cache->add_sequence();
   RowMatrix y(x.rows(), x.cols());
@@ -535,11 +506,11 @@ TEST_P(GqaOddSizes, EveryModeMatchesDoubleReference) {
   with_storage(c.storage, [&](auto tag) {
     using S = decltype(tag);
     GroupedQueryAttention<S> op(config, weights);
-    for (Mode mode : kAllModes) {
-      SCOPED_TRACE(name_of(mode));
-      auto cache = make_cache(op.cache_record(), c.cache, c.tokens, c.page_tokens);
+    for (Feed feed : kDecodePrefillChunked) {
+      SCOPED_TRACE(name_of(feed));
+      auto cache = make_cache(op.cache_record(), c.cache, 1, c.tokens, c.page_tokens);
       const SequenceId seq = cache->add_sequence();
-      const RowMatrix y = run_sequence(op, *cache, seq, x, mode);
+      const RowMatrix y = run_sequence(op, *cache, seq, x, feed);
       expect_layer_matches_reference(config, weights, x, y, *cache, seq, exact);
     }
   });
@@ -715,9 +686,9 @@ TEST_P(GqaRope, RotatingKeysAtWriteTimeEqualsRotatingAtReadTime) {
   EXPECT_LE((read_time - write_time).cwiseAbs().maxCoeff(), 1e-12 * scale_of(write_time));
 
   GroupedQueryAttention<float> op(layer, weights);
-  auto cache = make_cache(op.cache_record(), CacheKind::paged, x.rows(), 16);
+  auto cache = make_cache(op.cache_record(), CacheKind::paged, 1, x.rows());
   const SequenceId seq = cache->add_sequence();
-  const RowMatrix y = run_sequence(op, *cache, seq, x, Mode::decode);
+  const RowMatrix y = run_sequence(op, *cache, seq, x, Feed::decode);
   EXPECT_LE(max_abs_error(y, read_time), kFp32Tolerance * scale_of(read_time));
 }
 
@@ -728,11 +699,11 @@ TEST_P(GqaRope, LayerMatchesDoubleReference) {
   const RowMatrix x = ref::random_inputs(40, config.d_model, 97);
   GroupedQueryAttention<float> op(config, weights);
   const ExactLayer exact = exact_layer(config, weights, x);
-  for (Mode mode : kAllModes) {
-    SCOPED_TRACE(name_of(mode));
-    auto cache = make_cache(op.cache_record(), CacheKind::contiguous, x.rows());
+  for (Feed feed : kDecodePrefillChunked) {
+    SCOPED_TRACE(name_of(feed));
+    auto cache = make_cache(op.cache_record(), CacheKind::contiguous, 1, x.rows());
     const SequenceId seq = cache->add_sequence();
-    const RowMatrix y = run_sequence(op, *cache, seq, x, mode);
+    const RowMatrix y = run_sequence(op, *cache, seq, x, feed);
     expect_layer_matches_reference(config, weights, x, y, *cache, seq, exact);
   }
   // And the reference itself: the layer does not change when every position moves by one offset.
@@ -1122,10 +1093,10 @@ TEST(GqaEquivalence, PrefillDecodeStepsAndChunksAgreeOnBothCacheStorages) {
   const RowMatrix x = ref::random_inputs(47, config.d_model, 132);
   GroupedQueryAttention<float> op(config, weights);
   std::vector<std::pair<std::string, RowMatrix>> results;
-  for (CacheKind kind : {CacheKind::contiguous, CacheKind::paged}) {
+  for (CacheKind kind : kAllCacheKinds) {
     auto run = [&](const std::string& plan,
                    const std::function<void(KvCache&, SequenceId, RowMatrix&)>& f) {
-      auto cache = make_cache(op.cache_record(), kind, x.rows(), 16);
+      auto cache = make_cache(op.cache_record(), kind, 1, x.rows());
       const SequenceId seq = cache->add_sequence();
       RowMatrix y =
           RowMatrix::Constant(x.rows(), x.cols(), std::numeric_limits<float>::quiet_NaN());
@@ -1163,8 +1134,8 @@ TEST(GqaBatchedDecode, OneBatchedCallEqualsDecodingEachSequenceAlone) {
     x.push_back(ref::random_inputs(lengths[s] + steps, config.d_model,
                                    142 + static_cast<std::uint32_t>(s)));
   GroupedQueryAttention<float> op(config, weights);
-  auto batched = make_cache(op.cache_record(), CacheKind::paged, 320, 16, 3);
-  auto alone = make_cache(op.cache_record(), CacheKind::paged, 320, 16, 3);
+  auto batched = make_cache(op.cache_record(), CacheKind::paged, 3, 320);
+  auto alone = make_cache(op.cache_record(), CacheKind::paged, 3, 320);
   std::vector<SequenceId> seqs;
   std::vector<RowMatrix> y_batched, y_alone;
   for (Index s = 0; s < 3; ++s) {

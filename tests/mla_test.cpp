@@ -68,8 +68,11 @@
 #include <vector>
 
 #include "support/allocation_counter.hpp"
+#include "support/feeds.hpp"
 #include "support/mla_reference.hpp"
 #include "support/reference.hpp"
+#include "support/storage_types.hpp"
+#include "support/test_caches.hpp"
 #include "tpattn/cache/contiguous_cache.hpp"
 #include "tpattn/cache/paged_cache.hpp"
 #include "tpattn/kernels/rope.hpp"
@@ -77,8 +80,16 @@
 
 namespace {
 
+using tpattn::test::CacheKind;
 using tpattn::test::expect_error_before_allocating;
+using tpattn::test::Feed;
+using tpattn::test::kAllCacheKinds;
+using tpattn::test::kAllStorage;
+using tpattn::test::kDecodePrefillChunked;
 using tpattn::test::kFitsInIndex;
+using tpattn::test::kPageTokens;
+using tpattn::test::make_cache;
+using tpattn::test::with_storage;
 
 using tpattn::CacheRecord;
 using tpattn::ContiguousKvCache;
@@ -108,7 +119,6 @@ constexpr double kContrastFactor = 100.0;
 // fp32 error allowed on a cached value before its storage rounding, relative to the plane's
 // largest value (see round_like_cache): the latent is a d_model-term dot product and an RMSNorm.
 constexpr double kCachedValueSlack = 1e-5;
-constexpr Index kPageTokens = 16;
 
 // Against the UNROUNDED double reference when the cache rounds c_s and kR_s: 2.5 u (see the
 // header), i.e. 9.8e-3 for bf16 (u = 2^-8) and 1.2e-3 for half (u = 2^-11).
@@ -117,42 +127,7 @@ double storage_tolerance(StorageType storage) {
   return 2.5 * tpattn_test::unit_roundoff(storage);
 }
 
-// ---- storage types and caches -------------------------------------------------------------------
-
-template <class T>
-struct StorageTag {
-  using type = T;
-};
-
-// Calls f(StorageTag<T>{}) with the C++ type of `storage`.
-template <class F>
-void with_storage(StorageType storage, F&& f) {
-  switch (storage) {
-    case StorageType::f32: f(StorageTag<float>{}); return;
-    case StorageType::bf16: f(StorageTag<Eigen::bfloat16>{}); return;
-    case StorageType::f16: f(StorageTag<Eigen::half>{}); return;
-  }
-}
-
-const StorageType kAllStorage[] = {StorageType::f32, StorageType::bf16, StorageType::f16};
-
-enum class CacheKind { contiguous, paged };
-const CacheKind kAllCaches[] = {CacheKind::contiguous, CacheKind::paged};
-
-const char* name_of(CacheKind kind) {
-  return kind == CacheKind::contiguous ? "Contiguous" : "Paged";
-}
-std::ostream& operator<<(std::ostream& out, CacheKind kind) { return out << name_of(kind); }
-
-// Room for `sequences` sequences of `tokens` tokens each, exactly: a contiguous region of
-// `tokens`, or ceil(tokens / 16) pages of 16 tokens per sequence in one shared pool.
-std::unique_ptr<KvCache> make_cache(CacheKind kind, const CacheRecord& record, Index sequences,
-                                    Index tokens) {
-  if (kind == CacheKind::contiguous)
-    return std::make_unique<ContiguousKvCache>(record, sequences, tokens);
-  const Index pages = sequences * ((tokens + kPageTokens - 1) / kPageTokens);
-  return std::make_unique<PagedKvCache>(record, kPageTokens, pages, sequences);
-}
+// ---- cached bytes -------------------------------------------------------------------------------
 
 // Token t's bytes of plane `plane` in the view (whatever the plane's storage type).
 const std::byte* token_bytes(const SequenceView& view, Index plane, Index t) {
@@ -160,7 +135,7 @@ const std::byte* token_bytes(const SequenceView& view, Index plane, Index t) {
   const Index offset = row * view.elements_per_token(plane);
   const std::byte* bytes = nullptr;
   with_storage(view.record().plane(plane).storage, [&](auto tag) {
-    using S = typename decltype(tag)::type;
+    using S = decltype(tag);
     bytes = reinterpret_cast<const std::byte*>(view.plane_block<S>(plane, block) + offset);
   });
   return bytes;
@@ -172,7 +147,7 @@ Tensor3 read_plane(const SequenceView& view, Index plane) {
   const Index width = view.elements_per_token(plane);
   Tensor3 values(view.length(), 1, width);
   with_storage(view.record().plane(plane).storage, [&](auto tag) {
-    using S = typename decltype(tag)::type;
+    using S = decltype(tag);
     for (Index t = 0; t < view.length(); ++t) {
       const S* row = reinterpret_cast<const S*>(token_bytes(view, plane, t));
       for (Index c = 0; c < width; ++c) values.at(t, 0, c) = static_cast<float>(row[c]);
@@ -333,27 +308,19 @@ struct Step {
   Index tokens;
 };
 
-enum class Schedule { decode, prefill, chunked };
-const Schedule kAllSchedules[] = {Schedule::decode, Schedule::prefill, Schedule::chunked};
-
-const char* name_of(Schedule s) {
-  switch (s) {
-    case Schedule::decode: return "Decode";
-    case Schedule::prefill: return "Prefill";
-    case Schedule::chunked: return "Chunked";
-  }
-  return "?";
-}
-
 // decode: one decode() per token; prefill: one prefill() of everything; chunked: prefills of
 // 5, 16, 1, 3, 17, 31, 2 tokens (across page and 16-query-block boundaries) mixed with decodes.
-std::vector<Step> steps_for(Schedule schedule, Index length) {
+std::vector<Step> steps_for(Feed feed, Index length) {
   std::vector<Step> steps;
-  if (schedule == Schedule::decode) {
+  if (feed == Feed::decode) {
     for (Index t = 0; t < length; ++t) steps.push_back({true, 1});
     return steps;
   }
-  if (schedule == Schedule::prefill) return {{false, length}};
+  if (feed == Feed::prefill) return {{false, length}};
+  if (feed != Feed::chunked) {
+    ADD_FAILURE() << "steps_for does not run " << feed;
+    return steps;
+  }
   const Step pattern[] = {{false, 5}, {true, 1},   {false, 16}, {false, 1},  {true, 1},
                           {false, 3}, {false, 17}, {true, 1},   {false, 31}, {false, 2}};
   Index done = 0;
@@ -390,14 +357,14 @@ struct LayerCase {
   std::string name;
   MlaConfig config;
   StorageType storage;
-  Schedule schedule;
+  Feed feed;
   CacheKind cache;
   Index length;
 };
 
-std::string case_name(const std::string& prefix, StorageType storage, Schedule schedule,
-                      CacheKind cache, Index length) {
-  return prefix + tpattn::name_of(storage) + "_" + name_of(schedule) + "_" + name_of(cache) + "_T" +
+std::string case_name(const std::string& prefix, StorageType storage, Feed feed, CacheKind cache,
+                      Index length) {
+  return prefix + tpattn::name_of(storage) + "_" + name_of(feed) + "_" + name_of(cache) + "_T" +
          std::to_string(length);
 }
 
@@ -408,13 +375,13 @@ class MlaLayer : public ::testing::TestWithParam<LayerCase> {};
 TEST_P(MlaLayer, AbsorbedLayerEqualsExplicitPerHeadKeysAndValues) {
   const LayerCase& c = GetParam();
   with_storage(c.storage, [&](auto tag) {
-    using S = typename decltype(tag)::type;
+    using S = decltype(tag);
     const MlaWeights weights = tpattn_test::random_mla_weights(c.config, 1000u + c.length);
     MultiHeadLatentAttention<S> op(c.config, weights);
-    auto cache = make_cache(c.cache, op.cache_record(), 1, c.length);  // exactly full at the end
+    auto cache = make_cache(op.cache_record(), c.cache, 1, c.length);  // exactly full at the end
     const SequenceId seq = cache->add_sequence();
     const RowMatrix x = tpattn_test::random_inputs(c.length, c.config.d_model, 7u + c.length);
-    const RowMatrix y = run_steps(op, *cache, seq, x, steps_for(c.schedule, c.length));
+    const RowMatrix y = run_steps(op, *cache, seq, x, steps_for(c.feed, c.length));
     EXPECT_EQ(cache->length(seq), c.length);
     EXPECT_TRUE(matches_explicit_reference(c.config, weights, x, y, *cache, seq, kLayerTolerance));
     // And against the exact reference, whose cached values are not rounded at all: the cache's
@@ -429,12 +396,12 @@ TEST_P(MlaLayer, AbsorbedLayerEqualsExplicitPerHeadKeysAndValues) {
 std::vector<LayerCase> grid_cases() {
   std::vector<LayerCase> cases;
   for (StorageType storage : kAllStorage)
-    for (Schedule schedule : kAllSchedules)
-      for (CacheKind cache : kAllCaches)
+    for (Feed feed : kDecodePrefillChunked)
+      for (CacheKind cache : kAllCacheKinds)
         for (Index length :
              {Index(1), Index(2), kPageTokens - 1, kPageTokens, kPageTokens + 1, Index(113)})
-          cases.push_back({case_name("", storage, schedule, cache, length), small_config(), storage,
-                           schedule, cache, length});
+          cases.push_back({case_name("", storage, feed, cache, length), small_config(), storage,
+                           feed, cache, length});
   return cases;
 }
 
@@ -442,12 +409,12 @@ std::vector<LayerCase> head_cases() {
   std::vector<LayerCase> cases;
   for (Index heads : {1, 3, 17})
     for (StorageType storage : kAllStorage)
-      for (Schedule schedule : {Schedule::decode, Schedule::chunked}) {
+      for (Feed feed : {Feed::decode, Feed::chunked}) {
         MlaConfig config = small_config();
         config.heads = heads;
         cases.push_back(
-            {case_name("H" + std::to_string(heads) + "_", storage, schedule, CacheKind::paged, 33),
-             config, storage, schedule, CacheKind::paged, 33});
+            {case_name("H" + std::to_string(heads) + "_", storage, feed, CacheKind::paged, 33),
+             config, storage, feed, CacheKind::paged, 33});
       }
   return cases;
 }
@@ -455,16 +422,15 @@ std::vector<LayerCase> head_cases() {
 std::vector<LayerCase> shape_cases() {
   std::vector<LayerCase> cases;
   for (StorageType storage : kAllStorage) {
-    cases.push_back({case_name("DeepSeekLike_", storage, Schedule::chunked, CacheKind::paged, 24),
-                     deepseek_like_config(), storage, Schedule::chunked, CacheKind::paged, 24});
-    cases.push_back({case_name("T6Small_", storage, Schedule::chunked, CacheKind::contiguous, 40),
-                     t6_small_config(), storage, Schedule::chunked, CacheKind::contiguous, 40});
+    cases.push_back({case_name("DeepSeekLike_", storage, Feed::chunked, CacheKind::paged, 24),
+                     deepseek_like_config(), storage, Feed::chunked, CacheKind::paged, 24});
+    cases.push_back({case_name("T6Small_", storage, Feed::chunked, CacheKind::contiguous, 40),
+                     t6_small_config(), storage, Feed::chunked, CacheKind::contiguous, 40});
   }
   MlaConfig t6_medium = t6_small_config();  // d_c 512, d_R 32: 544 cached elements per token
   t6_medium.kv_latent_dim = 512;
-  cases.push_back(
-      {case_name("T6Medium_", StorageType::bf16, Schedule::decode, CacheKind::paged, 18), t6_medium,
-       StorageType::bf16, Schedule::decode, CacheKind::paged, 18});
+  cases.push_back({case_name("T6Medium_", StorageType::bf16, Feed::decode, CacheKind::paged, 18),
+                   t6_medium, StorageType::bf16, Feed::decode, CacheKind::paged, 18});
   return cases;
 }
 
@@ -500,10 +466,10 @@ std::vector<LayerCase> head_dim_cases() {
     const std::string prefix =
         "Dh" + std::to_string(d.head_dim) + "_Dv" + std::to_string(d.value_dim) + "_";
     for (StorageType storage : kAllStorage) {
-      cases.push_back({case_name(prefix, storage, Schedule::chunked, CacheKind::paged, 37), config,
-                       storage, Schedule::chunked, CacheKind::paged, 37});
-      cases.push_back({case_name(prefix, storage, Schedule::decode, CacheKind::contiguous, 17),
-                       config, storage, Schedule::decode, CacheKind::contiguous, 17});
+      cases.push_back({case_name(prefix, storage, Feed::chunked, CacheKind::paged, 37), config,
+                       storage, Feed::chunked, CacheKind::paged, 37});
+      cases.push_back({case_name(prefix, storage, Feed::decode, CacheKind::contiguous, 17), config,
+                       storage, Feed::decode, CacheKind::contiguous, 17});
     }
   }
   return cases;
@@ -542,13 +508,13 @@ TEST_P(MlaOption, AbsorbedLayerHonoursTheOption) {
   const OptionCase& c = GetParam().option;
   const Index length = 37;  // crosses two pages and two 16-query blocks
   with_storage(GetParam().storage, [&](auto tag) {
-    using S = typename decltype(tag)::type;
+    using S = decltype(tag);
     const MlaWeights weights = tpattn_test::random_mla_weights(c.config, 77u);
     MultiHeadLatentAttention<S> op(c.config, weights);
-    auto cache = make_cache(CacheKind::paged, op.cache_record(), 1, length);
+    auto cache = make_cache(op.cache_record(), CacheKind::paged, 1, length);
     const SequenceId seq = cache->add_sequence();
     const RowMatrix x = tpattn_test::random_inputs(length, c.config.d_model, 78u);
-    const RowMatrix y = run_steps(op, *cache, seq, x, steps_for(Schedule::chunked, length));
+    const RowMatrix y = run_steps(op, *cache, seq, x, steps_for(Feed::chunked, length));
     EXPECT_TRUE(matches_explicit_reference(c.config, weights, x, y, *cache, seq, kLayerTolerance));
 
     if (c.contrast) {
@@ -692,10 +658,10 @@ TEST(MlaScale, ScoresAreScaledByHeadDimPlusRopeDimNotByTheCachedWidth) {
   const Index length = 29;
   const MlaWeights weights = tpattn_test::random_mla_weights(config, 5u);
   MultiHeadLatentAttention<float> op(config, weights);
-  auto cache = make_cache(CacheKind::contiguous, op.cache_record(), 1, length);
+  auto cache = make_cache(op.cache_record(), CacheKind::contiguous, 1, length);
   const SequenceId seq = cache->add_sequence();
   const RowMatrix x = tpattn_test::random_inputs(length, config.d_model, 6u);
-  const RowMatrix y = run_steps(op, *cache, seq, x, steps_for(Schedule::chunked, length));
+  const RowMatrix y = run_steps(op, *cache, seq, x, steps_for(Feed::chunked, length));
 
   EXPECT_TRUE(matches_explicit_reference(config, weights, x, y, *cache, seq, kLayerTolerance));
   const Eigen::MatrixXd xd = tpattn_test::to_double(x);
@@ -730,11 +696,11 @@ TEST_P(MlaKernelLatent, LatentOutputAndLseEqualLatentSpaceReference) {
   // An arbitrary scale: the kernel must use the one it is given.
   const float scale = 1.5f / std::sqrt(static_cast<float>(dc + dr));
   with_storage(c.storage, [&](auto tag) {
-    using S = typename decltype(tag)::type;
+    using S = decltype(tag);
     const MlaKernel<S> kernel(h, dc, dr, scale);
     ASSERT_EQ(kernel.cache_record(), tpattn::records::mla(dc, dr, c.storage));
     // Two sequences filled in alternating chunks, so a paged sequence's pages are not adjacent.
-    auto cache = make_cache(c.cache, kernel.cache_record(), 2, c.length);
+    auto cache = make_cache(kernel.cache_record(), c.cache, 2, c.length);
     const SequenceId other = cache->add_sequence();
     const SequenceId seq = cache->add_sequence();
     tpattn_test::Random random(static_cast<std::uint32_t>(c.length * 31 + h));
@@ -782,7 +748,7 @@ std::vector<KernelCase> kernel_cases() {
       {"T6_H2_L70_N1", 2, 256, 32, 70, 1}};
   std::vector<KernelCase> cases;
   for (StorageType storage : kAllStorage)
-    for (CacheKind cache : kAllCaches)
+    for (CacheKind cache : kAllCacheKinds)
       for (const Shape& s : shapes)
         cases.push_back(
             {std::string(tpattn::name_of(storage)) + "_" + name_of(cache) + "_" + s.name, storage,
@@ -1003,7 +969,7 @@ TEST(MlaKernelRope, AddingOneOffsetToEveryPositionLeavesOutputsAndLseUnchanged) 
   for (const auto& [name, config] : rope_variants(8)) {
     SCOPED_TRACE(name);
     const Rope rope(config, dr);
-    auto cache = make_cache(CacheKind::paged, kernel.cache_record(), 2, m);
+    auto cache = make_cache(kernel.cache_record(), CacheKind::paged, 2, m);
     const SequenceId base = cache->add_sequence(), shifted = cache->add_sequence();
     append_latents(*cache, base, in, rope, 0, m, 0);
     const KernelRun expected =
@@ -1053,7 +1019,7 @@ TEST(MlaKernelRope, RotatingKrAtWriteTimeEqualsRotatingAtReadTime) {
               1e-12 * tpattn_test::max_abs(read.lse));
 
     const Rope rope(config, dr);
-    auto cache = make_cache(CacheKind::paged, kernel.cache_record(), 1, m);
+    auto cache = make_cache(kernel.cache_record(), CacheKind::paged, 1, m);
     const SequenceId seq = cache->add_sequence();
     append_latents(*cache, seq, in, rope, 0, m, 0);
     const KernelRun r = attend_latent(kernel, in, absorbed_queries(in, rope, 0), cache->view(seq));
@@ -1095,9 +1061,9 @@ TEST(MlaRope, LayerRotatingKrAtWriteTimeEqualsRotatingAtReadTime) {
               1e-12 * write_time.cwiseAbs().maxCoeff());
 
     MultiHeadLatentAttention<float> op(config, weights);
-    auto cache = make_cache(CacheKind::paged, op.cache_record(), 1, length);
+    auto cache = make_cache(op.cache_record(), CacheKind::paged, 1, length);
     const SequenceId seq = cache->add_sequence();
-    const RowMatrix y = run_steps(op, *cache, seq, x, steps_for(Schedule::chunked, length));
+    const RowMatrix y = run_steps(op, *cache, seq, x, steps_for(Feed::chunked, length));
     EXPECT_LE(relative_error(y, read_time), kLayerTolerance);
     EXPECT_GT(relative_error(y, tpattn_test::mla_layer_reference(unrotated, weights, xd)),
               kContrastFactor * kLayerTolerance)
@@ -1117,12 +1083,12 @@ TEST(MlaKernelMerge, MergingPartialResultsOverSplitKeysEqualsOnePass) {
   const std::vector<std::vector<Index>> splits = {{1},      {16},     {40},     {76},     {1, 2},
                                                   {15, 16}, {16, 33}, {32, 64}, {40, 76}, {5, 70}};
   for (StorageType storage : kAllStorage)
-    for (CacheKind kind : kAllCaches) {
+    for (CacheKind kind : kAllCacheKinds) {
       SCOPED_TRACE(std::string(tpattn::name_of(storage)) + " " + name_of(kind));
       with_storage(storage, [&](auto tag) {
-        using S = typename decltype(tag)::type;
+        using S = decltype(tag);
         const MlaKernel<S> kernel(h, dc, dr, in.scale);
-        auto cache = make_cache(kind, kernel.cache_record(), 3, m);
+        auto cache = make_cache(kernel.cache_record(), kind, 3, m);
         const SequenceId whole = cache->add_sequence();
         append_latents(*cache, whole, in, rope, 0, m, 0);
         const KernelRun one_pass = attend_latent(kernel, in, q, cache->view(whole));
@@ -1178,11 +1144,11 @@ TEST_P(MlaBatchedDecode, BatchedDecodeEqualsDecodingEachSequenceAlone) {
   const Index lengths[] = {1, 5, 300};
   const Index steps = 3, batch = 3;
   with_storage(storage, [&](auto tag) {
-    using S = typename decltype(tag)::type;
+    using S = decltype(tag);
     const MlaWeights weights = tpattn_test::random_mla_weights(config, 21u);
     MultiHeadLatentAttention<S> op(config, weights);
-    auto batched = make_cache(kind, op.cache_record(), batch, 300 + steps);
-    auto alone = make_cache(kind, op.cache_record(), batch, 300 + steps);
+    auto batched = make_cache(op.cache_record(), kind, batch, 300 + steps);
+    auto alone = make_cache(op.cache_record(), kind, batch, 300 + steps);
     std::vector<RowMatrix> x, y_batched, y_alone;
     std::vector<SequenceId> seqs_batched, seqs_alone;
     for (Index b = 0; b < batch; ++b) {
@@ -1191,7 +1157,7 @@ TEST_P(MlaBatchedDecode, BatchedDecodeEqualsDecodingEachSequenceAlone) {
                                              static_cast<std::uint32_t>(40 + b)));
       seqs_batched.push_back(batched->add_sequence());
       seqs_alone.push_back(alone->add_sequence());
-      const std::vector<Step> prefill = steps_for(Schedule::chunked, length);
+      const std::vector<Step> prefill = steps_for(Feed::chunked, length);
       run_steps(op, *batched, seqs_batched.back(), x.back(), prefill);
       run_steps(op, *alone, seqs_alone.back(), x.back(), prefill);
       y_batched.emplace_back(steps, config.d_model);
@@ -1230,7 +1196,7 @@ TEST_P(MlaBatchedDecode, BatchedDecodeEqualsDecodingEachSequenceAlone) {
 
 INSTANTIATE_TEST_SUITE_P(
     StorageAndCache, MlaBatchedDecode,
-    ::testing::Combine(::testing::ValuesIn(kAllStorage), ::testing::ValuesIn(kAllCaches)),
+    ::testing::Combine(::testing::ValuesIn(kAllStorage), ::testing::ValuesIn(kAllCacheKinds)),
     [](const ::testing::TestParamInfo<std::tuple<StorageType, CacheKind>>& info) {
       return std::string(tpattn::name_of(std::get<0>(info.param))) + "_" +
              name_of(std::get<1>(info.param));
@@ -1245,11 +1211,10 @@ TEST(MlaCaches, ContiguousAndPagedCachesGiveTheSameOutputs) {
   MultiHeadLatentAttention<float> op(config, weights);
   const RowMatrix x = tpattn_test::random_inputs(length, config.d_model, 32u);
   RowMatrix y[2];
-  for (CacheKind kind : kAllCaches) {
-    auto cache = make_cache(kind, op.cache_record(), 1, length);
+  for (CacheKind kind : kAllCacheKinds) {
+    auto cache = make_cache(op.cache_record(), kind, 1, length);
     const SequenceId seq = cache->add_sequence();
-    y[kind == CacheKind::paged] =
-        run_steps(op, *cache, seq, x, steps_for(Schedule::chunked, length));
+    y[kind == CacheKind::paged] = run_steps(op, *cache, seq, x, steps_for(Feed::chunked, length));
   }
   EXPECT_LE(relative_error(y[1], y[0].cast<double>()), kLayerTolerance);
 }
@@ -1278,7 +1243,7 @@ TEST(MlaCacheBytes, RecordHoldsLatentPlusRopeKeyElementsPerToken) {
       SCOPED_TRACE(std::to_string(c.latent_dim) + " + " + std::to_string(c.rope_dim) + " " +
                    tpattn::name_of(storage));
       with_storage(storage, [&](auto tag) {
-        using S = typename decltype(tag)::type;
+        using S = decltype(tag);
         const MlaConfig config = config_with_cache(c.latent_dim, c.rope_dim);
         const MultiHeadLatentAttention<S> op(config, tpattn_test::random_mla_weights(config, 3u));
         const CacheRecord& record = op.cache_record();
@@ -1303,24 +1268,24 @@ TEST(MlaCacheBytes, BytesUsedIsTokensHeldTimesLatentPlusRopeKeyBytes) {
   const MlaConfig config = config_with_cache(256, 32);
   const Index element_bytes[] = {4, 2, 2};
   for (int s = 0; s < 3; ++s)
-    for (CacheKind kind : kAllCaches) {
+    for (CacheKind kind : kAllCacheKinds) {
       const StorageType storage = kAllStorage[s];
       SCOPED_TRACE(std::string(tpattn::name_of(storage)) + " " + name_of(kind));
       with_storage(storage, [&](auto tag) {
-        using S = typename decltype(tag)::type;
+        using S = decltype(tag);
         MultiHeadLatentAttention<S> op(config, tpattn_test::random_mla_weights(config, 4u));
-        auto cache = make_cache(kind, op.cache_record(), 2, 40);
+        auto cache = make_cache(op.cache_record(), kind, 2, 40);
         const SequenceId a = cache->add_sequence();
         const SequenceId b = cache->add_sequence();
         const Index bytes_per_token = 288 * element_bytes[s];
         EXPECT_EQ(cache->bytes_per_token(), bytes_per_token);
         EXPECT_EQ(cache->bytes_used(), 0);
         const RowMatrix x = tpattn_test::random_inputs(40, config.d_model, 5u);
-        run_steps(op, *cache, a, x, steps_for(Schedule::prefill, 17));
+        run_steps(op, *cache, a, x, steps_for(Feed::prefill, 17));
         EXPECT_EQ(cache->bytes_used(), 17 * bytes_per_token);
-        run_steps(op, *cache, b, x, steps_for(Schedule::decode, 3));
+        run_steps(op, *cache, b, x, steps_for(Feed::decode, 3));
         EXPECT_EQ(cache->bytes_used(), 20 * bytes_per_token);
-        run_steps(op, *cache, a, x, steps_for(Schedule::chunked, 23), 17);
+        run_steps(op, *cache, a, x, steps_for(Feed::chunked, 23), 17);
         EXPECT_EQ(cache->bytes_used(), 43 * bytes_per_token);
         if (const auto* paged = dynamic_cast<const PagedKvCache*>(cache.get())) {
           // Pages of 16 tokens: a holds 40 tokens in 3 pages, b 3 tokens in 1.
@@ -1484,9 +1449,9 @@ TEST(MlaMisuse, BareKernelRejectsNonPositiveSizesAndABadScale) {
 TEST(MlaMisuse, BareKernelAttendRejectsAForeignViewABadCountAndNullBuffers) {
   const Index h = 3, dc = 32, dr = 8;
   const MlaKernel<float> kernel(h, dc, dr, 0.25f);
-  auto cache = make_cache(CacheKind::paged, kernel.cache_record(), 1, 20);
+  auto cache = make_cache(kernel.cache_record(), CacheKind::paged, 1, 20);
   auto foreign =
-      make_cache(CacheKind::paged, tpattn::records::mla(dc, dr, StorageType::bf16), 1, 20);
+      make_cache(tpattn::records::mla(dc, dr, StorageType::bf16), CacheKind::paged, 1, 20);
   const SequenceId seq = cache->add_sequence();
   const SequenceId other = foreign->add_sequence();
   tpattn_test::Random random(24u);
@@ -1605,10 +1570,10 @@ struct MisuseFixture {
   std::vector<SequenceId> seqs;
 
   MisuseFixture(CacheKind kind, Index capacity) {
-    cache = make_cache(kind, op.cache_record(), 3, capacity);
+    cache = make_cache(op.cache_record(), kind, 3, capacity);
     for (Index length : {5, 17}) {
       seqs.push_back(cache->add_sequence());
-      run_steps(op, *cache, seqs.back(), x, steps_for(Schedule::chunked, length));
+      run_steps(op, *cache, seqs.back(), x, steps_for(Feed::chunked, length));
     }
   }
   CacheSnapshot state() const { return snapshot(*cache, seqs); }
@@ -1643,11 +1608,11 @@ TEST(MlaMisuse, WrongCacheRecordOrStorageThrowsAndLeavesTheCacheUnchanged) {
   const RowMatrix x = tpattn_test::random_inputs(4, config.d_model, 15u);
   RowMatrix y(4, config.d_model);
   for (const CacheRecord& record : wrong) {
-    for (CacheKind kind : kAllCaches) {
+    for (CacheKind kind : kAllCacheKinds) {
       SCOPED_TRACE(std::string(name_of(kind)) + " cache of " +
                    std::to_string(record.elements_per_token()) + " elements, " +
                    tpattn::name_of(record.plane(0).storage));
-      auto cache = make_cache(kind, record, 2, 20);
+      auto cache = make_cache(record, kind, 2, 20);
       const SequenceId seq = cache->add_sequence();
       // Two tokens of data, written directly.
       tpattn_test::Random random(16u);
@@ -1667,7 +1632,7 @@ TEST(MlaMisuse, WrongCacheRecordOrStorageThrowsAndLeavesTheCacheUnchanged) {
   // And the other way round: a bf16 operator on a float cache.
   MultiHeadLatentAttention<Eigen::bfloat16> bf16_op(config,
                                                     tpattn_test::random_mla_weights(config, 14u));
-  auto cache = make_cache(CacheKind::paged, tpattn::records::mla(dc, dr), 1, 20);
+  auto cache = make_cache(tpattn::records::mla(dc, dr), CacheKind::paged, 1, 20);
   const SequenceId seq = cache->add_sequence();
   EXPECT_TRUE(
       throws_error([&] { bf16_op.decode(*cache, &seq, 1, x.data(), y.data()); }, kDecode, "cache"));
@@ -1678,12 +1643,12 @@ TEST(MlaMisuse, WrongCacheRecordOrStorageThrowsAndLeavesTheCacheUnchanged) {
 }
 
 TEST(MlaMisuse, UnknownOrDuplicateSequencesAndBadArgumentsThrowAndLeaveTheCacheUnchanged) {
-  for (CacheKind kind : kAllCaches) {
+  for (CacheKind kind : kAllCacheKinds) {
     SCOPED_TRACE(name_of(kind));
     MisuseFixture f(kind, 40);
     // A removed sequence is unknown too.
     const SequenceId removed = f.cache->add_sequence();
-    run_steps(f.op, *f.cache, removed, f.x, steps_for(Schedule::prefill, 3));
+    run_steps(f.op, *f.cache, removed, f.x, steps_for(Feed::prefill, 3));
     f.cache->remove_sequence(removed);
     const CacheSnapshot before = f.state();
     const SequenceId a = f.seqs[0], b = f.seqs[1];
@@ -1721,7 +1686,7 @@ TEST(MlaMisuse, UnknownOrDuplicateSequencesAndBadArgumentsThrowAndLeaveTheCacheU
 }
 
 TEST(MlaMisuse, PrefillBeyondCapacityThrowsAndLeavesTheCacheUnchanged) {
-  for (CacheKind kind : kAllCaches) {
+  for (CacheKind kind : kAllCacheKinds) {
     SCOPED_TRACE(name_of(kind));
     // Room for 3 sequences of 24 tokens: contiguous regions of 24; paged, 3 x 2 pages of 16.
     MisuseFixture f(kind, 24);
@@ -1741,13 +1706,12 @@ TEST(MlaMisuse, PrefillBeyondCapacityThrowsAndLeavesTheCacheUnchanged) {
 }
 
 TEST(MlaMisuse, DecodeIntoAFullSequenceThrowsAndAppendsToNoSequence) {
-  for (CacheKind kind : kAllCaches) {
+  for (CacheKind kind : kAllCacheKinds) {
     SCOPED_TRACE(name_of(kind));
     MisuseFixture f(kind, 24);
     const SequenceId a = f.seqs[0], b = f.seqs[1];
     // Fill b to its last token: its region of 24, or every page left in the shared pool.
-    run_steps(f.op, *f.cache, b, f.x, steps_for(Schedule::prefill, f.cache->tokens_available(b)),
-              17);
+    run_steps(f.op, *f.cache, b, f.x, steps_for(Feed::prefill, f.cache->tokens_available(b)), 17);
     ASSERT_EQ(f.cache->tokens_available(b), 0);
     const CacheSnapshot before = f.state();
     const SequenceId both[] = {a, b};  // a first: it has room, b is checked after it
@@ -1771,8 +1735,8 @@ TEST(MlaMisuse, DecodeBatchThatRunsThePagePoolDryRollsBackEveryAppend) {
   PagedKvCache cache(op.cache_record(), kPageTokens, 3, 2);
   const RowMatrix x = tpattn_test::random_inputs(20, config.d_model, 18u);
   const SequenceId a = cache.add_sequence(), b = cache.add_sequence();
-  run_steps(op, cache, a, x, steps_for(Schedule::prefill, 16));
-  run_steps(op, cache, b, x, steps_for(Schedule::chunked, 16));
+  run_steps(op, cache, a, x, steps_for(Feed::prefill, 16));
+  run_steps(op, cache, b, x, steps_for(Feed::chunked, 16));
   ASSERT_EQ(cache.free_page_count(), 1);
   ASSERT_EQ(cache.tokens_available(a), 16);
   ASSERT_EQ(cache.tokens_available(b), 16);
@@ -1805,16 +1769,16 @@ TEST_P(MlaAllocation, SteadyStateDecodeAllocatesNothing) {
   const CacheKind kind = std::get<1>(GetParam());
   const MlaConfig config = deepseek_like_config();
   with_storage(storage, [&](auto tag) {
-    using S = typename decltype(tag)::type;
+    using S = decltype(tag);
     MultiHeadLatentAttention<S> op(config, tpattn_test::random_mla_weights(config, 19u));
     const Index batch = 3, steps = 24;
-    auto cache = make_cache(kind, op.cache_record(), batch, 100);
+    auto cache = make_cache(op.cache_record(), kind, batch, 100);
     const RowMatrix x = tpattn_test::random_inputs(100, config.d_model, 20u);
     SequenceId seqs[3];
     const Index lengths[] = {3, 15, 60};  // decode crosses a page and the 64-token tile
     for (Index b = 0; b < batch; ++b) {
       seqs[b] = cache->add_sequence();
-      run_steps(op, *cache, seqs[b], x, steps_for(Schedule::prefill, lengths[b]));
+      run_steps(op, *cache, seqs[b], x, steps_for(Feed::prefill, lengths[b]));
     }
     op.reserve(batch);
     RowMatrix xb = x.topRows(batch), yb(batch, config.d_model);
@@ -1834,7 +1798,7 @@ TEST_P(MlaAllocation, SteadyStateDecodeAllocatesNothing) {
 
 INSTANTIATE_TEST_SUITE_P(
     StorageAndCache, MlaAllocation,
-    ::testing::Combine(::testing::ValuesIn(kAllStorage), ::testing::ValuesIn(kAllCaches)),
+    ::testing::Combine(::testing::ValuesIn(kAllStorage), ::testing::ValuesIn(kAllCacheKinds)),
     [](const ::testing::TestParamInfo<std::tuple<StorageType, CacheKind>>& info) {
       return std::string(tpattn::name_of(std::get<0>(info.param))) + "_" +
              name_of(std::get<1>(info.param));
@@ -1844,7 +1808,7 @@ TEST(MlaAllocation, PrefillWithinReservedTokensAllocatesNothing) {
   ASSERT_TRUE(tpattn::test::AllocationCounter::installed());
   const MlaConfig config = deepseek_like_config();
   MultiHeadLatentAttention<float> op(config, tpattn_test::random_mla_weights(config, 22u));
-  auto cache = make_cache(CacheKind::paged, op.cache_record(), 1, 80);
+  auto cache = make_cache(op.cache_record(), CacheKind::paged, 1, 80);
   const SequenceId seq = cache->add_sequence();
   const RowMatrix x = tpattn_test::random_inputs(80, config.d_model, 23u);
   RowMatrix y(80, config.d_model);

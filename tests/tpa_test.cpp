@@ -34,14 +34,24 @@
 #include <vector>
 
 #include "support/allocation_counter.hpp"
+#include "support/feeds.hpp"
 #include "support/reference.hpp"
+#include "support/storage_types.hpp"
+#include "support/test_caches.hpp"
 #include "support/tpa_reference.hpp"
 #include "tpattn/tpattn.hpp"
 
 namespace {
 
+using tpattn::test::CacheKind;
 using tpattn::test::expect_error_before_allocating;
+using tpattn::test::Feed;
+using tpattn::test::kAllCacheKinds;
+using tpattn::test::kAllFeeds;
 using tpattn::test::kFitsInIndex;
+using tpattn::test::kPageTokens;
+using tpattn::test::make_cache;
+using tpattn::test::with_storage;
 
 using tpattn::CacheRecord;
 using tpattn::ContiguousKvCache;
@@ -63,8 +73,6 @@ using tpattn::TpaOrder;
 using tpattn::TpaShape;
 using tpattn::TpaWeights;
 using tpattn_test::Tensor3;
-
-constexpr Index kPageTokens = 16;
 
 // ---- tolerances ---------------------------------------------------------------------------------
 //
@@ -162,29 +170,8 @@ constexpr RopePairing kInterleaved = RopePairing::interleaved;
 constexpr RopeDirection kStandard = RopeDirection::standard;
 constexpr RopeDirection kReversed = RopeDirection::reversed;  // the public T6 code's rotation
 
-enum class CacheKind { contiguous, paged };
-
-// A cache in which each of `sequences` sequences can hold `tokens` tokens at once.
-std::unique_ptr<KvCache> make_cache(const CacheRecord& record, CacheKind kind, Index sequences,
-                                    Index tokens, Index page_tokens = kPageTokens) {
-  if (kind == CacheKind::paged)
-    return std::make_unique<PagedKvCache>(
-        record, page_tokens, sequences * ((tokens + page_tokens - 1) / page_tokens), sequences);
-  return std::make_unique<ContiguousKvCache>(record, sequences, tokens);
-}
-
 RowMatrix random_inputs(Index tokens, Index d_model, std::uint32_t seed) {
   return tpattn_test::random_inputs(tokens, d_model, seed);
-}
-
-// Calls fn(Storage{}) with the C++ type of a runtime storage type.
-template <class Fn>
-void with_storage(StorageType storage, Fn&& fn) {
-  switch (storage) {
-    case StorageType::f32: fn(float{}); return;
-    case StorageType::bf16: fn(Eigen::bfloat16{}); return;
-    case StorageType::f16: fn(Eigen::half{}); return;
-  }
 }
 
 // Builds TensorProductAttentionKvOnly for rank_q == 0, TensorProductAttention otherwise, and
@@ -200,21 +187,8 @@ void with_layer(const TpaConfig& config, const TpaWeights& weights, Body&& body)
   }
 }
 
-// How a sequence's tokens reach the layer.
-enum class Feed { decode, prefill, chunked_prefill, prefill_then_decode };
-const char* name_of(Feed feed) {
-  switch (feed) {
-    case Feed::decode: return "decode token by token";
-    case Feed::prefill: return "one prefill";
-    case Feed::chunked_prefill: return "chunked prefill";
-    case Feed::prefill_then_decode: return "prefill of half, then decode";
-  }
-  return "?";
-}
-constexpr Feed kAllFeeds[] = {Feed::decode, Feed::prefill, Feed::chunked_prefill,
-                              Feed::prefill_then_decode};
-
-// Feeds x [T, d_model] to `seq` (appending after what it holds) and returns y [T, d_model].
+// Feeds x [T, d_model] to `seq` (appending after what it holds) and returns y [T, d_model]; a
+// chunked feed prefills `chunk` tokens at a time.
 template <class Op>
 RowMatrix run_layer(Op& op, KvCache& cache, SequenceId seq, const RowMatrix& x, Feed feed,
                     Index chunk) {
@@ -226,7 +200,7 @@ RowMatrix run_layer(Op& op, KvCache& cache, SequenceId seq, const RowMatrix& x, 
   switch (feed) {
     case Feed::decode: decode_from = 0; break;
     case Feed::prefill: break;
-    case Feed::chunked_prefill: step = chunk; break;
+    case Feed::chunked: step = chunk; break;
     case Feed::prefill_then_decode: decode_from = tokens / 2; break;
   }
   for (Index first = 0; first < decode_from; first += step) {
@@ -485,7 +459,7 @@ TEST_P(TpaLayer, CacheHoldsEveryTokensRankMajorAAndRotatedBKUnrotatedBV) {
                 elements * static_cast<Index>(sizeof(Storage)));
       const std::unique_ptr<KvCache> cache = make_cache(op.cache_record(), c.cache, 1, c.length);
       const SequenceId seq = cache->add_sequence();
-      run_layer(op, *cache, seq, x, Feed::chunked_prefill, c.chunk);
+      run_layer(op, *cache, seq, x, Feed::chunked, c.chunk);
       EXPECT_EQ(cache->bytes_used(), c.length * elements * static_cast<Index>(sizeof(Storage)));
 
       const SequenceView view = cache->view(seq);
@@ -543,7 +517,7 @@ TEST_P(TpaOrders, FactorAndQueryOrdersGiveTheSameOutputs) {
     TensorProductAttention<Storage> query(config, weights);
     EXPECT_EQ(factor.order(), TpaOrder::factor);
     EXPECT_EQ(query.order(), TpaOrder::query);
-    for (Feed feed : {Feed::decode, Feed::chunked_prefill}) {
+    for (Feed feed : {Feed::decode, Feed::chunked}) {
       const std::unique_ptr<KvCache> cache =
           make_cache(factor.cache_record(), c.cache, 2, c.length);
       const SequenceId a = cache->add_sequence(), b = cache->add_sequence();
@@ -898,7 +872,7 @@ TEST(Tpa, RotatingBKAtWriteTimeEqualsRotatingKAtReadTime) {
     TensorProductAttention<float> op(tpa, weights);
     ContiguousKvCache cache(op.cache_record(), 1, c.length);
     const SequenceId seq = cache.add_sequence();
-    EXPECT_LE(relative_error(run_layer(op, cache, seq, x, Feed::chunked_prefill, c.chunk), read.y),
+    EXPECT_LE(relative_error(run_layer(op, cache, seq, x, Feed::chunked, c.chunk), read.y),
               kFloatTolerance);
   }
 }
@@ -1205,7 +1179,7 @@ TEST(Tpa, BatchedDecodeOverLengths1And5And300EqualsDecodingEachAlone) {
 
   TensorProductAttention<float> op(config, weights);
   std::vector<std::vector<RowMatrix>> batched_outputs;  // per cache kind, per sequence
-  for (CacheKind kind : {kContiguous, kPaged}) {
+  for (CacheKind kind : kAllCacheKinds) {
     const std::unique_ptr<KvCache> batched = make_cache(op.cache_record(), kind, batch, capacity);
     const std::unique_ptr<KvCache> alone = make_cache(op.cache_record(), kind, batch, capacity);
     std::vector<SequenceId> seqs, solo;
