@@ -37,48 +37,7 @@ class CacheRecord {
   // every plane's rows x cols and rows x cols x element bytes, and the record's elements and
   // bytes per token, must fit in an Index (a 64-bit signed integer), so that no size computed
   // from the record wraps around.
-  explicit CacheRecord(std::vector<PlaneSpec> planes) : planes_(std::move(planes)) {
-    TPATTN_CHECK(!planes_.empty(), "CacheRecord", "planes", "at least one plane", 0);
-    Index bytes = 0;  // per token, summed over the planes so far
-    for (std::size_t p = 0; p < planes_.size(); ++p) {
-      const PlaneSpec& plane = planes_[p];
-      TPATTN_CHECK(plane.rows >= 1, "CacheRecord", "rows", "plane '" + plane.name + "' rows >= 1",
-                   plane.rows);
-      TPATTN_CHECK(plane.cols >= 1, "CacheRecord", "cols", "plane '" + plane.name + "' cols >= 1",
-                   plane.cols);
-      TPATTN_CHECK(plane.storage == StorageType::f32 || plane.storage == StorageType::bf16 ||
-                       plane.storage == StorageType::f16,
-                   "CacheRecord", "storage", "plane '" + plane.name + "' storage f32, bf16 or f16",
-                   static_cast<int>(plane.storage));
-      for (std::size_t other = 0; other < p; ++other)
-        TPATTN_CHECK(planes_[other].name != plane.name, "CacheRecord", "name", "unique plane names",
-                     plane.name);
-      const Index size = element_bytes(plane.storage);
-      Index plane_elements = 0;
-      Index plane_bytes = 0;
-      TPATTN_CHECK(
-          !__builtin_mul_overflow(plane.rows, plane.cols, &plane_elements), "CacheRecord",
-          "rows x cols",
-          "plane '" + plane.name +
-              "' rows x cols (elements per token) that fit in a 64-bit signed integer",
-          detail::to_text(plane.rows) + " x " + detail::to_text(plane.cols) + " overflows");
-      TPATTN_CHECK(!__builtin_mul_overflow(plane_elements, size, &plane_bytes), "CacheRecord",
-                   "rows x cols",
-                   "plane '" + plane.name +
-                       "' rows x cols x element bytes (bytes per token) that fit in a 64-bit "
-                       "signed integer",
-                   detail::to_text(plane.rows) + " x " + detail::to_text(plane.cols) + " x " +
-                       detail::to_text(size) + " overflows");
-      // Each plane's elements are at most half its bytes, so once the bytes' sum fits, the
-      // elements' sum (elements_per_token()) does too.
-      Index bytes_sum = 0;
-      TPATTN_CHECK(!__builtin_add_overflow(bytes, plane_bytes, &bytes_sum), "CacheRecord", "planes",
-                   "bytes per token, summed over the planes, that fit in a 64-bit signed integer",
-                   detail::to_text(bytes) + " + " + detail::to_text(plane_bytes) + " (plane '" +
-                       plane.name + "') overflows");
-      bytes = bytes_sum;
-    }
-  }
+  explicit CacheRecord(std::vector<PlaneSpec> planes) : CacheRecord(std::move(planes), false) {}
 
   Index plane_count() const { return static_cast<Index>(planes_.size()); }
   const PlaneSpec& plane(Index p) const { return planes_[static_cast<std::size_t>(p)]; }
@@ -115,6 +74,54 @@ class CacheRecord {
   friend bool operator!=(const CacheRecord& a, const CacheRecord& b) { return !(a == b); }
 
  private:
+  friend class ModelRecord;
+
+  // names_known_unique: the caller guarantees unique names (a ModelRecord's planes, prefixed by
+  // their layer), so the check that compares every pair of names, quadratic in the plane count,
+  // is skipped for models of many layers. Every other check runs.
+  CacheRecord(std::vector<PlaneSpec> planes, bool names_known_unique) : planes_(std::move(planes)) {
+    TPATTN_CHECK(!planes_.empty(), "CacheRecord", "planes", "at least one plane", 0);
+    Index bytes = 0;  // per token, summed over the planes so far
+    for (std::size_t p = 0; p < planes_.size(); ++p) {
+      const PlaneSpec& plane = planes_[p];
+      TPATTN_CHECK(plane.rows >= 1, "CacheRecord", "rows", "plane '" + plane.name + "' rows >= 1",
+                   plane.rows);
+      TPATTN_CHECK(plane.cols >= 1, "CacheRecord", "cols", "plane '" + plane.name + "' cols >= 1",
+                   plane.cols);
+      TPATTN_CHECK(plane.storage == StorageType::f32 || plane.storage == StorageType::bf16 ||
+                       plane.storage == StorageType::f16,
+                   "CacheRecord", "storage", "plane '" + plane.name + "' storage f32, bf16 or f16",
+                   static_cast<int>(plane.storage));
+      for (std::size_t other = 0; other < p && !names_known_unique; ++other)
+        TPATTN_CHECK(planes_[other].name != plane.name, "CacheRecord", "name", "unique plane names",
+                     plane.name);
+      const Index size = element_bytes(plane.storage);
+      Index plane_elements = 0;
+      Index plane_bytes = 0;
+      TPATTN_CHECK(
+          !__builtin_mul_overflow(plane.rows, plane.cols, &plane_elements), "CacheRecord",
+          "rows x cols",
+          "plane '" + plane.name +
+              "' rows x cols (elements per token) that fit in a 64-bit signed integer",
+          detail::to_text(plane.rows) + " x " + detail::to_text(plane.cols) + " overflows");
+      TPATTN_CHECK(!__builtin_mul_overflow(plane_elements, size, &plane_bytes), "CacheRecord",
+                   "rows x cols",
+                   "plane '" + plane.name +
+                       "' rows x cols x element bytes (bytes per token) that fit in a 64-bit "
+                       "signed integer",
+                   detail::to_text(plane.rows) + " x " + detail::to_text(plane.cols) + " x " +
+                       detail::to_text(size) + " overflows");
+      // Each plane's elements are at most half its bytes, so once the bytes' sum fits, the
+      // elements' sum (elements_per_token()) does too.
+      Index bytes_sum = 0;
+      TPATTN_CHECK(!__builtin_add_overflow(bytes, plane_bytes, &bytes_sum), "CacheRecord", "planes",
+                   "bytes per token, summed over the planes, that fit in a 64-bit signed integer",
+                   detail::to_text(bytes) + " + " + detail::to_text(plane_bytes) + " (plane '" +
+                       plane.name + "') overflows");
+      bytes = bytes_sum;
+    }
+  }
+
   std::vector<PlaneSpec> planes_;
 };
 
