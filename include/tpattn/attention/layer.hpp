@@ -112,7 +112,11 @@ class AttentionLayer {
     plan_.make(self().kernel().plan_shape(), lengths_.data(), new_tokens, batch, threads, call);
     const auto buffers =
         self().carve(workspace_floats_for(call, rows, plan_.workspace_floats()), rows);
-    self().project(x, rows, buffers, executor);
+    try {
+      self().project(x, rows, buffers, executor);
+    } catch (...) {
+      rethrow_as_error(call);  // an engine's executor failed; nothing was appended yet
+    }
     for (Index b = 0; b < batch; ++b)
       self().rotate(buffers, plan_.token_offset(b), count_of(b), lengths_[b] - count_of(b));
     append_each(call, cache, seqs, new_tokens, batch, [&](Index b, PlaneInput* planes) {
@@ -121,12 +125,12 @@ class AttentionLayer {
     try {
       for (Index b = 0; b < batch; ++b) views_[b] = cache.view(seqs[b]);
       self().attend(buffers, plan_, views_.data(), executor);
+      self().output(buffers, rows, y, executor);
     } catch (...) {
-      // A failed work item (or an engine's executor or view) leaves the cache as it was.
+      // A failed work item or task (an engine's executor or view) leaves the cache as it was.
       for (Index b = 0; b < batch; ++b) cache.truncate(seqs[b], lengths_[b] - count_of(b));
       rethrow_as_error(call);
     }
-    self().output(buffers, rows, y, executor);
   }
 
   static void rethrow_as_error(const char* call) {
