@@ -6,7 +6,13 @@
 // a sequence allocates nothing either. A contiguous cache is this with one block of max_tokens
 // per sequence; a paged cache with many small pages. plan() works out every size without
 // allocating; the constructor allocates what it returns (and the caches' footprint() reports it).
-// Invariant: sequence s holds exactly ceil(length_s / block_tokens) blocks.
+//
+// The record's planes may belong to several layers of a model (model_record.hpp): layer l owns
+// planes [first_plane[l], first_plane[l + 1]) of every block and has a length of its own per
+// sequence, so each layer appends and truncates on its own while all share one block table.
+// Invariant: sequence s holds exactly ceil(furthest_s / block_tokens) blocks, where furthest_s
+// is the longest of its layers: a block is taken when the first layer reaches it and given back
+// when the last layer drops below it. With one layer, furthest_s is the sequence's length.
 #pragma once
 
 #include <algorithm>
@@ -70,16 +76,18 @@ class BlockStore {
   // cache's footprint() cannot drift from what its constructor reserves. Throws tpattn::Error
   // naming `call` for a record without planes, a byte count that overflows an Index, or more
   // sequence slots or blocks than a std::vector of their bookkeeping can hold (vector_limit).
-  // plane_offsets, unless null, is an array of record.plane_count() that receives each plane's
-  // byte offset inside a block.
+  // layers: how many layers the record's planes belong to (>= 1, checked by ModelRecord).
   static Sizes plan(const char* call, const CacheRecord& record, const BlockGeometry& geometry,
-                    Index* plane_offsets = nullptr) {
+                    Index layers = 1) {
     TPATTN_CHECK(record.plane_count() >= 1, call, "record", "at least one plane",
                  record.plane_count());
-    // The slots' bookkeeping (24 bytes each) binds before their free list (8 bytes each).
+    // The slots' bookkeeping (24 bytes each) binds before their free list (8 bytes each), and
+    // with one layer before their lengths (8 bytes per slot and layer).
     check_count<Sequence>(call, "max_sequences", geometry.max_sequences, "sequence slots");
+    check_count<Index>(call, "max_sequences", checked_product(call, geometry.max_sequences, layers),
+                       "lengths, one per sequence slot and layer");
     Sizes sizes;
-    sizes.block_bytes = block_layout(call, record, geometry.block_tokens, plane_offsets);
+    sizes.block_bytes = block_layout(call, record, geometry.block_tokens, nullptr);
     sizes.pool_bytes = checked_product(call, sizes.block_bytes, geometry.block_count);
     sizes.table_bytes = table_size(call, geometry.max_sequences, geometry.max_blocks_per_sequence);
     check_count<Index>(call, geometry.block_count_argument, geometry.block_count,
@@ -88,21 +96,44 @@ class BlockStore {
   }
 
   // call: the cache's name for errors. A sequence holds at most geometry.max_blocks_per_sequence
-  // blocks and geometry.max_tokens_per_sequence tokens. Plans first, so every check runs before
-  // anything is allocated, then allocates the pool (usually the largest part) before the rest.
-  // An allocation the system refuses for a size the plan accepted is a tpattn::Error giving the
-  // bytes asked for, and what was allocated before it is freed.
-  BlockStore(const char* call, const CacheRecord& record, const BlockGeometry& geometry)
-      : BlockStore(call, record, geometry, plan(call, record, geometry)) {}
+  // blocks and geometry.max_tokens_per_sequence tokens (in each layer). layers, first_plane:
+  // layer l owns the record's planes [first_plane[l], first_plane[l + 1]); first_plane may be
+  // null for one layer. Plans first, so every check runs before anything is allocated, then
+  // allocates the pool (usually the largest part) before the rest. An allocation the system
+  // refuses for a size the plan accepted is a tpattn::Error giving the bytes asked for, and what
+  // was allocated before it is freed.
+  BlockStore(const char* call, const CacheRecord& record, const BlockGeometry& geometry,
+             Index layers = 1, const Index* first_plane = nullptr)
+      : BlockStore(call, record, geometry, layers, first_plane,
+                   plan(call, record, geometry, layers)) {}
 
+  // The layer argument of the operations below: every layer of the sequence at once.
+  static constexpr Index kEveryLayer = -1;
+
+  Index layers() const { return layers_; }
+  Index first_plane(Index layer) const { return first_plane_[static_cast<std::size_t>(layer)]; }
   Index block_tokens() const { return block_tokens_; }
   Index block_count() const { return block_count_; }
   Index block_bytes() const { return block_bytes_; }
   Index free_block_count() const { return static_cast<Index>(free_blocks_.size()); }
   Index max_sequences() const { return static_cast<Index>(sequences_.size()); }
   Index sequence_count() const { return max_sequences() - static_cast<Index>(free_slots_.size()); }
-  Index tokens_held() const { return tokens_held_; }
   Index max_tokens_per_sequence() const { return max_tokens_per_sequence_; }
+
+  // Tokens held by every sequence in `layer`, times the layer's bytes per token; kEveryLayer:
+  // summed over the layers.
+  Index bytes_held(Index layer) const {
+    if (layer != kEveryLayer)
+      return layer_tokens_[static_cast<std::size_t>(layer)] * layer_bytes(layer);
+    Index bytes = 0;
+    for (Index l = 0; l < layers_; ++l) bytes += bytes_held(l);
+    return bytes;
+  }
+  // Bytes of a block that hold `layer`'s planes, padding included; they add up to block_bytes().
+  Index layer_block_bytes(Index layer) const {
+    const Index end = layer + 1 == layers_ ? block_bytes_ : plane_offset(first_plane(layer + 1));
+    return end - plane_offset(first_plane(layer));
+  }
   Index table_bytes() const { return static_cast<Index>(tables_.size() * sizeof(std::byte*)); }
 
   bool contains(SequenceId seq) const {
@@ -119,83 +150,120 @@ class BlockStore {
     const SequenceId seq = free_slots_.back();
     Sequence& s = sequences_[static_cast<std::size_t>(seq)];
     free_slots_.pop_back();
-    s.live = true;
-    s.length = 0;
+    s.live = true;  // its lengths are 0: never used, or cut to 0 by remove_sequence
     return seq;
   }
 
   void remove_sequence(SequenceId seq) {
-    shrink(seq, 0);
+    shrink(seq, kEveryLayer, 0);
     sequences_[static_cast<std::size_t>(seq)].live = false;
     free_slots_.push_back(seq);
   }
 
-  Index length(SequenceId seq) const { return sequences_[static_cast<std::size_t>(seq)].length; }
+  // Tokens `seq` holds in `layer`; kEveryLayer: the tokens every layer holds (the shortest).
+  Index length(SequenceId seq, Index layer) const {
+    const Index* lengths = lengths_of(seq);
+    if (layer != kEveryLayer) return lengths[layer];
+    Index shortest = lengths[0];
+    for (Index l = 1; l < layers_; ++l) shortest = std::min(shortest, lengths[l]);
+    return shortest;
+  }
+  // The longest of the sequence's layers: what its blocks hold room for.
+  Index furthest(SequenceId seq) const {
+    return sequences_[static_cast<std::size_t>(seq)].furthest;
+  }
 
   Index blocks_needed(Index tokens) const { return (tokens + block_tokens_ - 1) / block_tokens_; }
 
-  // Tokens `seq` could still take: room in its last block plus the free blocks it may claim.
-  Index tokens_available(SequenceId seq) const {
+  // Tokens `layer` of `seq` could still take: room in the blocks the sequence holds past the
+  // layer's length plus the free blocks it may claim. kEveryLayer: what every layer could take,
+  // the room past the furthest layer.
+  Index tokens_available(SequenceId seq, Index layer) const {
     const Sequence& s = sequences_[static_cast<std::size_t>(seq)];
-    const Index held = s.blocks;
-    const Index claimable = std::min(free_block_count(), max_blocks_per_sequence_ - held);
-    const Index room = held * block_tokens_ - s.length + claimable * block_tokens_;
-    return std::min(room, max_tokens_per_sequence_ - s.length);
+    const Index length = layer == kEveryLayer ? s.furthest : lengths_of(seq)[layer];
+    const Index claimable = std::min(free_block_count(), max_blocks_per_sequence_ - s.blocks);
+    const Index room = (s.blocks + claimable) * block_tokens_ - length;
+    return std::min(room, max_tokens_per_sequence_ - length);
   }
 
-  // Caller has validated everything; this cannot fail.
-  void append(const CacheRecord& record, SequenceId seq, Index n_tokens, const PlaneInput* planes) {
+  // Appends n_tokens to `layer` of `seq` from planes[0 ..) (the layer's planes, in order);
+  // kEveryLayer: to every layer, which must hold the same length, from planes of every layer in
+  // record order. Claims the blocks the new tokens reach first. Caller has validated everything;
+  // this cannot fail.
+  void append(const CacheRecord& record, SequenceId seq, Index layer, Index n_tokens,
+              const PlaneInput* planes) {
     Sequence& s = sequences_[static_cast<std::size_t>(seq)];
+    Index* lengths = lengths_of(seq);
     std::byte** table = table_of(seq);
-    const Index new_length = s.length + n_tokens;
+    const Index first_layer = layer == kEveryLayer ? 0 : layer;
+    const Index end_layer = layer == kEveryLayer ? layers_ : layer + 1;
+    const Index length = lengths[first_layer];
+    const Index new_length = length + n_tokens;
     while (s.blocks < blocks_needed(new_length)) {
       table[s.blocks++] = block_address(free_blocks_.back());
       free_blocks_.pop_back();
     }
+    const Index first = first_plane(first_layer);
+    const Index end = first_plane(end_layer);
     Index written = 0;
     while (written < n_tokens) {
-      const Index position = s.length + written;
+      const Index position = length + written;
       const Index block = position / block_tokens_;
       const Index row = position % block_tokens_;
       const Index run = std::min(n_tokens - written, block_tokens_ - row);
-      for (Index p = 0; p < record.plane_count(); ++p) {
+      for (Index p = first; p < end; ++p) {
         const PlaneSpec& plane = record.plane(p);
         const Index width = plane.elements_per_token();
-        std::byte* rows = table[block] + plane_offsets_[static_cast<std::size_t>(p)] +
-                          row * plane.bytes_per_token();
-        store_as(plane.storage, planes[p].data + written * width, rows, run * width);
+        std::byte* rows = table[block] + plane_offset(p) + row * plane.bytes_per_token();
+        store_as(plane.storage, planes[p - first].data + written * width, rows, run * width);
       }
       written += run;
     }
-    s.length = new_length;
-    tokens_held_ += n_tokens;
+    for (Index l = first_layer; l < end_layer; ++l) {
+      lengths[l] = new_length;
+      layer_tokens_[static_cast<std::size_t>(l)] += n_tokens;
+    }
+    s.furthest = std::max(s.furthest, new_length);
   }
 
-  // Cuts `seq` to new_length tokens and returns the blocks it no longer needs.
-  void shrink(SequenceId seq, Index new_length) {
+  // Cuts `layer` of `seq` (kEveryLayer: every layer) to new_length tokens, at most the length
+  // of each layer cut, and gives back the blocks no layer reaches any more.
+  void shrink(SequenceId seq, Index layer, Index new_length) {
     Sequence& s = sequences_[static_cast<std::size_t>(seq)];
+    Index* lengths = lengths_of(seq);
+    const Index first_layer = layer == kEveryLayer ? 0 : layer;
+    const Index end_layer = layer == kEveryLayer ? layers_ : layer + 1;
+    for (Index l = first_layer; l < end_layer; ++l) {
+      layer_tokens_[static_cast<std::size_t>(l)] -= lengths[l] - new_length;
+      lengths[l] = new_length;
+    }
+    s.furthest = 0;
+    for (Index l = 0; l < layers_; ++l) s.furthest = std::max(s.furthest, lengths[l]);
     std::byte* const* table = table_of(seq);
-    const Index keep = blocks_needed(new_length);
+    const Index keep = blocks_needed(s.furthest);
     while (s.blocks > keep) free_blocks_.push_back(block_number(table[--s.blocks]));
-    tokens_held_ -= s.length - new_length;
-    s.length = new_length;
   }
 
-  SequenceView view(const CacheRecord& record, SequenceId seq) const {
-    return SequenceView(&record, table_of(seq), plane_offsets_.data(), block_tokens_, length(seq));
+  // `layer` of `seq` (kEveryLayer: the planes of every layer, as long as every layer is), seen
+  // through `record`: the layer's record, or with kEveryLayer the whole record.
+  SequenceView view(const CacheRecord& record, SequenceId seq, Index layer) const {
+    const Index first = first_plane(layer == kEveryLayer ? 0 : layer);
+    return SequenceView(&record, table_of(seq), plane_offsets_.data() + first, block_tokens_,
+                        length(seq, layer));
   }
 
  private:
   struct Sequence {
     bool live = false;
-    Index length = 0;
-    Index blocks = 0;  // entries in use at the start of the slot's block table
+    Index furthest = 0;  // the longest of its layers' lengths
+    Index blocks = 0;    // entries in use at the start of the slot's block table
   };
 
-  // Allocates what `sizes`, the plan of `record` and `geometry`, says.
+  // Allocates what `sizes`, the plan of `record`, `geometry` and `layers`, says.
   BlockStore(const char* call, const CacheRecord& record, const BlockGeometry& geometry,
-             const Sizes& sizes)
-      : block_tokens_(geometry.block_tokens),
+             Index layers, const Index* first_plane, const Sizes& sizes)
+      : layers_(layers),
+        block_tokens_(geometry.block_tokens),
         block_count_(geometry.block_count),
         max_blocks_per_sequence_(geometry.max_blocks_per_sequence),
         max_tokens_per_sequence_(geometry.max_tokens_per_sequence),
@@ -205,6 +273,10 @@ class BlockStore {
           static_cast<std::size_t>(sizes.pool_bytes), std::align_val_t(kAlignment))));
       tables_.resize(static_cast<std::size_t>(sizes.table_bytes) / sizeof(std::byte*));
       sequences_.resize(static_cast<std::size_t>(geometry.max_sequences));
+      lengths_.resize(static_cast<std::size_t>(geometry.max_sequences * layers));
+      layer_tokens_.resize(static_cast<std::size_t>(layers));
+      layer_bytes_.resize(static_cast<std::size_t>(layers));
+      first_plane_.resize(static_cast<std::size_t>(layers + 1));
       plane_offsets_.resize(static_cast<std::size_t>(record.plane_count()));
       free_blocks_.reserve(static_cast<std::size_t>(block_count_));
       free_slots_.reserve(static_cast<std::size_t>(geometry.max_sequences));
@@ -214,6 +286,13 @@ class BlockStore {
                " bytes of block tables, refused");
     }
     block_layout("BlockStore", record, block_tokens_, plane_offsets_.data());  // planned: no throw
+    for (Index l = 0; l <= layers; ++l)
+      first_plane_[static_cast<std::size_t>(l)] =
+          first_plane == nullptr ? (l == 0 ? 0 : record.plane_count()) : first_plane[l];
+    for (Index l = 0; l < layers; ++l)
+      for (Index p = first_plane_[static_cast<std::size_t>(l)];
+           p < first_plane_[static_cast<std::size_t>(l + 1)]; ++p)
+        layer_bytes_[static_cast<std::size_t>(l)] += record.plane(p).bytes_per_token();
     for (Index b = block_count_ - 1; b >= 0; --b) free_blocks_.push_back(b);
     for (Index s = geometry.max_sequences - 1; s >= 0; --s) free_slots_.push_back(s);
   }
@@ -235,6 +314,11 @@ class BlockStore {
                      " " + what + ")",
                  count);
   }
+
+  Index* lengths_of(SequenceId seq) { return lengths_.data() + seq * layers_; }
+  const Index* lengths_of(SequenceId seq) const { return lengths_.data() + seq * layers_; }
+  Index plane_offset(Index p) const { return plane_offsets_[static_cast<std::size_t>(p)]; }
+  Index layer_bytes(Index layer) const { return layer_bytes_[static_cast<std::size_t>(layer)]; }
 
   std::byte** table_of(SequenceId seq) { return tables_.data() + seq * max_blocks_per_sequence_; }
   const std::byte* const* table_of(SequenceId seq) const {
@@ -274,12 +358,16 @@ class BlockStore {
     return checked_product(call, entries, Index(sizeof(std::byte*)));
   }
 
+  Index layers_;
   Index block_tokens_;
   Index block_count_;
   Index max_blocks_per_sequence_;
   Index max_tokens_per_sequence_;
   Index block_bytes_ = 0;
-  Index tokens_held_ = 0;
+  std::vector<Index> first_plane_;   // [layers + 1]: layer l's planes of the record
+  std::vector<Index> layer_bytes_;   // [layers]: bytes per token of each layer's planes
+  std::vector<Index> layer_tokens_;  // [layers]: tokens held in each layer, over all sequences
+  std::vector<Index> lengths_;       // [max_sequences][layers]
   std::vector<Index> plane_offsets_;
   std::unique_ptr<std::byte, AlignedDelete> memory_;
   std::vector<Index> free_blocks_;

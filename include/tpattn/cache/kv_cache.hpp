@@ -8,7 +8,9 @@
 //  - every misuse throws tpattn::Error naming the call, the argument, expected and actual, and
 //    leaves the cache exactly as it was;
 //  - append(), length(), view() and truncate() allocate nothing once the cache is built;
-//  - bytes_used() == (tokens held) x bytes_per_token(), exactly.
+//  - bytes_used() == (tokens held) x bytes_per_token(), exactly (a model's cache, whose layers
+//    may hold different lengths during a forward pass, sums this over its layers:
+//    block_cache.hpp).
 #pragma once
 
 #include <cstddef>

@@ -5,6 +5,9 @@
 // pages to the pool. bytes_used() counts tokens exactly; bytes_in_pages() adds the rounding of
 // each sequence's last, partly filled page. footprint() gives the bytes a cache of given sizes
 // would reserve, without building it.
+//
+// Built from a ModelRecord of L layers, a page holds page_tokens tokens of every layer, and one
+// page table per sequence serves them all; layer(l) is layer l's cache (block_cache.hpp).
 #pragma once
 
 #include <algorithm>
@@ -31,6 +34,17 @@ class PagedKvCache final : public detail::BlockCache {
                     max_tokens_per_sequence),
             geometry(page_tokens, page_count, max_sequences, max_tokens_per_sequence)) {}
 
+  // A model's cache: every page holds page_tokens tokens of each of model.layer_count() layers
+  // (page_bytes() is the sum of the layers' shares), and layer(l) is layer l's cache. The other
+  // arguments as above; max_tokens_per_sequence caps each layer.
+  PagedKvCache(ModelRecord model, Index page_tokens, Index page_count, Index max_sequences,
+               Index max_tokens_per_sequence = 0)
+      : detail::BlockCache(
+            "PagedKvCache",
+            checked(std::move(model), page_tokens, page_count, max_sequences,
+                    max_tokens_per_sequence),
+            geometry(page_tokens, page_count, max_sequences, max_tokens_per_sequence)) {}
+
   // What the cache built with these arguments would reserve, without building it or allocating
   // anything: {bytes_reserved(), table_bytes()} of that cache, in bytes. Same checks and errors
   // as the constructor; a size whose byte count overflows an Index throws instead of wrapping.
@@ -41,6 +55,14 @@ class PagedKvCache final : public detail::BlockCache {
     return footprint_of("PagedKvCache", record,
                         geometry(page_tokens, page_count, max_sequences, max_tokens_per_sequence));
   }
+  // What the model's cache built with these arguments would reserve, as above.
+  static CacheFootprint footprint(const ModelRecord& model, Index page_tokens, Index page_count,
+                                  Index max_sequences, Index max_tokens_per_sequence = 0) {
+    check_sizes(page_tokens, page_count, max_sequences, max_tokens_per_sequence);
+    return footprint_of("PagedKvCache", model.combined(),
+                        geometry(page_tokens, page_count, max_sequences, max_tokens_per_sequence),
+                        model.layer_count());
+  }
 
   Index page_tokens() const { return store().block_tokens(); }
   Index page_count() const { return store().block_count(); }
@@ -50,13 +72,17 @@ class PagedKvCache final : public detail::BlockCache {
   Index bytes_in_pages() const { return (page_count() - free_page_count()) * page_bytes(); }
 
  private:
-  std::string describe_room(SequenceId seq) const override {
+  std::string describe_room(SequenceId seq, Index layer) const override {
     const Index cap = store().max_tokens_per_sequence();
-    if (store().length(seq) + store().tokens_available(seq) == cap)
+    const Index length = layer == kEveryLayer ? store().furthest(seq) : store().length(seq, layer);
+    if (length + store().tokens_available(seq, layer) == cap)
       return "max_tokens_per_sequence = " + detail::to_text(cap) + " caps the sequence";
-    return "room in the sequence's last page plus the free pages it may take: " +
-           detail::to_text(free_page_count()) + " free pages of " + detail::to_text(page_tokens()) +
-           " tokens";
+    // A layer behind the others also has the room its sequence's pages hold past its tokens.
+    const char* held = layer_count() == 1 ? "room in the sequence's last page"
+                                          : "room in the sequence's pages past the layer's tokens";
+    return std::string(held) +
+           " plus the free pages it may take: " + detail::to_text(free_page_count()) +
+           " free pages of " + detail::to_text(page_tokens()) + " tokens";
   }
 
   static void check_sizes(Index page_tokens, Index page_count, Index max_sequences,
@@ -67,8 +93,9 @@ class PagedKvCache final : public detail::BlockCache {
     TPATTN_CHECK(max_tokens_per_sequence >= 0, "PagedKvCache", "max_tokens_per_sequence",
                  ">= 0 (0 = the whole pool)", max_tokens_per_sequence);
   }
-  static CacheRecord checked(CacheRecord record, Index page_tokens, Index page_count,
-                             Index max_sequences, Index max_tokens_per_sequence) {
+  template <class Record>  // CacheRecord or ModelRecord
+  static Record checked(Record record, Index page_tokens, Index page_count, Index max_sequences,
+                        Index max_tokens_per_sequence) {
     check_sizes(page_tokens, page_count, max_sequences, max_tokens_per_sequence);
     return record;
   }
