@@ -3,6 +3,7 @@
 
 #include "tpattn/cache/contiguous_cache.hpp"
 #include "tpattn/cache/kv_cache.hpp"
+#include "tpattn/cache/model_record.hpp"
 #include "tpattn/cache/paged_cache.hpp"
 #include "tpattn/cache/record.hpp"
 #include "tpattn/cache/sequence_view.hpp"

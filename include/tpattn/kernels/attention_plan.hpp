@@ -7,7 +7,7 @@
 //
 // The plan cuts that work so `threads` tasks get fair shares:
 //   1. each sequence's query tokens into chunks (whole multiples of the scorer's query block),
-//      of about `target` key visits each, where target = total visits / (threads x 4);
+//      of about `target` key visits each, where target = total visits / (threads x 8);
 //   2. a chunk still costlier than target (a long decode) into key ranges of equal size, whole
 //      multiples of kSplitAlign tokens: split-KV, as flash-decoding does. Each split writes a
 //      partial (out, lse) that run() merges by log-sum-exp after all items are done.
@@ -76,7 +76,7 @@ struct SplitChunk {
 
 class AttentionPlan {
  public:
-  static constexpr Index kItemsPerThread = 4;    // items per thread to balance ragged work
+  static constexpr Index kItemsPerThread = 8;    // items per thread to balance ragged work
   static constexpr Index kSplitAlign = 128;      // key ranges start at multiples of this
   static constexpr double kMinItemVisits = 512;  // fewer key visits are not worth a handoff
 
