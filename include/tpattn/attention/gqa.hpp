@@ -50,8 +50,8 @@ class GqaKernel {
   // token sees only the last `window` tokens up to itself (sliding window); 0: all of them.
   GqaKernel(Index heads, Index kv_heads, Index head_dim, Index value_dim, Index window = 0,
             const char* call = "GqaKernel")
-      : scorer_(checked_scorer(heads, kv_heads, head_dim, value_dim, window, call)),
-        record_(records::gqa(kv_heads, head_dim, value_dim, storage_type_of<Storage>)),
+      : record_(checked_record(heads, kv_heads, head_dim, value_dim, window, call)),
+        scorer_(layout_of(record_, kv_heads, head_dim, value_dim), heads, scale_of(head_dim), call),
         window_(window) {}
 
   const CacheRecord& cache_record() const { return record_; }
@@ -96,7 +96,26 @@ class GqaKernel {
   template <class>
   friend class GroupedQueryAttention;
 
-  // Every check of the constructor, allocating nothing (the record is allocated after it).
+  // Where each KV head's key and value sit in the record's planes K and V.
+  static KeyValueLayout layout_of(const CacheRecord& record, Index kv_heads, Index head_dim,
+                                  Index value_dim) {
+    KeyValueLayout layout;
+    layout.kv_heads = kv_heads;
+    layout.key[0] = {record.plane_index("K"), head_dim};
+    layout.value = {record.plane_index("V"), value_dim};
+    return layout;
+  }
+  static float scale_of(Index head_dim) { return 1.0f / std::sqrt(static_cast<float>(head_dim)); }
+
+  // Every check, then the record: nothing is allocated before the checks pass.
+  static CacheRecord checked_record(Index heads, Index kv_heads, Index head_dim, Index value_dim,
+                                    Index window, const char* call) {
+    checked_scorer(heads, kv_heads, head_dim, value_dim, window, call);
+    return records::gqa(kv_heads, head_dim, value_dim, storage_type_of<Storage>);
+  }
+
+  // Every check of the constructor, allocating nothing: shapes, size products and the scorer's
+  // workspace (whose size does not depend on which planes hold K and V).
   static DenseScorer<Storage> checked_scorer(Index heads, Index kv_heads, Index head_dim,
                                              Index value_dim, Index window, const char* call) {
     detail::check_window(call, window);
@@ -112,16 +131,15 @@ class GqaKernel {
     detail::checked_product(call, "cache bytes per token",
                             detail::checked_sum(call, "cache bytes per token", k, v),
                             element_bytes(storage_type_of<Storage>));
-    KeyValueLayout layout;
-    layout.kv_heads = kv_heads;
-    layout.key[0] = {0, head_dim};  // plane K
-    layout.value = {1, value_dim};  // plane V
-    return DenseScorer<Storage>(layout, heads, 1.0f / std::sqrt(static_cast<float>(head_dim)),
-                                call);
+    KeyValueLayout sizes;  // planes unset: only the widths matter here
+    sizes.kv_heads = kv_heads;
+    sizes.key[0].width = head_dim;
+    sizes.value.width = value_dim;
+    return DenseScorer<Storage>(sizes, heads, scale_of(head_dim), call);
   }
 
-  DenseScorer<Storage> scorer_;
   CacheRecord record_;
+  DenseScorer<Storage> scorer_;
   Index window_ = 0;
 };
 

@@ -63,8 +63,8 @@ class MlaKernel {
   // each query token sees only the last `window` tokens up to itself; 0: all of them.
   MlaKernel(Index heads, Index kv_latent_dim, Index rope_dim, float scale, Index window = 0,
             const char* call = "MlaKernel")
-      : scorer_(checked_scorer(heads, kv_latent_dim, rope_dim, scale, window, call)),
-        record_(records::mla(kv_latent_dim, rope_dim, storage_type_of<Storage>)),
+      : record_(checked_record(heads, kv_latent_dim, rope_dim, scale, window, call)),
+        scorer_(layout_of(record_, kv_latent_dim, rope_dim), heads, scale, call),
         window_(window) {}
 
   const CacheRecord& cache_record() const { return record_; }
@@ -107,7 +107,25 @@ class MlaKernel {
   template <class>
   friend class MultiHeadLatentAttention;
 
-  // Every check of the constructor, allocating nothing (the record is allocated after it).
+  // The key [latent | rope_key] and the value (the latent again) in the record's planes.
+  static KeyValueLayout layout_of(const CacheRecord& record, Index kv_latent_dim, Index rope_dim) {
+    KeyValueLayout layout;
+    layout.kv_heads = 1;
+    layout.key[0] = {record.plane_index("latent"), kv_latent_dim};
+    layout.key[1] = {record.plane_index("rope_key"), rope_dim};
+    layout.value = {record.plane_index("latent"), kv_latent_dim};
+    return layout;
+  }
+
+  // Every check, then the record: nothing is allocated before the checks pass.
+  static CacheRecord checked_record(Index heads, Index kv_latent_dim, Index rope_dim, float scale,
+                                    Index window, const char* call) {
+    checked_scorer(heads, kv_latent_dim, rope_dim, scale, window, call);
+    return records::mla(kv_latent_dim, rope_dim, storage_type_of<Storage>);
+  }
+
+  // Every check of the constructor, allocating nothing: shapes, size products and the scorer's
+  // workspace (whose size does not depend on which planes hold the key and value).
   static DenseScorer<Storage> checked_scorer(Index heads, Index kv_latent_dim, Index rope_dim,
                                              float scale, Index window, const char* call) {
     detail::check_window(call, window);
@@ -121,16 +139,16 @@ class MlaKernel {
         call, "cache bytes per token",
         detail::checked_sum(call, "kv_latent_dim + rope_dim", kv_latent_dim, rope_dim),
         element_bytes(storage_type_of<Storage>));
-    KeyValueLayout layout;
-    layout.kv_heads = 1;
-    layout.key[0] = {0, kv_latent_dim};  // plane latent
-    layout.key[1] = {1, rope_dim};       // plane rope_key
-    layout.value = {0, kv_latent_dim};   // the latent again
-    return DenseScorer<Storage>(layout, heads, scale, call);
+    KeyValueLayout sizes;  // planes unset: only the widths matter here
+    sizes.kv_heads = 1;
+    sizes.key[0].width = kv_latent_dim;
+    sizes.key[1].width = rope_dim;
+    sizes.value.width = kv_latent_dim;
+    return DenseScorer<Storage>(sizes, heads, scale, call);
   }
 
-  DenseScorer<Storage> scorer_;
   CacheRecord record_;
+  DenseScorer<Storage> scorer_;
   Index window_ = 0;
 };
 

@@ -64,9 +64,8 @@ class TpaKernel {
   // shape.rank_q = 0 for a kernel that only takes materialised queries (TPA-KVonly).
   // window: each query token sees only the last `window` tokens up to itself; 0: all of them.
   explicit TpaKernel(const TpaShape& shape, Index window = 0, const char* call = "TpaKernel")
-      : scorer_(checked_scorer(shape, window, call)),
-        record_(records::tpa(shape.heads, shape.head_dim, shape.value_dim, shape.rank_k,
-                             shape.rank_v, storage_type_of<Storage>)),
+      : record_(checked_record(shape, window, call)),
+        scorer_(shape, call, TpaScorer<Storage>::Planes::of(record_)),
         window_(window) {}
 
   const TpaShape& shape() const { return scorer_.shape(); }
@@ -151,7 +150,15 @@ class TpaKernel {
         "order", "automatic, factor or query", static_cast<int>(order));
   }
 
-  // Every check of the constructor, allocating nothing (the record is allocated after it).
+  // Every check, then the record: nothing is allocated before the checks pass.
+  static CacheRecord checked_record(const TpaShape& shape, Index window, const char* call) {
+    checked_scorer(shape, window, call);
+    return records::tpa(shape.heads, shape.head_dim, shape.value_dim, shape.rank_k, shape.rank_v,
+                        storage_type_of<Storage>);
+  }
+
+  // Every check of the constructor, allocating nothing: shapes, size products and the scorer's
+  // workspace.
   static TpaScorer<Storage> checked_scorer(const TpaShape& shape, Index window, const char* call) {
     detail::check_window(call, window);
     detail::check_positive(call, "heads", shape.heads);
@@ -173,8 +180,8 @@ class TpaKernel {
     return TpaScorer<Storage>(shape, call);
   }
 
-  TpaScorer<Storage> scorer_;
   CacheRecord record_;
+  TpaScorer<Storage> scorer_;
   Index window_ = 0;
 };
 

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <limits>
 
+#include "tpattn/cache/record.hpp"
 #include "tpattn/kernels/cache_tiles.hpp"
 #include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/softmax_state.hpp"
@@ -50,13 +51,20 @@ class TpaScorer {
   static constexpr Index kTileTokens = 128;
   static constexpr Index kQueryTokens = 8;
 
-  // Plane indices of the TPA record: A_K, B_K, A_V, B_V.
-  static constexpr Index kPlaneAK = 0, kPlaneBK = 1, kPlaneAV = 2, kPlaneBV = 3;
+  // Which record planes hold A_K, B_K, A_V and B_V (from the record's names: Planes::of).
+  struct Planes {
+    Index a_k = -1, b_k = -1, a_v = -1, b_v = -1;
+    static Planes of(const CacheRecord& record) {
+      return {record.plane_index("A_K"), record.plane_index("B_K"), record.plane_index("A_V"),
+              record.plane_index("B_V")};
+    }
+  };
 
   TpaScorer() = default;
-  // Throws Error naming `call` if a workspace size does not fit in Index.
-  explicit TpaScorer(const TpaShape& shape, const char* call = "TpaScorer")
-      : shape_(shape), workspace_floats_(planned_workspace_floats(call)) {}
+  // Throws Error naming `call` if a workspace size does not fit in Index. planes: unset when
+  // the scorer is built only to check sizes.
+  explicit TpaScorer(const TpaShape& shape, const char* call = "TpaScorer", Planes planes = {})
+      : shape_(shape), planes_(planes), workspace_floats_(planned_workspace_floats(call)) {}
 
   const TpaShape& shape() const { return shape_; }
 
@@ -152,8 +160,10 @@ class TpaScorer {
 
     for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
       const Index n = tile.tokens;
-      const ConstMatrixMap a_k = read_tile_rows(view, kPlaneAK, tile, rk * h, tile_ak, n * rk, h);
-      const ConstMatrixMap b_k = read_tile_rows(view, kPlaneBK, tile, rk * dh, tile_bk, n * rk, dh);
+      const ConstMatrixMap a_k =
+          read_tile_rows(view, planes_.a_k, tile, rk * h, tile_ak, n * rk, h);
+      const ConstMatrixMap b_k =
+          read_tile_rows(view, planes_.b_k, tile, rk * dh, tile_bk, n * rk, dh);
       MatrixMap tile_scores = map_matrix(scores, rows, n, kTileTokens);
       const ConstMatrixMap w = map_matrix(static_cast<const float*>(weights_w), n * rk, hp);
       MatrixMap logits = map_matrix(logits_t, n, h);
@@ -186,8 +196,10 @@ class TpaScorer {
       }
       state.absorb_scores(tile_scores);
 
-      const ConstMatrixMap a_v = read_tile_rows(view, kPlaneAV, tile, rv * h, tile_av, n * rv, h);
-      const ConstMatrixMap b_v = read_tile_rows(view, kPlaneBV, tile, rv * dv, tile_bv, n * rv, dv);
+      const ConstMatrixMap a_v =
+          read_tile_rows(view, planes_.a_v, tile, rv * h, tile_av, n * rv, h);
+      const ConstMatrixMap b_v =
+          read_tile_rows(view, planes_.b_v, tile, rv * dv, tile_bv, n * rv, dv);
       MatrixMap z = map_matrix(values_z, n * rv, h);
       for (Index t = 0; t < count; ++t) {
         // Only the tokens query token t sees, columns [from, seen): a masked weight is 0, and
@@ -257,6 +269,7 @@ class TpaScorer {
   }
 
   TpaShape shape_;
+  Planes planes_;
   Index workspace_floats_ = 0;
 };
 
