@@ -7,8 +7,9 @@
 // weights drawn as the tests draw them (N(0, 1/fan_in), from a fuzzed seed), one cache
 // (contiguous or paged, small random sizes), and then runs a random series of calls: prefill of
 // chunks, batched decode over several sequences of different lengths, truncate, remove, reserve,
-// and misuse. The model is each live sequence's list of input rows x; after every prefill or
-// decode, each sequence it touched is recomputed from scratch by the reference, and:
+// and misuse; the valid prefill and decode calls run on no executor or a ThreadPool of 2 or 3
+// threads, chosen per input. The model is each live sequence's list of input rows x; after every
+// prefill or decode, each sequence it touched is recomputed from scratch by the reference, and:
 //  1. every cached element (K, V / latent, rope key / A_K, B_K, A_V, B_V) is the reference's
 //     value rounded to the storage: |cached - exact| <= u |exact| + 1e-5 max(1, max|plane|)
 //     (u = 2^-24, 2^-8, 2^-11; the cached-element rule of tests/gqa_test.cpp);
@@ -538,7 +539,8 @@ class Session {
         op_(op),
         geometry_(geometry),
         reference_(std::move(reference)),
-        random_(in.ConsumeIntegral<std::uint32_t>()) {
+        random_(in.ConsumeIntegral<std::uint32_t>()),
+        executor_(executor_for(in.ConsumeIntegralInRange<int>(0, 2))) {
     if (geometry.paged)
       cache_ =
           std::make_unique<PagedKvCache>(op.cache_record(), geometry.page_tokens,
@@ -715,7 +717,7 @@ class Session {
     std::vector<float> y(x.size());
     trace("prefill(%ld, %ld) at length %ld", static_cast<long>(seq), static_cast<long>(n),
           static_cast<long>(length(seq)));
-    op_.prefill(*cache_, seq, n, x.data(), y.data());
+    op_.prefill(*cache_, seq, n, x.data(), y.data(), executor_);
     for (Index t = 0; t < n; ++t)
       x_.at(seq).emplace_back(x.begin() + t * setup_.d_model, x.begin() + (t + 1) * setup_.d_model);
     check_outputs(seq, n, y.data());
@@ -766,7 +768,7 @@ class Session {
       for (SequenceId seq : batch) list += " " + text(seq) + "@" + text(length(seq));
       trace("decode batch of %ld:%s", static_cast<long>(size), list.c_str());
     }
-    op_.decode(*cache_, batch.data(), size, x.data(), y.data());
+    op_.decode(*cache_, batch.data(), size, x.data(), y.data(), executor_);
     for (Index b = 0; b < size; ++b)
       x_.at(batch[static_cast<std::size_t>(b)])
           .emplace_back(x.begin() + b * d, x.begin() + (b + 1) * d);
@@ -967,12 +969,20 @@ class Session {
     }
   }
 
+  // The executor of the valid prefill and decode calls: none, or a pool of 2 or 3 threads
+  // (built once per process: outputs must not depend on it).
+  static tpattn::Executor* executor_for(int choice) {
+    static tpattn::ThreadPool two(2), three(3);
+    return choice == 0 ? nullptr : choice == 1 ? static_cast<tpattn::Executor*>(&two) : &three;
+  }
+
   FuzzedDataProvider& in_;
   const Setup& setup_;
   Op& op_;
   Geometry geometry_;
   Reference reference_;
   ref::Random random_;
+  tpattn::Executor* executor_;
   std::unique_ptr<KvCache> cache_;
   std::map<SequenceId, std::vector<std::vector<float>>> x_;  // each live sequence's input rows
 };
