@@ -630,7 +630,7 @@ std::vector<std::string> split(const std::string& text, char separator) {
 void print_usage() {
   std::printf(
       "attention_bench: the five attention operators compared (docs/benchmarks.md)\n"
-      "  --preset=default|full|smoke  which rows run (default: about 10 minutes on 2 cores)\n"
+      "  --preset=default|full|smoke  which rows run (default: about 8 minutes on 2 cores)\n"
       "  --configs=a,b                only these configurations of the preset\n"
       "  --threads=1,2                thread counts of the rows that compare thread counts\n"
       "                               (default: 1 and every core of the machine)\n"
