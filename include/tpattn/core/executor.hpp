@@ -47,7 +47,8 @@ class Executor {
 // The default executor: `threads` threads in all, the calling thread being one of them (it runs
 // task 0 and waits for the rest), the others kept in an Eigen ThreadPool that lives as long as
 // this object. Nothing is created per call. One run() at a time per pool: calls from several
-// threads into one ThreadPool must be serialised by the caller.
+// threads into one ThreadPool must be serialised by the caller, and a task must not call run()
+// on its own pool (its workers may all be waiting on the outer run).
 class ThreadPool final : public Executor {
  public:
   explicit ThreadPool(Index threads) : threads_(threads) {
