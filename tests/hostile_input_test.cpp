@@ -502,6 +502,23 @@ class World {
   void prefill(Layer layer, KvCache& cache, SequenceId seq, Index n) {
     prefill(layer, cache, seq, n, x(), y());
   }
+  void forward(Layer layer, KvCache& cache, const SequenceId* seqs, const Index* new_tokens,
+               Index batch, const float* x, float* y, Executor* executor = nullptr) {
+    switch (layer) {
+      case Layer::gqa: return gqa_.forward(cache, seqs, new_tokens, batch, x, y, executor);
+      case Layer::mha: return mha_.forward(cache, seqs, new_tokens, batch, x, y, executor);
+      case Layer::mqa: return mqa_.forward(cache, seqs, new_tokens, batch, x, y, executor);
+      case Layer::mla: return mla_.forward(cache, seqs, new_tokens, batch, x, y, executor);
+      case Layer::tpa: return tpa_.forward(cache, seqs, new_tokens, batch, x, y, executor);
+      case Layer::tpa_kv_only:
+        return tpa_kv_only_.forward(cache, seqs, new_tokens, batch, x, y, executor);
+    }
+  }
+  void forward(Layer layer, KvCache& cache, const std::vector<SequenceId>& seqs,
+               const std::vector<Index>& new_tokens) {
+    forward(layer, cache, seqs.data(), new_tokens.data(), static_cast<Index>(seqs.size()), x(),
+            y());
+  }
   void reserve(Layer layer, Index max_batch, Index max_tokens) {
     switch (layer) {
       case Layer::gqa: return gqa_.reserve(max_batch, max_tokens);
@@ -890,6 +907,18 @@ void add_cache_method_rows(std::vector<Row>& rows) {
 
 // ---- the catalogue: operators -------------------------------------------------------------------
 
+// An executor that reports no concurrency (an engine's misconfigured pool).
+Executor& no_concurrency_executor() {
+  struct None final : Executor {
+    Index concurrency() const override { return 0; }
+    void run(Index tasks, TaskRef task) override {
+      for (Index i = 0; i < tasks; ++i) task(i);
+    }
+  };
+  static None executor;
+  return executor;
+}
+
 // A cache of another operator than `layer`, and a fragment its record's difference must show.
 std::pair<Layer, std::string> another_operator(Layer layer) {
   switch (layer) {
@@ -1076,6 +1105,65 @@ void add_layer_rows(std::vector<Row>& rows, const LayerName& name) {
       {prefill, "n_tokens", {"<= {room_a}", text(k2To62)}});
   row("PrefillAFullSequence", [L](World& w) { fill(*w.slot(L).cache, w.slot(L).a); },
       prefill_n(a, 1), {prefill, "n_tokens", {"<= 0"}});
+
+  // forward: a continuous-batching step
+  const std::string forward = std::string(name.class_name) + "::forward";
+  const auto forward_ids = [L](std::function<std::vector<SequenceId>(Slot&)> ids,
+                               std::vector<Index> new_tokens) {
+    return [L, ids, new_tokens](World& w) {
+      w.forward(L, *w.slot(L).cache, ids(w.slot(L)), new_tokens);
+    };
+  };
+  row("ForwardABatchOfZero", {},
+      [L](World& w) {
+        const Index one = 1;
+        w.forward(L, *w.slot(L).cache, &w.slot(L).a, &one, 0, w.x(), w.y());
+      },
+      {forward, "batch", {">= 1", "0"}});
+  row("ForwardNullNewTokens", {},
+      [L](World& w) { w.forward(L, *w.slot(L).cache, &w.slot(L).a, nullptr, 1, w.x(), w.y()); },
+      {forward, "new_tokens", {"non-null", "null"}});
+  row("ForwardZeroNewTokensForTheSecondSequence", {},
+      forward_ids(
+          [](Slot& s) {
+            return std::vector{s.a, s.b};
+          },
+          {1, 0}),
+      {forward, "new_tokens", {">= 1", "new_tokens[1] = 0"}});
+  row("ForwardARemovedSequence", {},
+      forward_ids(
+          [](Slot& s) {
+            return std::vector{s.a, s.removed};
+          },
+          {1, 1}),
+      {forward, "seqs", {"live sequence ids", "seqs[1] = {removed}"}});
+  row("ForwardTheSameSequenceTwice", {},
+      forward_ids(
+          [](Slot& s) {
+            return std::vector{s.a, s.a};
+          },
+          {1, 2}),
+      {forward, "seqs", {"distinct", "seqs[0] == seqs[1] == {a}"}});
+  row("ForwardMoreTokensThanTheSequenceHasRoomFor", {},
+      [L](World& w) {
+        Slot& s = w.slot(L);
+        w.forward(L, *s.cache, {s.a}, {s.cache->tokens_available(s.a) + 1});
+      },
+      {forward, "new_tokens", {"within the room", "for seqs[0] = {a}"}});
+  row("ForwardNullX", {},
+      [L](World& w) {
+        const Index one = 1;
+        w.forward(L, *w.slot(L).cache, &w.slot(L).a, &one, 1, nullptr, w.y());
+      },
+      {forward, "x", {"non-null", "null"}});
+  // An executor that claims no threads: the plan refuses it before anything changes.
+  row("ForwardOnAnExecutorWithoutConcurrency", {},
+      [L](World& w) {
+        const Index one = 1;
+        w.forward(L, *w.slot(L).cache, &w.slot(L).a, &one, 1, w.x(), w.y(),
+                  &no_concurrency_executor());
+      },
+      {forward, "threads", {">= 1", "0"}});
 
   // reserve
   row("ReserveANegativeBatch", {}, [L](World& w) { w.reserve(L, -1, 1); },
