@@ -69,10 +69,7 @@ class GqaKernel {
   }
 
   // What AttentionPlan::make needs to cut a batch for this kernel.
-  PlanShape plan_shape() const {
-    return {scorer_.heads(), scorer_.layout().value.width, scorer_.workspace_floats(),
-            DenseScorer<Storage>::kQueryTokens, window_};
-  }
+  PlanShape plan_shape() const { return scorer_.plan_shape(window_); }
 
   // A batch of sequences, any mix of decode tokens and prompt chunks (a continuous-batching
   // step), cut by `plan` (made with plan_shape() for these lengths and new tokens) and run on
@@ -83,13 +80,8 @@ class GqaKernel {
   // Error before any work starts.
   void run(const AttentionPlan& plan, const SequenceView* views, Index batch, const float* q,
            float* out, float* lse, float* workspace, Executor* executor = nullptr) const {
-    const char* call = "GqaKernel::run";
-    TPATTN_CHECK(q != nullptr, call, "q", "non-null", "null");
-    const Index stride = scorer_.heads() * scorer_.layout().key_width();
-    run_plan(call, plan, plan_shape(), record_, views, batch, out, lse, workspace, executor,
-             [&](Index token, Index count, const SequenceView& view, const KeyRange& range,
-                 float* o, float* l,
-                 float* ws) { scorer_.run(q + token * stride, count, view, range, o, l, ws); });
+    scorer_.run_batch("GqaKernel::run", plan, record_, views, batch, q, out, lse, workspace,
+                      executor, window_);
   }
 
  private:

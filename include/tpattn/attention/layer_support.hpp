@@ -75,6 +75,16 @@ inline void check_attend(const char* call, const CacheRecord& record, const Sequ
                "null");
 }
 
+// seqs[b] is live and differs from seqs[0 .. b).
+inline void check_live_and_distinct(const char* call, const KvCache& cache, const SequenceId* seqs,
+                                    Index b) {
+  TPATTN_CHECK(cache.contains(seqs[b]), call, "seqs", "live sequence ids",
+               "seqs[" + to_text(b) + "] = " + to_text(seqs[b]));
+  for (Index other = 0; other < b; ++other)
+    TPATTN_CHECK(seqs[other] != seqs[b], call, "seqs", "distinct sequence ids",
+                 "seqs[" + to_text(other) + "] == seqs[" + to_text(b) + "] == " + to_text(seqs[b]));
+}
+
 // seqs: [batch] distinct live sequences of `cache`, each with room for one more token.
 inline void check_decode_batch(const char* call, const KvCache& cache, const SequenceId* seqs,
                                Index batch, const float* x, const float* y) {
@@ -83,12 +93,7 @@ inline void check_decode_batch(const char* call, const KvCache& cache, const Seq
   TPATTN_CHECK(x != nullptr, call, "x", "non-null", "null");
   TPATTN_CHECK(y != nullptr, call, "y", "non-null", "null");
   for (Index b = 0; b < batch; ++b) {
-    TPATTN_CHECK(cache.contains(seqs[b]), call, "seqs", "live sequence ids",
-                 "seqs[" + to_text(b) + "] = " + to_text(seqs[b]));
-    for (Index other = 0; other < b; ++other)
-      TPATTN_CHECK(
-          seqs[other] != seqs[b], call, "seqs", "distinct sequence ids",
-          "seqs[" + to_text(other) + "] == seqs[" + to_text(b) + "] == " + to_text(seqs[b]));
+    check_live_and_distinct(call, cache, seqs, b);
     TPATTN_CHECK(cache.tokens_available(seqs[b]) >= 1, call, "cache",
                  "room for one more token in every sequence",
                  "no room for seqs[" + to_text(b) + "] = " + to_text(seqs[b]));
@@ -150,12 +155,7 @@ inline void check_batch(const char* call, const KvCache& cache, const SequenceId
   TPATTN_CHECK(x != nullptr, call, "x", "non-null", "null");
   TPATTN_CHECK(y != nullptr, call, "y", "non-null", "null");
   for (Index b = 0; b < batch; ++b) {
-    TPATTN_CHECK(cache.contains(seqs[b]), call, "seqs", "live sequence ids",
-                 "seqs[" + to_text(b) + "] = " + to_text(seqs[b]));
-    for (Index other = 0; other < b; ++other)
-      TPATTN_CHECK(
-          seqs[other] != seqs[b], call, "seqs", "distinct sequence ids",
-          "seqs[" + to_text(other) + "] == seqs[" + to_text(b) + "] == " + to_text(seqs[b]));
+    check_live_and_distinct(call, cache, seqs, b);
     TPATTN_CHECK(new_tokens[b] >= 1, call, "new_tokens", ">= 1 for every sequence",
                  "new_tokens[" + to_text(b) + "] = " + to_text(new_tokens[b]));
     TPATTN_CHECK(new_tokens[b] <= cache.tokens_available(seqs[b]), call, "new_tokens",

@@ -18,6 +18,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "tpattn/kernels/attention_driver.hpp"
 #include "tpattn/kernels/cache_tiles.hpp"
 #include "tpattn/kernels/gemm.hpp"
 #include "tpattn/kernels/softmax_state.hpp"
@@ -68,6 +69,26 @@ class DenseScorer {
 
   // q:   [query_tokens, heads, key_width], already rotated;
   // out: [query_tokens, heads, value_width];  lse: [query_tokens, heads] or null (natural log).
+  // What AttentionPlan::make needs to cut a batch for this scorer with a sliding `window`.
+  PlanShape plan_shape(Index window) const {
+    return {heads_, layout_.value.width, workspace_floats_, kQueryTokens, window};
+  }
+
+  // The batched run of the dense kernels (GqaKernel::run, MlaKernel::run; `call` names the
+  // caller): q: [plan.query_tokens(), heads, key_width], sequence b's new tokens from row
+  // plan.token_offset(b); out: [plan.query_tokens(), heads, value_width]; lse:
+  // [plan.query_tokens(), heads] or null. Checks as run_plan does, and q non-null, before any work.
+  void run_batch(const char* call, const AttentionPlan& plan, const CacheRecord& record,
+                 const SequenceView* views, Index batch, const float* q, float* out, float* lse,
+                 float* workspace, Executor* executor, Index window) const {
+    TPATTN_CHECK(q != nullptr, call, "q", "non-null", "null");
+    const Index stride = heads_ * layout_.key_width();
+    run_plan(
+        call, plan, plan_shape(window), record, views, batch, out, lse, workspace, executor,
+        [&](Index token, Index count, const SequenceView& view, const KeyRange& range, float* o,
+            float* l, float* ws) { run(q + token * stride, count, view, range, o, l, ws); });
+  }
+
   // Query token t attends to the cached tokens [range.lower(t), range.horizon(t)), which must lie
   // in the view. A row that sees none gives out 0 and lse -inf. workspace: workspace_floats().
   void run(const float* q, Index query_tokens, const SequenceView& view, const KeyRange& range,
