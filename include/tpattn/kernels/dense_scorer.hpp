@@ -10,9 +10,11 @@
 // Query token t of a call sees the cached tokens of a KeyRange (kernels/cache_tiles.hpp): causal
 // up to itself (decode: one token sees the whole sequence; prefill: the new tokens are already
 // cached), optionally only a sliding window of them, optionally only one work item's share.
-// The work is blocked: each group's queries meet one tile of cached tokens at a time through a
-// GEMM, and an online-softmax state carries max, sum and output across tiles. No score matrix
-// over the whole context is ever formed.
+// The work is blocked: each KV head's query rows meet one tile of cached tokens at a time through
+// register-blocked products that read the cache in its storage type (kernels/register_blocks.hpp:
+// every cached key and value is loaded once per block of query rows), and an online-softmax
+// state carries max, sum and output across tiles. No score matrix over the whole context is ever
+// formed.
 #pragma once
 
 #include <limits>
@@ -20,7 +22,7 @@
 
 #include "tpattn/kernels/attention_driver.hpp"
 #include "tpattn/kernels/cache_tiles.hpp"
-#include "tpattn/kernels/gemm.hpp"
+#include "tpattn/kernels/register_blocks.hpp"
 #include "tpattn/kernels/softmax_state.hpp"
 
 namespace tpattn {
@@ -42,14 +44,18 @@ struct KeyValueLayout {
 template <class Storage>
 class DenseScorer {
  public:
-  static constexpr Index kTileTokens = 64;   // cached tokens per tile
+  static constexpr Index kTileTokens = 64;   // cached tokens per softmax step
   static constexpr Index kQueryTokens = 16;  // query tokens per pass (bounds the workspace)
-  // With several KV heads and up to this many query rows per KV head (decode: MHA 1, GQA h / g),
-  // a tile is scored token by token across all KV heads (score_token_major) rather than by one
-  // small product per KV head. Measured (bench/attention_bench, d_h 64, 8192 tokens): MHA f32
-  // 5049 -> 2300 us per layer, GQA (g 2, 6 rows) 1541 -> 1277; with one KV head (MQA, MLA: one
-  // stream already) it lost 2x, so those keep the products.
-  static constexpr Index kTokenMajorRows = 8;
+  // With several KV heads, a tile is walked in runs of this many tokens, every KV head of a run
+  // before the next run, so the cache is read as a few parallel streams in memory order; a KV
+  // head by KV head walk over a whole tile would jump a whole token row (8 KiB for 32 bf16
+  // heads of 128) between reads, one page per read, which the prefetchers do not follow.
+  static constexpr Index kStreamTokens = 8;
+  // A tile is read as runs: its key runs, then its value runs, then the next tile's key runs...
+  // While KV head j of one run is scored (or takes its values), KV head j of the run
+  // kPrefetchRuns later in that order is prefetched: with only the hardware prefetchers, a core
+  // that does several FMAs per cached element keeps too few reads in flight (measured below).
+  static constexpr Index kPrefetchRuns = 2;
 
   DenseScorer() = default;
   // heads: query heads, a multiple of layout.kv_heads. scale: multiplies q . k. Throws Error
@@ -104,10 +110,8 @@ class DenseScorer {
  private:
   // `count` query tokens against the cache, one tile of cached tokens at a time, every KV head
   // on a tile before the next tile: a tile's tokens are read from memory once, while they are
-  // in cache, whatever the number of KV heads (head-by-head passes over the whole context would
-  // read each token's rows g times at a stride of a whole token, defeating the prefetchers).
-  // State rows are grouped by KV head: row (j count + t) group + i is query token t, head
-  // j group + i.
+  // in cache, whatever the number of KV heads. State rows are grouped by KV head: row
+  // (j count + t) group + i is query token t, head j group + i.
   void run_chunk(const float* q, Index count, const SequenceView& view, const KeyRange& range,
                  float* out, float* lse, float* workspace) const {
     const Index key_width = layout_.key_width();
@@ -116,9 +120,7 @@ class DenseScorer {
 
     WorkspaceCarver carve(workspace);  // same order as workspace_floats()
     float* queries = carve.take(kQueryTokens * heads_ * key_width);
-    float* scores = carve.take(score_floats_);  // row stride kTileTokens
-    float* key_scratch = carve.take(key_scratch_floats_);
-    float* value_scratch = carve.take(value_scratch_floats_);
+    float* scores = carve.take(kQueryTokens * heads_ * kTileTokens);  // row stride kTileTokens
     float* max = carve.take(kQueryTokens * heads_);
     float* sum = carve.take(kQueryTokens * heads_);
     float* acc = carve.take(kQueryTokens * heads_ * value_width);
@@ -127,7 +129,8 @@ class DenseScorer {
                           value_width);
     };
 
-    // Gather each KV head's query rows, pre-scaled, so one GEMM per tile scores them all.
+    // Gather each KV head's query rows, pre-scaled: KV head j's rows are one [rows, key_width]
+    // block, so one register block of rows reads each cached key once.
     for (Index j = 0; j < layout_.kv_heads; ++j) {
       MatrixMap group_queries = map_matrix(queries + j * rows * key_width, rows, key_width);
       for (Index t = 0; t < count; ++t)
@@ -136,56 +139,93 @@ class DenseScorer {
       state_of(j).reset();
     }
 
-    if (token_major(rows)) {
-      for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
-        // Scores of KV head j: rows [j rows, (j + 1) rows) of a [kv_heads rows, tile] matrix.
-        score_token_major(view, tile, queries, rows, scores, key_scratch);
-        for (Index j = 0; j < layout_.kv_heads; ++j) {
-          MatrixMap head_scores =
-              map_matrix(scores + j * rows * kTileTokens, rows, tile.tokens, kTileTokens);
-          mask_hidden(head_scores, tile, range);
-          state_of(j).absorb_scores(head_scores);
+    // Scores of KV head j: rows [j rows, (j + 1) rows) of a [kv_heads rows, tile] matrix.
+    const auto head_scores = [&](Index j, Index tokens) {
+      return map_matrix(scores + j * rows * kTileTokens, rows, tokens, kTileTokens);
+    };
+    const Index stream = layout_.kv_heads > 1 ? kStreamTokens : kTileTokens;
+    const Index last = range.horizon(count - 1) < view.length() ? range.horizon(count - 1)
+                                                                : view.length();
+    // The run kPrefetchRuns after run u / stream of the tile's keys (keys) or values: its first
+    // token's position, and whether it reads keys.
+    const auto run_ahead = [&](const CacheTile& tile, Index u, bool keys, Index* position) {
+      const Index runs = (tile.tokens + stream - 1) / stream;
+      Index index = u / stream + kPrefetchRuns;
+      Index first = tile.first;
+      if (index >= runs) {
+        index -= runs;
+        if (!keys) first += tile.tokens;  // the next tile's keys
+        keys = !keys;
+      }
+      *position = first + index * stream;
+      return keys;
+    };
+    // KV head j's columns of `tokens` tokens from `position`, to the cache.
+    const auto prefetch_head = [&](Index position, bool keys, Index j) {
+      const Index to = position + stream < last ? position + stream : last;
+      for (Index p = position; p < to; ++p) {
+        const Index block = p / view.block_tokens(), row = p % view.block_tokens();
+        const auto fetch = [&](const KeyValueLayout::Segment& segment) {
+          simd::prefetch(view.plane_block<Storage>(segment.plane, block) +
+                             row * view.elements_per_token(segment.plane) + j * segment.width,
+                         segment.width * static_cast<Index>(sizeof(Storage)));
+        };
+        if (keys) {
+          for (Index part = 0; part < layout_.key_segments(); ++part) fetch(layout_.key[part]);
+        } else if (layout_.value.plane != layout_.key[0].plane) {
+          fetch(layout_.value);
         }
-        add_values_token_major(view, tile, range, count, scores, rows, acc, value_scratch);
-      });
-    } else {
-      for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
-        MatrixMap tile_scores = map_matrix(scores, rows, tile.tokens, kTileTokens);
-        for (Index j = 0; j < layout_.kv_heads; ++j) {
-          const ConstMatrixMap group_queries = map_matrix(
-              static_cast<const float*>(queries) + j * rows * key_width, rows, key_width);
-          Index column = 0;
-          for (Index s = 0; s < layout_.key_segments(); ++s) {
-            const KeyValueLayout::Segment& segment = layout_.key[s];
-            const ConstMatrixMap keys =
-                read_tile<Storage>(view, segment.plane, tile, j * segment.width, segment.width,
-                                   key_scratch + column * kTileTokens);
-            multiply(group_queries.middleCols(column, segment.width), keys.transpose(), tile_scores,
-                     /*accumulate=*/s > 0);
-            column += segment.width;
-          }
-          mask_hidden(tile_scores, tile, range);
-          SoftmaxState state = state_of(j);
-          state.absorb_scores(tile_scores);
-          const ConstMatrixMap values = read_tile<Storage>(
-              view, layout_.value.plane, tile, j * value_width, value_width, value_scratch);
-          if (tile.seen_by_all(range, count)) {
-            multiply(tile_scores, values, state.acc(), /*accumulate=*/true);
-          } else {
-            // Each query token's rows take only the values it sees: a masked weight is 0, and
-            // 0 x (NaN or inf in a hidden value) would still poison the row.
-            for (Index t = 0; t < count; ++t) {
-              const Index from = tile.hidden_before(range.lower(t));
-              const Index seen = tile.seen_by(range.horizon(t));
-              if (seen > from)
-                multiply(tile_scores.block(t * group_, from, group_, seen - from),
-                         values.middleRows(from, seen - from),
-                         state.acc().middleRows(t * group_, group_), /*accumulate=*/true);
-            }
+      }
+    };
+    for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
+      if (tile.seen_by_all(range, count)) {
+        for (Index u = 0; u < tile.tokens; u += stream) {
+          const Index run = tile.tokens - u < stream ? tile.tokens - u : stream;
+          Index ahead = 0;
+          const bool ahead_keys = run_ahead(tile, u, /*keys=*/true, &ahead);
+          for (Index j = 0; j < layout_.kv_heads; ++j) {
+            prefetch_head(ahead, ahead_keys, j);
+            score_keys(view, tile, j, rows, 0, rows, u, run, queries, scores);
           }
         }
-      });
-    }
+      } else {
+        // Each query token's rows score only the tokens it sees, [from, seen); the rest are -inf.
+        for (Index j = 0; j < layout_.kv_heads; ++j) {
+          MatrixMap all = head_scores(j, tile.tokens);
+          for (Index t = 0; t < count; ++t) {
+            const Index from = tile.hidden_before(range.lower(t));
+            const Index seen = tile.seen_by(range.horizon(t));
+            all.middleRows(t * group_, group_).setConstant(-std::numeric_limits<float>::infinity());
+            if (seen > from)
+              score_keys(view, tile, j, rows, t * group_, group_, from, seen - from, queries,
+                         scores);
+          }
+        }
+      }
+      for (Index j = 0; j < layout_.kv_heads; ++j)
+        state_of(j).absorb_scores(head_scores(j, tile.tokens));
+      if (tile.seen_by_all(range, count)) {
+        for (Index u = 0; u < tile.tokens; u += stream) {
+          const Index run = tile.tokens - u < stream ? tile.tokens - u : stream;
+          Index ahead = 0;
+          const bool ahead_keys = run_ahead(tile, u, /*keys=*/false, &ahead);
+          for (Index j = 0; j < layout_.kv_heads; ++j) {
+            prefetch_head(ahead, ahead_keys, j);
+            add_values(view, tile, j, rows, 0, rows, u, run, scores, acc);
+          }
+        }
+      } else {
+        // Only the query tokens that see a token take its value: a masked weight is 0, and
+        // 0 x (NaN or inf in a hidden value) would still poison the row.
+        for (Index j = 0; j < layout_.kv_heads; ++j)
+          for (Index t = 0; t < count; ++t) {
+            const Index from = tile.hidden_before(range.lower(t));
+            const Index seen = tile.seen_by(range.horizon(t));
+            if (seen > from)
+              add_values(view, tile, j, rows, t * group_, group_, from, seen - from, scores, acc);
+          }
+      }
+    });
 
     for (Index j = 0; j < layout_.kv_heads; ++j) {
       const SoftmaxState state = state_of(j);
@@ -195,133 +235,67 @@ class DenseScorer {
     }
   }
 
-  bool token_major(Index rows) const { return layout_.kv_heads > 1 && rows <= kTokenMajorRows; }
+  // Row `row` of a tile's plane, KV head j's segment of `width` columns.
+  static const Storage* plane_row(const SequenceView& view, Index plane, const CacheTile& tile,
+                                  Index row, Index j, Index width) {
+    return view.plane_block<Storage>(plane, tile.block) +
+           (tile.row + row) * view.elements_per_token(plane) + j * width;
+  }
+
+  // KV head j's state rows [first_row, first_row + rows) (of head_rows) score the tile's tokens
+  // [first, first + tokens): scores[(j head_rows + r) kTileTokens + u] = q_{j, r} . k_{u, j},
+  // the key's segments added in turn.
+  void score_keys(const SequenceView& view, const CacheTile& tile, Index j, Index head_rows,
+                  Index first_row, Index rows, Index first, Index tokens, const float* queries,
+                  float* scores) const {
+    const Index key_width = layout_.key_width();
+    const float* q = queries + (j * head_rows + first_row) * key_width;
+    float* s = scores + (j * head_rows + first_row) * kTileTokens + first;
+    Index column = 0;
+    for (Index part = 0; part < layout_.key_segments(); ++part) {
+      const KeyValueLayout::Segment& segment = layout_.key[part];
+      blocks::score_rows(q + column, key_width, rows,
+                         plane_row(view, segment.plane, tile, first, j, segment.width),
+                         view.elements_per_token(segment.plane), tokens, segment.width, s,
+                         kTileTokens, /*accumulate=*/part > 0);
+      column += segment.width;
+    }
+  }
+
+  // The same rows take the values of those tokens: acc_{j, r} += sum_u p_{j, r, u} v_{u, j}.
+  void add_values(const SequenceView& view, const CacheTile& tile, Index j, Index head_rows,
+                  Index first_row, Index rows, Index first, Index tokens, const float* weights,
+                  float* acc) const {
+    const Index width = layout_.value.width;
+    blocks::accumulate_rows(weights + (j * head_rows + first_row) * kTileTokens + first,
+                            kTileTokens, rows,
+                            plane_row(view, layout_.value.plane, tile, first, j, width),
+                            view.elements_per_token(layout_.value.plane), tokens, width,
+                            acc + (j * head_rows + first_row) * width, width);
+  }
 
   // The workspace's pieces, every size checked once here (run() then carves the same sizes, or
-  // parts of them, unchecked):
-  //   scores: one KV head's query rows x a tile (per-head products), or every KV head's
-  //           kTokenMajorRows rows x a tile (token-major);
-  //   key / value scratch: a tile of one KV head's key (value), or one token's keys (values) of
-  //           all KV heads, widened to fp32.
+  // parts of them, unchecked): the gathered queries, every KV head's scores of a tile, and the
+  // softmax state.
   void plan_workspace(const char* call) {
     const char* argument = "workspace_floats()";
     const auto product = [&](Index a, Index b) {
       return detail::checked_product(call, argument, a, b);
     };
-    const auto larger = [](Index a, Index b) { return a > b ? a : b; };
-    const Index kv_heads = layout_.kv_heads;
     const Index key_width =
         detail::checked_sum(call, argument, layout_.key[0].width, layout_.key[1].width);
-    const Index value_width = layout_.value.width;
     const Index rows = product(kQueryTokens, heads_);
-    const Index queries = product(rows, key_width);
     // Each size in order, so the first that overflows is the one reported.
-    const Index per_head_scores = product(product(kQueryTokens, group_), kTileTokens);
-    const Index token_major_scores = product(product(kv_heads, kTokenMajorRows), kTileTokens);
-    score_floats_ = larger(per_head_scores, token_major_scores);
-    const Index token_keys = product(kv_heads, key_width);
-    key_scratch_floats_ = larger(token_keys, product(kTileTokens, key_width));
-    const Index token_values = product(kv_heads, value_width);
-    value_scratch_floats_ = larger(token_values, product(kTileTokens, value_width));
+    const Index queries = product(rows, key_width);
+    const Index scores = product(rows, kTileTokens);
     workspace_floats_ = WorkspaceCarver::floats_for(
-        call, argument,
-        {queries, score_floats_, key_scratch_floats_, value_scratch_floats_, rows, rows,
-         product(rows, value_width)});
-  }
-
-  // Token t's plane row (all KV heads), fp32: the cache itself for float storage, else widened
-  // into scratch.
-  const float* token_row(const SequenceView& view, Index plane, const CacheTile& tile, Index t,
-                         float* scratch) const {
-    const Index width = view.elements_per_token(plane);
-    const Storage* row = view.plane_block<Storage>(plane, tile.block) + (tile.row + t) * width;
-    if constexpr (std::is_same_v<Storage, float>) {
-      return row;
-    } else {
-      StorageTraits<Storage>::to_float(row, scratch, width);
-      return scratch;
-    }
-  }
-
-  // scores[(j rows + r) kTileTokens + t] = q_{j, r} . k_{t, j} for every token t of the tile,
-  // KV head j and state row r < rows. Each token's key row (all KV heads, contiguous in the cache)
-  // is read once, in memory order, so a tile streams through like one array; scoring KV head by
-  // KV head would read the same rows as g interleaved strided streams.
-  void score_token_major(const SequenceView& view, const CacheTile& tile, const float* queries,
-                         Index rows, float* scores, float* scratch) const {
-    const Index g = layout_.kv_heads, key_width = layout_.key_width();
-    for (Index t = 0; t < tile.tokens; ++t) {
-      Index column = 0;
-      for (Index s = 0; s < layout_.key_segments(); ++s) {
-        const KeyValueLayout::Segment& segment = layout_.key[s];
-        // keys: [g, width], KV head j's segment of token t.
-        const ConstMatrixMap keys = map_matrix(token_row(view, segment.plane, tile, t, scratch), g,
-                                               segment.width, segment.width);
-        for (Index r = 0; r < rows; ++r) {
-          // Row r of every KV head's queries, and where its scores go.
-          const ConstMatrixMap q_r =
-              map_matrix(queries + r * key_width + column, g, segment.width, rows * key_width);
-          Eigen::Map<Eigen::VectorXf, Eigen::Unaligned, Eigen::InnerStride<>> out(
-              scores + r * kTileTokens + t, g, Eigen::InnerStride<>(rows * kTileTokens));
-          if (s == 0)
-            out.noalias() = q_r.cwiseProduct(keys).rowwise().sum();
-          else
-            out.noalias() += q_r.cwiseProduct(keys).rowwise().sum();
-        }
-        column += segment.width;
-      }
-    }
-  }
-
-  // acc row (j rows + r) += weights[(j rows + r) kTileTokens + t] v_{t, j}, token by token.
-  void add_values_token_major(const SequenceView& view, const CacheTile& tile,
-                              const KeyRange& range, Index count, const float* weights, Index rows,
-                              float* acc, float* scratch) const {
-    const Index g = layout_.kv_heads, width = layout_.value.width;
-    for (Index t = 0; t < tile.tokens; ++t) {
-      // values: [g, width], KV head j's value of token t at columns [j width, (j + 1) width).
-      const ConstMatrixMap values =
-          map_matrix(token_row(view, layout_.value.plane, tile, t, scratch), g, width);
-      // Only the query tokens that see this token take its value: a masked weight is 0, and
-      // 0 x NaN is NaN. Those are a run of query tokens [first, last), as lower() and horizon()
-      // never decrease.
-      const Index position = tile.first + t;
-      Index first = 0, last = count;
-      while (first < count && range.horizon(first) <= position) ++first;
-      while (last > first && range.lower(last - 1) > position) --last;
-      for (Index r = first * group_; r < last * group_; ++r) {
-        MatrixMap acc_r = map_matrix(acc + r * width, g, width, rows * width);
-        const Eigen::Map<const Eigen::VectorXf, Eigen::Unaligned, Eigen::InnerStride<>> p(
-            weights + r * kTileTokens + t, g, Eigen::InnerStride<>(rows * kTileTokens));
-        acc_r.array() += values.array().colwise() * p.array();
-      }
-    }
-  }
-
-  // Rows t * group + i see the tile's columns [hidden_before(lower(t)), seen_by(horizon(t)))
-  // only; the others become -inf.
-  void mask_hidden(MatrixMap scores, const CacheTile& tile, const KeyRange& range) const {
-    const Index count = scores.rows() / group_;
-    if (tile.seen_by_all(range, count)) return;
-    for (Index t = 0; t < count; ++t) {
-      const Index from = tile.hidden_before(range.lower(t));
-      const Index seen = tile.seen_by(range.horizon(t));
-      if (from > 0)
-        scores.block(t * group_, 0, group_, from)
-            .setConstant(-std::numeric_limits<float>::infinity());
-      if (seen < tile.tokens)
-        scores.block(t * group_, seen, group_, tile.tokens - seen)
-            .setConstant(-std::numeric_limits<float>::infinity());
-    }
+        call, argument, {queries, scores, rows, rows, product(rows, layout_.value.width)});
   }
 
   KeyValueLayout layout_;
   Index heads_ = 0;
   Index group_ = 1;
   float scale_ = 1.0f;
-  Index score_floats_ = 0;
-  Index key_scratch_floats_ = 0;
-  Index value_scratch_floats_ = 0;
   Index workspace_floats_ = 0;
 };
 

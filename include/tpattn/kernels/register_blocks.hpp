@@ -1,0 +1,195 @@
+// tpattn/kernels/register_blocks.hpp -- the two inner products of attention over cached rows,
+// register-blocked, reading the cache in its storage type (kernels/simd.hpp).
+//
+//   score_rows:       s[r][u]  = q_r . k_u                    (R query rows x n cached rows)
+//   accumulate_rows:  acc_r   += sum_u w[r][u] v_u            (R output rows, n cached rows)
+//
+// Both load each cached element once per block of query rows and reuse it from a register for
+// every row of the block; query rows (or weights) and accumulators stay in registers across a
+// block of cached rows, so the fp32 accumulator of the value update is read and written once per
+// block, not once per cached row. Cached rows are given by a base pointer and a stride in
+// elements: any plane of any cache page, any KV head's columns of it.
+#pragma once
+
+#include "tpattn/core/storage_type.hpp"
+#include "tpattn/kernels/simd.hpp"
+
+namespace tpattn {
+namespace blocks {
+
+// Registers that hold accumulators; the rest hold the operands of one step.
+inline constexpr Index kAccumulators = simd::kRegisters / 2;
+// Query rows per block: 4 rows x 4 cached rows (AVX-512) loads 8 registers per 16 FMAs; 8 x 2
+// loads 10.
+inline constexpr Index kBlockRows = 4;
+inline constexpr Index kMaxBlockTokens = 8;
+
+// Cached rows per block for R query rows: as many as the accumulators allow.
+constexpr Index block_tokens(Index rows) {
+  const Index tokens = kAccumulators / rows;
+  return tokens < 1 ? 1 : tokens > kMaxBlockTokens ? kMaxBlockTokens : tokens;
+}
+
+namespace detail {
+
+// s[r * s_stride + u] (+)= q[r * q_stride + 0 .. width) . k[u * k_stride + 0 .. width).
+template <int R, int T, class Storage>
+void score_block(const float* q, Index q_stride, const Storage* k, Index k_stride, Index width,
+                 float* s, Index s_stride, bool accumulate) {
+  simd::Register acc[T * R];  // acc[u R + r]
+  TPATTN_UNROLL
+  for (int i = 0; i < T * R; ++i) acc[i] = simd::zero();
+  // One loop for whole registers and the partial last one: a lambda or helper taking the
+  // accumulators by reference would make GCC keep them in memory.
+  for (Index c = 0; c < width; c += simd::kLanes) {
+    const Index lanes = width - c < simd::kLanes ? width - c : simd::kLanes;
+    simd::Register qv[R];
+    TPATTN_UNROLL
+    for (int r = 0; r < R; ++r) {
+      qv[r] = simd::load_first(q + r * q_stride + c, lanes);
+      simd::keep_in_register(qv[r]);
+    }
+    TPATTN_UNROLL
+    for (int u = 0; u < T; ++u) {
+      const simd::Register kv = simd::load_first(k + u * k_stride + c, lanes);
+      TPATTN_UNROLL
+      for (int r = 0; r < R; ++r) acc[u * R + r] = simd::fma(qv[r], kv, acc[u * R + r]);
+    }
+  }
+  float dots[T * R];
+  simd::sum_each<T * R>(acc, dots);
+  TPATTN_UNROLL
+  for (int r = 0; r < R; ++r)
+    TPATTN_UNROLL
+    for (int u = 0; u < T; ++u) {
+      float& out = s[r * s_stride + u];
+      out = accumulate ? out + dots[u * R + r] : dots[u * R + r];
+    }
+}
+
+template <int R, class Storage>
+void score_rows_of(const float* q, Index q_stride, const Storage* k, Index k_stride, Index tokens,
+                   Index width, float* s, Index s_stride, bool accumulate) {
+  constexpr int T = static_cast<int>(block_tokens(R));
+  Index u = 0;
+  for (; u + T <= tokens; u += T)
+    score_block<R, T>(q, q_stride, k + u * k_stride, k_stride, width, s + u, s_stride, accumulate);
+  for (; u < tokens; ++u)
+    score_block<R, 1>(q, q_stride, k + u * k_stride, k_stride, width, s + u, s_stride, accumulate);
+}
+
+// acc[r * a_stride + c] += sum_u w[r * w_stride + u] v[u * v_stride + c], c in [column, column +
+// C lanes), the last register partial (`lanes` of kLanes) when Partial.
+template <int R, int C, bool Partial, class Storage>
+void accumulate_block(const float* w, Index w_stride, const Storage* v, Index v_stride,
+                      Index tokens, float* acc, Index a_stride, Index column, Index lanes) {
+  const auto width_of = [&](int c) { return Partial && c == C - 1 ? lanes : simd::kLanes; };
+  // The block's own sum starts from 0 and joins acc once at the end: an element's accumulator
+  // then takes one addition per block instead of one per cached row (a rounding error of
+  // u sqrt(blocks + tokens) rather than u sqrt(rows) over a long context).
+  simd::Register sum[R][C];
+  TPATTN_UNROLL
+  for (int r = 0; r < R; ++r)
+    TPATTN_UNROLL
+    for (int c = 0; c < C; ++c) sum[r][c] = simd::zero();
+  for (Index u = 0; u < tokens; ++u) {
+    simd::Register vv[C];
+    TPATTN_UNROLL
+    for (int c = 0; c < C; ++c)
+      vv[c] = simd::load_first(v + u * v_stride + column + c * simd::kLanes, width_of(c));
+    TPATTN_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const simd::Register weight = simd::broadcast(w[r * w_stride + u]);
+      TPATTN_UNROLL
+      for (int c = 0; c < C; ++c) sum[r][c] = simd::fma(weight, vv[c], sum[r][c]);
+    }
+  }
+  TPATTN_UNROLL
+  for (int r = 0; r < R; ++r)
+    TPATTN_UNROLL
+    for (int c = 0; c < C; ++c) {
+      float* out = acc + r * a_stride + column + c * simd::kLanes;
+      const simd::Register total = simd::add(simd::load_first(out, width_of(c)), sum[r][c]);
+      if (Partial && c == C - 1)
+        simd::store(out, total, lanes);
+      else
+        simd::store(out, total);
+    }
+}
+
+template <int R, class Storage>
+void accumulate_rows_of(const float* w, Index w_stride, const Storage* v, Index v_stride,
+                        Index tokens, Index width, float* acc, Index a_stride) {
+  constexpr int C = static_cast<int>(block_tokens(R));  // registers of columns per row
+  constexpr Index kGroup = C * simd::kLanes;
+  Index column = 0;
+  for (; column + kGroup <= width; column += kGroup)
+    accumulate_block<R, C, false>(w, w_stride, v, v_stride, tokens, acc, a_stride, column,
+                                  simd::kLanes);
+  for (; column + simd::kLanes <= width; column += simd::kLanes)
+    accumulate_block<R, 1, false>(w, w_stride, v, v_stride, tokens, acc, a_stride, column,
+                                  simd::kLanes);
+  if (column < width)
+    accumulate_block<R, 1, true>(w, w_stride, v, v_stride, tokens, acc, a_stride, column,
+                                 width - column);
+}
+
+}  // namespace detail
+
+// s[r * s_stride + u] = q_r . k_u (accumulate: +=) for r < rows, u < tokens, where
+// q_r = q + r * q_stride and k_u = k + u * k_stride, each `width` elements; q fp32, k any
+// storage type.
+template <class Storage>
+void score_rows(const float* q, Index q_stride, Index rows, const Storage* k, Index k_stride,
+                Index tokens, Index width, float* s, Index s_stride, bool accumulate = false) {
+  for (Index r = 0; r < rows; r += kBlockRows) {
+    const float* q_r = q + r * q_stride;
+    float* s_r = s + r * s_stride;
+    switch (rows - r < kBlockRows ? rows - r : kBlockRows) {
+      case 1:
+        detail::score_rows_of<1>(q_r, q_stride, k, k_stride, tokens, width, s_r, s_stride,
+                                 accumulate);
+        break;
+      case 2:
+        detail::score_rows_of<2>(q_r, q_stride, k, k_stride, tokens, width, s_r, s_stride,
+                                 accumulate);
+        break;
+      case 3:
+        detail::score_rows_of<3>(q_r, q_stride, k, k_stride, tokens, width, s_r, s_stride,
+                                 accumulate);
+        break;
+      default:
+        detail::score_rows_of<4>(q_r, q_stride, k, k_stride, tokens, width, s_r, s_stride,
+                                 accumulate);
+        break;
+    }
+  }
+}
+
+// acc_r += sum_u w[r * w_stride + u] v_u for r < rows (acc_r = acc + r * a_stride, `width`
+// floats), u < tokens, v_u = v + u * v_stride in any storage type.
+template <class Storage>
+void accumulate_rows(const float* w, Index w_stride, Index rows, const Storage* v, Index v_stride,
+                     Index tokens, Index width, float* acc, Index a_stride) {
+  for (Index r = 0; r < rows; r += kBlockRows) {
+    const float* w_r = w + r * w_stride;
+    float* acc_r = acc + r * a_stride;
+    switch (rows - r < kBlockRows ? rows - r : kBlockRows) {
+      case 1:
+        detail::accumulate_rows_of<1>(w_r, w_stride, v, v_stride, tokens, width, acc_r, a_stride);
+        break;
+      case 2:
+        detail::accumulate_rows_of<2>(w_r, w_stride, v, v_stride, tokens, width, acc_r, a_stride);
+        break;
+      case 3:
+        detail::accumulate_rows_of<3>(w_r, w_stride, v, v_stride, tokens, width, acc_r, a_stride);
+        break;
+      default:
+        detail::accumulate_rows_of<4>(w_r, w_stride, v, v_stride, tokens, width, acc_r, a_stride);
+        break;
+    }
+  }
+}
+
+}  // namespace blocks
+}  // namespace tpattn

@@ -1,0 +1,186 @@
+// tests/register_blocks_test.cpp -- the register-blocked products of the decode kernels
+// (kernels/register_blocks.hpp) against plain double loops, for every block shape they have:
+// 1 to 9 query rows (every register block and a remainder), cached rows that fill no block,
+// widths around and between the register widths of every instruction set (1, 7, 15, 16, 17, 40,
+// 96, 129), strides wider than the rows, and all three storage types.
+//
+// CMake builds this file once per instruction set the kernels have a path for (AVX-512 or
+// whatever -march=native gives, AVX2, SSE2, scalar): TPATTN_EXPECT_SIMD names the path the build
+// must have taken, so a flag that failed to select it fails the test instead of testing another.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "tpattn/kernels/register_blocks.hpp"
+
+namespace tpattn::test {
+namespace {
+
+constexpr float kSentinel = -12345.0f;
+
+// Values as stored: rounded to the storage type, read back exactly.
+template <class Storage>
+std::vector<Storage> stored(const std::vector<float>& values) {
+  std::vector<Storage> out(values.size());
+  StorageTraits<Storage>::from_float(values.data(), out.data(), static_cast<Index>(values.size()));
+  return out;
+}
+template <class Storage>
+double as_double(const Storage& x) {
+  float f = 0.0f;
+  StorageTraits<Storage>::to_float(&x, &f, 1);
+  return f;
+}
+
+std::vector<float> random_values(std::size_t n, unsigned seed) {
+  std::mt19937 engine(seed);
+  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& x : v) x = unit(engine);
+  return v;
+}
+
+const Index kWidths[] = {1, 7, 15, 16, 17, 40, 96, 129};
+const Index kTokens[] = {1, 2, 3, 5, 8, 9, 17};
+
+template <class Storage>
+void check_scores() {
+  for (Index rows = 1; rows <= 9; ++rows)
+    for (Index tokens : kTokens)
+      for (Index width : kWidths)
+        for (bool accumulate : {false, true}) {
+          SCOPED_TRACE("rows " + std::to_string(rows) + ", tokens " + std::to_string(tokens) +
+                       ", width " + std::to_string(width) + (accumulate ? ", accumulate" : ""));
+          const Index q_stride = width + 3, k_stride = width + 5, s_stride = tokens + 2;
+          const std::vector<float> q = random_values(rows * q_stride, 1);
+          const std::vector<Storage> k =
+              stored<Storage>(random_values(tokens * k_stride, 2));
+          std::vector<float> s = random_values(rows * s_stride, 3);
+          for (Index r = 0; r < rows; ++r)
+            for (Index u = tokens; u < s_stride; ++u) s[r * s_stride + u] = kSentinel;
+          const std::vector<float> before = s;
+          blocks::score_rows(q.data(), q_stride, rows, k.data(), k_stride, tokens, width,
+                             s.data(), s_stride, accumulate);
+          for (Index r = 0; r < rows; ++r)
+            for (Index u = 0; u < s_stride; ++u) {
+              const float got = s[r * s_stride + u];
+              if (u >= tokens) {
+                ASSERT_EQ(got, kSentinel) << "wrote past the tokens at row " << r;
+                continue;
+              }
+              double dot = accumulate ? before[r * s_stride + u] : 0.0;
+              double magnitude = std::abs(dot);
+              for (Index c = 0; c < width; ++c) {
+                const double term = double(q[r * q_stride + c]) * as_double(k[u * k_stride + c]);
+                dot += term;
+                magnitude += std::abs(term);
+              }
+              // fp32: about u per addition of the magnitude, a tree or a chain of width terms.
+              ASSERT_NEAR(got, dot, 1e-6 * (width + 2) * magnitude + 1e-30)
+                  << "row " << r << ", token " << u;
+            }
+        }
+}
+
+template <class Storage>
+void check_values() {
+  for (Index rows = 1; rows <= 9; ++rows)
+    for (Index tokens : kTokens)
+      for (Index width : kWidths) {
+        SCOPED_TRACE("rows " + std::to_string(rows) + ", tokens " + std::to_string(tokens) +
+                     ", width " + std::to_string(width));
+        const Index w_stride = tokens + 2, v_stride = width + 5, a_stride = width + 3;
+        const std::vector<float> w = random_values(rows * w_stride, 4);
+        const std::vector<Storage> v = stored<Storage>(random_values(tokens * v_stride, 5));
+        std::vector<float> acc = random_values(rows * a_stride, 6);
+        for (Index r = 0; r < rows; ++r)
+          for (Index c = width; c < a_stride; ++c) acc[r * a_stride + c] = kSentinel;
+        const std::vector<float> before = acc;
+        blocks::accumulate_rows(w.data(), w_stride, rows, v.data(), v_stride, tokens, width,
+                                acc.data(), a_stride);
+        for (Index r = 0; r < rows; ++r)
+          for (Index c = 0; c < a_stride; ++c) {
+            const float got = acc[r * a_stride + c];
+            if (c >= width) {
+              ASSERT_EQ(got, kSentinel) << "wrote past the width at row " << r;
+              continue;
+            }
+            double sum = before[r * a_stride + c], magnitude = std::abs(sum);
+            for (Index u = 0; u < tokens; ++u) {
+              const double term = double(w[r * w_stride + u]) * as_double(v[u * v_stride + c]);
+              sum += term;
+              magnitude += std::abs(term);
+            }
+            ASSERT_NEAR(got, sum, 1e-6 * (tokens + 2) * magnitude + 1e-30)
+                << "row " << r << ", column " << c;
+          }
+      }
+}
+
+bool simd_path_runs_here() {
+#if defined(TPATTN_SIMD_AVX512)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+#elif defined(TPATTN_SIMD_AVX2)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return true;
+#endif
+}
+
+class RegisterBlocks : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!simd_path_runs_here()) GTEST_SKIP() << simd::kName << " is not available on this CPU";
+  }
+};
+
+TEST_F(RegisterBlocks, TheBuildTookTheInstructionSetItWasBuiltFor) {
+#if defined(TPATTN_EXPECT_SIMD)
+  EXPECT_STREQ(simd::kName, TPATTN_EXPECT_SIMD);
+#endif
+  std::printf("[ simd ] %s, %ld lanes\n", simd::kName, static_cast<long>(simd::kLanes));
+}
+
+TEST_F(RegisterBlocks, ScoresEqualTheDoubleDotProductsForF32) { check_scores<float>(); }
+TEST_F(RegisterBlocks, ScoresEqualTheDoubleDotProductsForBf16) { check_scores<Eigen::bfloat16>(); }
+TEST_F(RegisterBlocks, ScoresEqualTheDoubleDotProductsForF16) { check_scores<Eigen::half>(); }
+TEST_F(RegisterBlocks, ValueSumsEqualTheDoubleSumsForF32) { check_values<float>(); }
+TEST_F(RegisterBlocks, ValueSumsEqualTheDoubleSumsForBf16) { check_values<Eigen::bfloat16>(); }
+TEST_F(RegisterBlocks, ValueSumsEqualTheDoubleSumsForF16) { check_values<Eigen::half>(); }
+
+// Each of the N <= 16 sums of one reduction tree lands in its own output (AVX-512 transposes
+// 16 registers at once; a wrong lane map would swap two sums).
+template <int N>
+void check_sum_each() {
+  simd::Register a[N];
+  double expected[N];
+  for (int i = 0; i < N; ++i) {
+    alignas(64) float lanes[simd::kLanes];
+    expected[i] = 0.0;
+    for (Index l = 0; l < simd::kLanes; ++l) {
+      lanes[l] = static_cast<float>((i + 1) * 100 + l);
+      expected[i] += lanes[l];
+    }
+    a[i] = simd::load(static_cast<const float*>(lanes));
+  }
+  float out[N];
+  simd::sum_each<N>(a, out);
+  for (int i = 0; i < N; ++i) EXPECT_EQ(out[i], expected[i]) << "sum " << i << " of " << N;
+}
+
+TEST_F(RegisterBlocks, SumEachGivesEveryRegistersOwnSum) {
+  check_sum_each<1>();
+  check_sum_each<2>();
+  check_sum_each<3>();
+  check_sum_each<8>();
+  check_sum_each<15>();
+  check_sum_each<16>();
+}
+
+}  // namespace
+}  // namespace tpattn::test
