@@ -138,7 +138,12 @@ std::vector<Operator> operators(const Options& o) {
     return tpattn::GqaKernel<Storage>(o.heads, g, o.head_dim, o.head_dim).cache_record();
   };
   const float mla_scale = 1.0f / std::sqrt(static_cast<float>(o.head_dim + o.rope_dim));
-  tpattn::TpaShape tpa{o.heads, o.head_dim, o.head_dim, o.rank_q, o.rank_k, o.rank_v};
+  tpattn::TpaShape tpa;  // by name, not by field order
+  tpa.heads = o.heads;
+  tpa.head_dim = tpa.value_dim = o.head_dim;
+  tpa.rank_q = o.rank_q;
+  tpa.rank_k = o.rank_k;
+  tpa.rank_v = o.rank_v;
   tpattn::TpaShape kv_only = tpa;
   kv_only.rank_q = 0;
   const std::string ranks = to_string(o.rank_k) + "/" + to_string(o.rank_v);
