@@ -7,6 +7,8 @@
 // CMake builds this file once per instruction set the kernels have a path for (AVX-512 or
 // whatever -march=native gives, AVX2, SSE2, scalar): TPATTN_EXPECT_SIMD names the path the build
 // must have taken, so a flag that failed to select it fails the test instead of testing another.
+#include "tpattn/kernels/register_blocks.hpp"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -14,8 +16,6 @@
 #include <random>
 #include <string>
 #include <vector>
-
-#include "tpattn/kernels/register_blocks.hpp"
 
 namespace tpattn::test {
 namespace {
@@ -47,7 +47,7 @@ std::vector<float> random_values(std::size_t n, unsigned seed) {
 const Index kWidths[] = {1, 7, 15, 16, 17, 40, 96, 129};
 const Index kTokens[] = {1, 2, 3, 5, 8, 9, 17};
 
-template <class Storage>
+template <class QStorage, class Storage>
 void check_scores() {
   for (Index rows = 1; rows <= 9; ++rows)
     for (Index tokens : kTokens)
@@ -56,15 +56,14 @@ void check_scores() {
           SCOPED_TRACE("rows " + std::to_string(rows) + ", tokens " + std::to_string(tokens) +
                        ", width " + std::to_string(width) + (accumulate ? ", accumulate" : ""));
           const Index q_stride = width + 3, k_stride = width + 5, s_stride = tokens + 2;
-          const std::vector<float> q = random_values(rows * q_stride, 1);
-          const std::vector<Storage> k =
-              stored<Storage>(random_values(tokens * k_stride, 2));
+          const std::vector<QStorage> q = stored<QStorage>(random_values(rows * q_stride, 1));
+          const std::vector<Storage> k = stored<Storage>(random_values(tokens * k_stride, 2));
           std::vector<float> s = random_values(rows * s_stride, 3);
           for (Index r = 0; r < rows; ++r)
             for (Index u = tokens; u < s_stride; ++u) s[r * s_stride + u] = kSentinel;
           const std::vector<float> before = s;
-          blocks::score_rows(q.data(), q_stride, rows, k.data(), k_stride, tokens, width,
-                             s.data(), s_stride, accumulate);
+          blocks::score_rows(q.data(), q_stride, rows, k.data(), k_stride, tokens, width, s.data(),
+                             s_stride, accumulate);
           for (Index r = 0; r < rows; ++r)
             for (Index u = 0; u < s_stride; ++u) {
               const float got = s[r * s_stride + u];
@@ -75,7 +74,7 @@ void check_scores() {
               double dot = accumulate ? before[r * s_stride + u] : 0.0;
               double magnitude = std::abs(dot);
               for (Index c = 0; c < width; ++c) {
-                const double term = double(q[r * q_stride + c]) * as_double(k[u * k_stride + c]);
+                const double term = as_double(q[r * q_stride + c]) * as_double(k[u * k_stride + c]);
                 dot += term;
                 magnitude += std::abs(term);
               }
@@ -90,35 +89,41 @@ template <class Storage>
 void check_values() {
   for (Index rows = 1; rows <= 9; ++rows)
     for (Index tokens : kTokens)
-      for (Index width : kWidths) {
-        SCOPED_TRACE("rows " + std::to_string(rows) + ", tokens " + std::to_string(tokens) +
-                     ", width " + std::to_string(width));
-        const Index w_stride = tokens + 2, v_stride = width + 5, a_stride = width + 3;
-        const std::vector<float> w = random_values(rows * w_stride, 4);
-        const std::vector<Storage> v = stored<Storage>(random_values(tokens * v_stride, 5));
-        std::vector<float> acc = random_values(rows * a_stride, 6);
-        for (Index r = 0; r < rows; ++r)
-          for (Index c = width; c < a_stride; ++c) acc[r * a_stride + c] = kSentinel;
-        const std::vector<float> before = acc;
-        blocks::accumulate_rows(w.data(), w_stride, rows, v.data(), v_stride, tokens, width,
-                                acc.data(), a_stride);
-        for (Index r = 0; r < rows; ++r)
-          for (Index c = 0; c < a_stride; ++c) {
-            const float got = acc[r * a_stride + c];
-            if (c >= width) {
-              ASSERT_EQ(got, kSentinel) << "wrote past the width at row " << r;
-              continue;
+      for (Index width : kWidths)
+        for (bool transposed : {false, true}) {
+          SCOPED_TRACE("rows " + std::to_string(rows) + ", tokens " + std::to_string(tokens) +
+                       ", width " + std::to_string(width) +
+                       (transposed ? ", weights [tokens, rows]" : ""));
+          // Weight (r, u) at w[r w_stride + u w_step]: row-major [rows, tokens + 2], or the
+          // transpose, [tokens, rows + 1].
+          const Index w_stride = transposed ? 1 : tokens + 2, w_step = transposed ? rows + 1 : 1;
+          const Index v_stride = width + 5, a_stride = width + 3;
+          const std::vector<float> w = random_values((rows + 1) * (tokens + 2), 4);
+          const std::vector<Storage> v = stored<Storage>(random_values(tokens * v_stride, 5));
+          std::vector<float> acc = random_values(rows * a_stride, 6);
+          for (Index r = 0; r < rows; ++r)
+            for (Index c = width; c < a_stride; ++c) acc[r * a_stride + c] = kSentinel;
+          const std::vector<float> before = acc;
+          blocks::accumulate_rows(w.data(), w_stride, w_step, rows, v.data(), v_stride, tokens,
+                                  width, acc.data(), a_stride);
+          for (Index r = 0; r < rows; ++r)
+            for (Index c = 0; c < a_stride; ++c) {
+              const float got = acc[r * a_stride + c];
+              if (c >= width) {
+                ASSERT_EQ(got, kSentinel) << "wrote past the width at row " << r;
+                continue;
+              }
+              double sum = before[r * a_stride + c], magnitude = std::abs(sum);
+              for (Index u = 0; u < tokens; ++u) {
+                const double term =
+                    double(w[r * w_stride + u * w_step]) * as_double(v[u * v_stride + c]);
+                sum += term;
+                magnitude += std::abs(term);
+              }
+              ASSERT_NEAR(got, sum, 1e-6 * (tokens + 2) * magnitude + 1e-30)
+                  << "row " << r << ", column " << c;
             }
-            double sum = before[r * a_stride + c], magnitude = std::abs(sum);
-            for (Index u = 0; u < tokens; ++u) {
-              const double term = double(w[r * w_stride + u]) * as_double(v[u * v_stride + c]);
-              sum += term;
-              magnitude += std::abs(term);
-            }
-            ASSERT_NEAR(got, sum, 1e-6 * (tokens + 2) * magnitude + 1e-30)
-                << "row " << r << ", column " << c;
-          }
-      }
+        }
 }
 
 bool simd_path_runs_here() {
@@ -146,9 +151,15 @@ TEST_F(RegisterBlocks, TheBuildTookTheInstructionSetItWasBuiltFor) {
   std::printf("[ simd ] %s, %ld lanes\n", simd::kName, static_cast<long>(simd::kLanes));
 }
 
-TEST_F(RegisterBlocks, ScoresEqualTheDoubleDotProductsForF32) { check_scores<float>(); }
-TEST_F(RegisterBlocks, ScoresEqualTheDoubleDotProductsForBf16) { check_scores<Eigen::bfloat16>(); }
-TEST_F(RegisterBlocks, ScoresEqualTheDoubleDotProductsForF16) { check_scores<Eigen::half>(); }
+TEST_F(RegisterBlocks, ScoresEqualTheDoubleDotProductsForF32) { check_scores<float, float>(); }
+TEST_F(RegisterBlocks, ScoresEqualTheDoubleDotProductsForBf16) {
+  check_scores<float, Eigen::bfloat16>();
+  check_scores<Eigen::bfloat16, float>();  // TPA: cached B_K rows against fp32 queries
+}
+TEST_F(RegisterBlocks, ScoresEqualTheDoubleDotProductsForF16) {
+  check_scores<float, Eigen::half>();
+  check_scores<Eigen::half, float>();
+}
 TEST_F(RegisterBlocks, ValueSumsEqualTheDoubleSumsForF32) { check_values<float>(); }
 TEST_F(RegisterBlocks, ValueSumsEqualTheDoubleSumsForBf16) { check_values<Eigen::bfloat16>(); }
 TEST_F(RegisterBlocks, ValueSumsEqualTheDoubleSumsForF16) { check_values<Eigen::half>(); }

@@ -144,8 +144,8 @@ class DenseScorer {
       return map_matrix(scores + j * rows * kTileTokens, rows, tokens, kTileTokens);
     };
     const Index stream = layout_.kv_heads > 1 ? kStreamTokens : kTileTokens;
-    const Index last = range.horizon(count - 1) < view.length() ? range.horizon(count - 1)
-                                                                : view.length();
+    const Index last =
+        range.horizon(count - 1) < view.length() ? range.horizon(count - 1) : view.length();
     // The run kPrefetchRuns after run u / stream of the tile's keys (keys) or values: its first
     // token's position, and whether it reads keys.
     const auto run_ahead = [&](const CacheTile& tile, Index u, bool keys, Index* position) {
@@ -268,7 +268,7 @@ class DenseScorer {
                   float* acc) const {
     const Index width = layout_.value.width;
     blocks::accumulate_rows(weights + (j * head_rows + first_row) * kTileTokens + first,
-                            kTileTokens, rows,
+                            kTileTokens, 1, rows,
                             plane_row(view, layout_.value.plane, tile, first, j, width),
                             view.elements_per_token(layout_.value.plane), tokens, width,
                             acc + (j * head_rows + first_row) * width, width);

@@ -33,8 +33,8 @@ constexpr Index block_tokens(Index rows) {
 namespace detail {
 
 // s[r * s_stride + u] (+)= q[r * q_stride + 0 .. width) . k[u * k_stride + 0 .. width).
-template <int R, int T, class Storage>
-void score_block(const float* q, Index q_stride, const Storage* k, Index k_stride, Index width,
+template <int R, int T, class QStorage, class Storage>
+void score_block(const QStorage* q, Index q_stride, const Storage* k, Index k_stride, Index width,
                  float* s, Index s_stride, bool accumulate) {
   simd::Register acc[T * R];  // acc[u R + r]
   TPATTN_UNROLL
@@ -59,17 +59,16 @@ void score_block(const float* q, Index q_stride, const Storage* k, Index k_strid
   float dots[T * R];
   simd::sum_each<T * R>(acc, dots);
   TPATTN_UNROLL
-  for (int r = 0; r < R; ++r)
-    TPATTN_UNROLL
-    for (int u = 0; u < T; ++u) {
-      float& out = s[r * s_stride + u];
-      out = accumulate ? out + dots[u * R + r] : dots[u * R + r];
-    }
+  for (int r = 0; r < R; ++r) TPATTN_UNROLL
+  for (int u = 0; u < T; ++u) {
+    float& out = s[r * s_stride + u];
+    out = accumulate ? out + dots[u * R + r] : dots[u * R + r];
+  }
 }
 
-template <int R, class Storage>
-void score_rows_of(const float* q, Index q_stride, const Storage* k, Index k_stride, Index tokens,
-                   Index width, float* s, Index s_stride, bool accumulate) {
+template <int R, class QStorage, class Storage>
+void score_rows_of(const QStorage* q, Index q_stride, const Storage* k, Index k_stride,
+                   Index tokens, Index width, float* s, Index s_stride, bool accumulate) {
   constexpr int T = static_cast<int>(block_tokens(R));
   Index u = 0;
   for (; u + T <= tokens; u += T)
@@ -81,17 +80,17 @@ void score_rows_of(const float* q, Index q_stride, const Storage* k, Index k_str
 // acc[r * a_stride + c] += sum_u w[r * w_stride + u] v[u * v_stride + c], c in [column, column +
 // C lanes), the last register partial (`lanes` of kLanes) when Partial.
 template <int R, int C, bool Partial, class Storage>
-void accumulate_block(const float* w, Index w_stride, const Storage* v, Index v_stride,
-                      Index tokens, float* acc, Index a_stride, Index column, Index lanes) {
+void accumulate_block(const float* w, Index w_stride, Index w_step, const Storage* v,
+                      Index v_stride, Index tokens, float* acc, Index a_stride, Index column,
+                      Index lanes) {
   const auto width_of = [&](int c) { return Partial && c == C - 1 ? lanes : simd::kLanes; };
   // The block's own sum starts from 0 and joins acc once at the end: an element's accumulator
   // then takes one addition per block instead of one per cached row (a rounding error of
   // u sqrt(blocks + tokens) rather than u sqrt(rows) over a long context).
   simd::Register sum[R][C];
   TPATTN_UNROLL
-  for (int r = 0; r < R; ++r)
-    TPATTN_UNROLL
-    for (int c = 0; c < C; ++c) sum[r][c] = simd::zero();
+  for (int r = 0; r < R; ++r) TPATTN_UNROLL
+  for (int c = 0; c < C; ++c) sum[r][c] = simd::zero();
   for (Index u = 0; u < tokens; ++u) {
     simd::Register vv[C];
     TPATTN_UNROLL
@@ -99,51 +98,50 @@ void accumulate_block(const float* w, Index w_stride, const Storage* v, Index v_
       vv[c] = simd::load_first(v + u * v_stride + column + c * simd::kLanes, width_of(c));
     TPATTN_UNROLL
     for (int r = 0; r < R; ++r) {
-      const simd::Register weight = simd::broadcast(w[r * w_stride + u]);
+      const simd::Register weight = simd::broadcast(w[r * w_stride + u * w_step]);
       TPATTN_UNROLL
       for (int c = 0; c < C; ++c) sum[r][c] = simd::fma(weight, vv[c], sum[r][c]);
     }
   }
   TPATTN_UNROLL
-  for (int r = 0; r < R; ++r)
-    TPATTN_UNROLL
-    for (int c = 0; c < C; ++c) {
-      float* out = acc + r * a_stride + column + c * simd::kLanes;
-      const simd::Register total = simd::add(simd::load_first(out, width_of(c)), sum[r][c]);
-      if (Partial && c == C - 1)
-        simd::store(out, total, lanes);
-      else
-        simd::store(out, total);
-    }
+  for (int r = 0; r < R; ++r) TPATTN_UNROLL
+  for (int c = 0; c < C; ++c) {
+    float* out = acc + r * a_stride + column + c * simd::kLanes;
+    const simd::Register total = simd::add(simd::load_first(out, width_of(c)), sum[r][c]);
+    if (Partial && c == C - 1)
+      simd::store(out, total, lanes);
+    else
+      simd::store(out, total);
+  }
 }
 
 template <int R, class Storage>
-void accumulate_rows_of(const float* w, Index w_stride, const Storage* v, Index v_stride,
-                        Index tokens, Index width, float* acc, Index a_stride) {
+void accumulate_rows_of(const float* w, Index w_stride, Index w_step, const Storage* v,
+                        Index v_stride, Index tokens, Index width, float* acc, Index a_stride) {
   constexpr int C = static_cast<int>(block_tokens(R));  // registers of columns per row
   constexpr Index kGroup = C * simd::kLanes;
   Index column = 0;
   for (; column + kGroup <= width; column += kGroup)
-    accumulate_block<R, C, false>(w, w_stride, v, v_stride, tokens, acc, a_stride, column,
+    accumulate_block<R, C, false>(w, w_stride, w_step, v, v_stride, tokens, acc, a_stride, column,
                                   simd::kLanes);
   for (; column + simd::kLanes <= width; column += simd::kLanes)
-    accumulate_block<R, 1, false>(w, w_stride, v, v_stride, tokens, acc, a_stride, column,
+    accumulate_block<R, 1, false>(w, w_stride, w_step, v, v_stride, tokens, acc, a_stride, column,
                                   simd::kLanes);
   if (column < width)
-    accumulate_block<R, 1, true>(w, w_stride, v, v_stride, tokens, acc, a_stride, column,
+    accumulate_block<R, 1, true>(w, w_stride, w_step, v, v_stride, tokens, acc, a_stride, column,
                                  width - column);
 }
 
 }  // namespace detail
 
 // s[r * s_stride + u] = q_r . k_u (accumulate: +=) for r < rows, u < tokens, where
-// q_r = q + r * q_stride and k_u = k + u * k_stride, each `width` elements; q fp32, k any
-// storage type.
-template <class Storage>
-void score_rows(const float* q, Index q_stride, Index rows, const Storage* k, Index k_stride,
+// q_r = q + r * q_stride and k_u = k + u * k_stride, each `width` elements, both of any storage
+// type.
+template <class QStorage, class Storage>
+void score_rows(const QStorage* q, Index q_stride, Index rows, const Storage* k, Index k_stride,
                 Index tokens, Index width, float* s, Index s_stride, bool accumulate = false) {
   for (Index r = 0; r < rows; r += kBlockRows) {
-    const float* q_r = q + r * q_stride;
+    const QStorage* q_r = q + r * q_stride;
     float* s_r = s + r * s_stride;
     switch (rows - r < kBlockRows ? rows - r : kBlockRows) {
       case 1:
@@ -166,26 +164,31 @@ void score_rows(const float* q, Index q_stride, Index rows, const Storage* k, In
   }
 }
 
-// acc_r += sum_u w[r * w_stride + u] v_u for r < rows (acc_r = acc + r * a_stride, `width`
-// floats), u < tokens, v_u = v + u * v_stride in any storage type.
+// acc_r += sum_u w[r * w_stride + u * w_step] v_u for r < rows (acc_r = acc + r * a_stride,
+// `width` floats), u < tokens, v_u = v + u * v_stride in any storage type. The weights are any
+// strided [rows, tokens] view (w_step 1: row-major; w_stride 1: its transpose).
 template <class Storage>
-void accumulate_rows(const float* w, Index w_stride, Index rows, const Storage* v, Index v_stride,
-                     Index tokens, Index width, float* acc, Index a_stride) {
+void accumulate_rows(const float* w, Index w_stride, Index w_step, Index rows, const Storage* v,
+                     Index v_stride, Index tokens, Index width, float* acc, Index a_stride) {
   for (Index r = 0; r < rows; r += kBlockRows) {
     const float* w_r = w + r * w_stride;
     float* acc_r = acc + r * a_stride;
     switch (rows - r < kBlockRows ? rows - r : kBlockRows) {
       case 1:
-        detail::accumulate_rows_of<1>(w_r, w_stride, v, v_stride, tokens, width, acc_r, a_stride);
+        detail::accumulate_rows_of<1>(w_r, w_stride, w_step, v, v_stride, tokens, width, acc_r,
+                                      a_stride);
         break;
       case 2:
-        detail::accumulate_rows_of<2>(w_r, w_stride, v, v_stride, tokens, width, acc_r, a_stride);
+        detail::accumulate_rows_of<2>(w_r, w_stride, w_step, v, v_stride, tokens, width, acc_r,
+                                      a_stride);
         break;
       case 3:
-        detail::accumulate_rows_of<3>(w_r, w_stride, v, v_stride, tokens, width, acc_r, a_stride);
+        detail::accumulate_rows_of<3>(w_r, w_stride, w_step, v, v_stride, tokens, width, acc_r,
+                                      a_stride);
         break;
       default:
-        detail::accumulate_rows_of<4>(w_r, w_stride, v, v_stride, tokens, width, acc_r, a_stride);
+        detail::accumulate_rows_of<4>(w_r, w_stride, w_step, v, v_stride, tokens, width, acc_r,
+                                      a_stride);
         break;
     }
   }

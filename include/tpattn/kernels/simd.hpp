@@ -224,8 +224,8 @@ __attribute__((always_inline)) inline void sum_each(const Register (&a)[N], floa
       d[k] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * k], c[2 * k + 1], 0x44),
                            _mm512_shuffle_ps(c[2 * k], c[2 * k + 1], 0xEE));
     // element 4 L + m: the sum of a_{4 m + L}
-    const Register e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88),
-                                     _mm512_shuffle_ps(d[0], d[1], 0xDD));
+    const Register e =
+        _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
     alignas(64) float sums[16];
     _mm512_store_ps(sums, e);
     TPATTN_UNROLL
@@ -250,6 +250,18 @@ inline void prefetch(const void* p, Index bytes) {
   }
 }
 
+// The same, to L2 only: for data needed later than the next few thousand cycles.
+inline void prefetch_to_l2(const void* p, Index bytes) {
+  const char* first = static_cast<const char*>(p);
+  for (Index offset = 0; offset < bytes; offset += 64) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(first + offset, 0, 2);
+#else
+    (void)first;
+#endif
+  }
+}
+
 // Tells the compiler that `a` changed, so it keeps a loaded operand in its register: left alone,
 // GCC folds the load into every FMA that uses it (one load per use), and a block of 4 query rows
 // x 4 keys then loads 20 registers per 16 FMAs instead of 8.
@@ -265,6 +277,13 @@ inline void keep_in_register(Register& a) {
 template <class Storage>
 Register load_first(const Storage* p, Index n) {
   return n == kLanes ? load(p) : load(p, n);
+}
+// Lanes [0, n) of a to p.
+inline void store_first(float* p, Register a, Index n) {
+  if (n == kLanes)
+    store(p, a);
+  else
+    store(p, a, n);
 }
 
 }  // namespace simd

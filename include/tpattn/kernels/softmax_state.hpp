@@ -60,6 +60,34 @@ class SoftmaxState {
     }
   }
 
+  // The same for rows [first, first + k) from scores laid out the other way: scores_t [n, k],
+  // column c the n scores of row first + c, none masked (TPA forms them token by token, and its
+  // value step wants them so). scratch: 2 k floats.
+  void absorb_columns(MatrixMap scores_t, Index first, float* scratch) {
+    const Index n = scores_t.rows(), k = scores_t.cols();
+    float* new_max = scratch;
+    float* rescale = scratch + k;
+    for (Index c = 0; c < k; ++c) new_max[c] = max_[first + c];
+    for (Index s = 0; s < n; ++s)
+      for (Index c = 0; c < k; ++c) {
+        const float x = scores_t(s, c);
+        if (x > new_max[c] || std::isnan(x)) new_max[c] = x;  // a NaN maximum stays NaN
+      }
+    for (Index c = 0; c < k; ++c) rescale[c] = std::exp(max_[first + c] - new_max[c]);
+    const Eigen::Map<const Eigen::RowVectorXf> top(new_max, k);
+    for (Index s = 0; s < n; ++s) scores_t.row(s) = (scores_t.row(s) - top).array().exp().matrix();
+    for (Index c = 0; c < k; ++c) {
+      const Index r = first + c;
+      if (new_max[c] == -std::numeric_limits<float>::infinity()) {
+        scores_t.col(c).setZero();  // every key of this row is masked so far
+        continue;
+      }
+      sum_[r] = sum_[r] * rescale[c] + scores_t.col(c).sum();
+      if (rescale[c] != 1.0f) acc().row(r) *= rescale[c];
+      max_[r] = new_max[c];
+    }
+  }
+
   // Folds another state over a disjoint set of keys into this one (split-K / split-KV decode).
   // A NaN maximum on either side wins, so a NaN seen by one part reaches the output.
   void merge(const SoftmaxState& other) {

@@ -21,6 +21,7 @@
 #include "tpattn/cache/record.hpp"
 #include "tpattn/kernels/cache_tiles.hpp"
 #include "tpattn/kernels/gemm.hpp"
+#include "tpattn/kernels/register_blocks.hpp"
 #include "tpattn/kernels/softmax_state.hpp"
 
 namespace tpattn {
@@ -102,6 +103,15 @@ class TpaScorer {
     }
   }
 
+  // Per tile of n cached tokens and per query token, every product a register-blocked one
+  // (kernels/register_blocks.hpp) reading the cached factors in their storage type:
+  //   query order:   W = B_K q^T                    [n R_K, h]   (score_rows, B_K rows x q rows)
+  //   factor order:  P = B_K B_Q^T [n R_K, R_Q];  W = P A_Q       (score_rows; accumulate_rows)
+  //   L[s] = sum_u A_K[s][u] * W[s R_K + u]         [n, h]       (elementwise, over i)
+  //   Z[s R_V + v] = p^T[s] * A_V[s][v]             [n R_V, h]   (p^T: the softmax weights)
+  //   O += Z^T B_V                                  [h, d_v]     (accumulate_rows, Z read
+  //                                                               transposed in place)
+  // The A_K and A_V reductions run over contiguous rows of h, as the cache stores them.
   void run_chunk(const float* a_q, const float* b_q, const float* q, Index count,
                  const SequenceView& view, const KeyRange& range, float* out, float* lse,
                  float* workspace, TpaOrder order) const {
@@ -109,23 +119,15 @@ class TpaScorer {
     const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
     const float score_scale = 1.0f / (static_cast<float>(rk) * std::sqrt(static_cast<float>(dh)));
 
-    // The products that form W write whole packets of columns, so W and the operands it is formed
-    // from (q^T, A_Q) have their h columns padded to hp with zeros.
-    const Index hp = padded_heads();
-    WorkspaceCarver carve(workspace);                            // same order as workspace_floats()
-    float* query = carve.take(kQueryTokens * h * dh);            // [count, h, d_h]  (scaled)
-    float* query_t = carve.take(kQueryTokens * dh * hp);         // [count, d_h, hp]  q^T
-    float* factor_a = carve.take(kQueryTokens * rq * hp);        // [count, R_Q, hp]  (scaled)
-    float* factor_b = carve.take(kQueryTokens * rq * dh);        // [count, R_Q, d_h]
-    float* tile_ak = carve.take(kTileTokens * rk * h);           // [tile R_K, h]
-    float* tile_bk = carve.take(kTileTokens * rk * dh);          // [tile R_K, d_h]
-    float* tile_av = carve.take(kTileTokens * rv * h);           // [tile R_V, h]
-    float* tile_bv = carve.take(kTileTokens * rv * dv);          // [tile R_V, d_v]
-    float* products = carve.take(kTileTokens * rk * rq);         // P: [tile R_K, R_Q]
-    float* weights_w = carve.take(kTileTokens * rk * hp);        // W: [tile R_K, hp]
-    float* logits_t = carve.take(kTileTokens * h);               // L^T: [tile, h]
-    float* values_z = carve.take(kTileTokens * rv * h);          // Z: [tile R_V, h]
-    float* scores = carve.take(kQueryTokens * h * kTileTokens);  // [count h, tile], stride tile
+    WorkspaceCarver carve(workspace);                      // same order as workspace_floats()
+    float* query = carve.take(kQueryTokens * h * dh);      // [count, h, d_h]  (scaled)
+    float* factor_a = carve.take(kQueryTokens * rq * h);   // [count, R_Q, h]  (scaled)
+    float* factor_b = carve.take(kQueryTokens * rq * dh);  // [count, R_Q, d_h]
+    float* products = carve.take(kTileTokens * rk * rq);   // P: [tile R_K, R_Q]
+    float* weights_w = carve.take(kTileTokens * rk * h);   // W: [tile R_K, h]
+    float* logits = carve.take(kTileTokens * h);           // L, then p^T: [tile, h]
+    float* values_z = carve.take(kTileTokens * rv * h);    // Z: [tile R_V, h]
+    float* softmax_scratch = carve.take(2 * h);
     const Index rows = count * h;  // row t * h + i: query token t, head i
     float* max = carve.take(kQueryTokens * h);
     float* sum = carve.take(kQueryTokens * h);
@@ -133,102 +135,108 @@ class TpaScorer {
     SoftmaxState state(max, sum, acc, rows, dv);
     state.reset();
 
-    // Fold every constant of the score into the query side, once per step.
-    if (order == TpaOrder::query) {
-      MatrixMap queries = map_matrix(query, count * h, dh);
-      if (q != nullptr) {
-        queries = map_matrix(q, count * h, dh) * score_scale;
-      } else {
-        // q_t = A_Q^T B_Q / R_Q, the scale applied to A_Q first: a product with a scaled operand
-        // would make Eigen evaluate the operand into a heap temporary.
-        map_matrix(factor_a, count * rq, h, hp) =
-            map_matrix(a_q, count * rq, h) * (score_scale / static_cast<float>(rq));
-        for (Index t = 0; t < count; ++t)
-          multiply(map_matrix(factor_a + t * rq * hp, rq, h, hp).transpose(),
-                   map_matrix(b_q + t * rq * dh, rq, dh), queries.middleRows(t * h, h));
-      }
-      MatrixMap transposed = map_matrix(query_t, count * dh, hp);
-      transposed.rightCols(hp - h).setZero();
-      for (Index t = 0; t < count; ++t)
-        transposed.block(t * dh, 0, dh, h) = queries.middleRows(t * h, h).transpose();
+    // Fold every constant of the score into the query side, once per step. The scale goes on
+    // A_Q first: a product with a scaled operand would make Eigen evaluate it into a heap
+    // temporary.
+    if (q != nullptr) {
+      map_matrix(query, count * h, dh) = map_matrix(q, count * h, dh) * score_scale;
     } else {
-      map_matrix(factor_a, count * rq, hp).rightCols(hp - h).setZero();
-      map_matrix(factor_a, count * rq, h, hp) =
+      map_matrix(factor_a, count * rq, h) =
           map_matrix(a_q, count * rq, h) * (score_scale / static_cast<float>(rq));
-      map_matrix(factor_b, count * rq, dh) = map_matrix(b_q, count * rq, dh);
+      if (order == TpaOrder::query) {  // q_t = A_Q^T B_Q / R_Q
+        for (Index t = 0; t < count; ++t)
+          multiply(map_matrix(static_cast<const float*>(factor_a) + t * rq * h, rq, h).transpose(),
+                   map_matrix(b_q + t * rq * dh, rq, dh), map_matrix(query + t * h * dh, h, dh));
+      } else {
+        map_matrix(factor_b, count * rq, dh) = map_matrix(b_q, count * rq, dh);
+      }
     }
 
+    const Index last =
+        range.horizon(count - 1) < view.length() ? range.horizon(count - 1) : view.length();
     for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
-      const Index n = tile.tokens;
-      const ConstMatrixMap a_k =
-          read_tile_rows(view, planes_.a_k, tile, rk * h, tile_ak, n * rk, h);
-      const ConstMatrixMap b_k =
-          read_tile_rows(view, planes_.b_k, tile, rk * dh, tile_bk, n * rk, dh);
-      MatrixMap tile_scores = map_matrix(scores, rows, n, kTileTokens);
-      const ConstMatrixMap w = map_matrix(static_cast<const float*>(weights_w), n * rk, hp);
-      MatrixMap logits = map_matrix(logits_t, n, h);
+      const Storage* a_k = tile_rows(view, planes_.a_k, tile);  // [n R_K, h]
+      const Storage* b_k = tile_rows(view, planes_.b_k, tile);  // [n R_K, d_h]
+      const Storage* a_v = tile_rows(view, planes_.a_v, tile);  // [n R_V, h]
+      const Storage* b_v = tile_rows(view, planes_.b_v, tile);  // [n R_V, d_v]
+      prefetch_next_tile(view, tile, last);
       for (Index t = 0; t < count; ++t) {
-        if (order == TpaOrder::query) {  // W = B_K q^T
-          small_product(b_k.data(), dh, 1, query_t + t * dh * hp, hp, dh, n * rk, hp, weights_w, hp,
-                        /*accumulate=*/false);
-        } else {  // W = (B_K B_Q^T) A_Q
-          MatrixMap p = map_matrix(products, n * rk, rq);
-          multiply(b_k, map_matrix(factor_b + t * rq * dh, rq, dh).transpose(), p);
-          small_product(products, rq, 1, factor_a + t * rq * hp, hp, rq, n * rk, hp, weights_w, hp,
-                        /*accumulate=*/false);
-        }
-        // L[s][i] = sum_u A_K[s][u][i] W[s][u][i], one rank u of every token at a time (its
-        // rows are R_K rows apart in both tiles).
-        logits = rank_rows(a_k.data(), 0, n, rk, h)
-                     .cwiseProduct(rank_rows(w.data(), 0, n, rk, hp).leftCols(h));
-        for (Index u = 1; u < rk; ++u)
-          logits += rank_rows(a_k.data(), u, n, rk, h)
-                        .cwiseProduct(rank_rows(w.data(), u, n, rk, hp).leftCols(h));
-        tile_scores.middleRows(t * h, h) = logits.transpose();
-        // Query token t sees the tile's columns [from, seen) only.
+        // Query token t sees the tile's tokens [from, seen) only.
         const Index from = tile.hidden_before(range.lower(t));
         const Index seen = tile.seen_by(range.horizon(t));
-        if (from > 0)
-          tile_scores.block(t * h, 0, h, from).setConstant(-std::numeric_limits<float>::infinity());
-        if (seen < n)
-          tile_scores.block(t * h, seen, h, n - seen)
-              .setConstant(-std::numeric_limits<float>::infinity());
-      }
-      state.absorb_scores(tile_scores);
-
-      const ConstMatrixMap a_v =
-          read_tile_rows(view, planes_.a_v, tile, rv * h, tile_av, n * rv, h);
-      const ConstMatrixMap b_v =
-          read_tile_rows(view, planes_.b_v, tile, rv * dv, tile_bv, n * rv, dv);
-      MatrixMap z = map_matrix(values_z, n * rv, h);
-      for (Index t = 0; t < count; ++t) {
-        // Only the tokens query token t sees, columns [from, seen): a masked weight is 0, and
+        if (seen <= from) continue;
+        const Index n = seen - from;
+        const Index keys = n * rk;  // rows of B_K from row from R_K
+        const Storage* b_k_seen = b_k + from * rk * dh;
+        if (order == TpaOrder::query) {
+          blocks::score_rows(b_k_seen, dh, keys, static_cast<const float*>(query) + t * h * dh, dh,
+                             h, dh, weights_w, h);
+        } else {
+          blocks::score_rows(b_k_seen, dh, keys, static_cast<const float*>(factor_b) + t * rq * dh,
+                             dh, rq, dh, products, rq);
+          map_matrix(weights_w, keys, h).setZero();
+          blocks::accumulate_rows(static_cast<const float*>(products), rq, 1, keys,
+                                  static_cast<const float*>(factor_a) + t * rq * h, h, rq, h,
+                                  weights_w, h);
+        }
+        // L[s] = sum_u A_K[s][u] * W[s R_K + u]; the softmax turns L into p^T in place.
+        for (Index s = 0; s < n; ++s)
+          reduce_ranks(a_k + (from + s) * rk * h, weights_w + s * rk * h, rk, h, logits + s * h);
+        state.absorb_columns(map_matrix(logits, n, h), t * h, softmax_scratch);
+        // Z[s R_V + v] = p^T[s] * A_V[s][v];  O_t[i] += sum_{s v} Z[s R_V + v][i] B_V[s R_V + v],
+        // Z read in place as [h, n R_V]. Only the tokens t sees: a masked weight is 0, and
         // 0 x (NaN or inf in a hidden value) would still poison its output.
-        const Index from = tile.hidden_before(range.lower(t));
-        const Index seen = tile.seen_by(range.horizon(t)) - from;
-        if (seen <= 0) continue;
-        // Z[s][v][i] = p[i][s] A_V[s][v][i];  O_t += Z^T B_V
-        MatrixMap seen_weights = map_matrix(logits_t, seen, h);  // p^T of query token t
-        seen_weights = tile_scores.block(t * h, from, h, seen).transpose();
-        const float* a_v_seen = a_v.data() + from * rv * h;
-        for (Index v = 0; v < rv; ++v)
-          rank_rows(values_z, v, seen, rv, h) =
-              rank_rows(a_v_seen, v, seen, rv, h).cwiseProduct(seen_weights);
-        small_product(z.data(), 1, h, b_v.data() + from * rv * dv, dv, seen * rv, h, dv,
-                      state.acc().data() + t * h * dv, dv, /*accumulate=*/true);
+        for (Index s = 0; s < n; ++s)
+          scale_ranks(a_v + (from + s) * rv * h, logits + s * h, rv, h, values_z + s * rv * h);
+        blocks::accumulate_rows(static_cast<const float*>(values_z), 1, h, h, b_v + from * rv * dv,
+                                dv, n * rv, dv, state.acc().data() + t * h * dv, dv);
       }
     });
 
     state.finish(0, rows, out, dv, lse, 1.0f / static_cast<float>(rv));
   }
 
-  // Rank r's rows of a tile's [tokens R, cols] factor: [tokens, cols], R rows apart.
-  static ConstMatrixMap rank_rows(const float* tile, Index r, Index tokens, Index ranks,
-                                  Index cols) {
-    return map_matrix(tile + r * cols, tokens, cols, ranks * cols);
+  // The next tile's cached factors, to L2 while this tile is computed (TPA does thousands of
+  // flops per cached token, but each tile's first touch of A_V and B_V stalled on memory).
+  void prefetch_next_tile(const SequenceView& view, const CacheTile& tile, Index last) const {
+    const Index from = tile.first + tile.tokens;
+    if (from >= last) return;
+    const Index block = from / view.block_tokens(), row = from % view.block_tokens();
+    Index tokens = last - from < kTileTokens ? last - from : kTileTokens;
+    if (tokens > view.block_tokens() - row) tokens = view.block_tokens() - row;
+    for (const Index plane : {planes_.a_k, planes_.b_k, planes_.a_v, planes_.b_v}) {
+      const Index width = view.elements_per_token(plane);
+      simd::prefetch_to_l2(view.plane_block<Storage>(plane, block) + row * width,
+                           tokens * width * static_cast<Index>(sizeof(Storage)));
+    }
   }
-  static MatrixMap rank_rows(float* tile, Index r, Index tokens, Index ranks, Index cols) {
-    return map_matrix(tile + r * cols, tokens, cols, ranks * cols);
+
+  // The tile's rows of a plane, in the cache (a plane's tokens are contiguous within a block).
+  const Storage* tile_rows(const SequenceView& view, Index plane, const CacheTile& tile) const {
+    return view.plane_block<Storage>(plane, tile.block) + tile.row * view.elements_per_token(plane);
+  }
+
+  // out[i] = sum_{u < ranks} a[u h + i] w[u h + i], i < h: one token's A_K reduction.
+  static void reduce_ranks(const Storage* a, const float* w, Index ranks, Index h, float* out) {
+    for (Index i = 0; i < h; i += simd::kLanes) {
+      const Index lanes = h - i < simd::kLanes ? h - i : simd::kLanes;
+      simd::Register total = simd::zero();
+      for (Index u = 0; u < ranks; ++u)
+        total = simd::fma(simd::load_first(a + u * h + i, lanes),
+                          simd::load_first(w + u * h + i, lanes), total);
+      simd::store_first(out + i, total, lanes);
+    }
+  }
+
+  // out[u h + i] = p[i] a[u h + i], u < ranks, i < h: one token's weights times its A_V.
+  static void scale_ranks(const Storage* a, const float* p, Index ranks, Index h, float* out) {
+    for (Index i = 0; i < h; i += simd::kLanes) {
+      const Index lanes = h - i < simd::kLanes ? h - i : simd::kLanes;
+      const simd::Register weight = simd::load_first(p + i, lanes);
+      for (Index u = 0; u < ranks; ++u)
+        simd::store_first(out + u * h + i,
+                          simd::mul(weight, simd::load_first(a + u * h + i, lanes)), lanes);
+    }
   }
 
   // Every size of the workspace, checked once here; run() then carves the same sizes unchecked.
@@ -241,31 +249,14 @@ class TpaScorer {
     const Index h = shape_.heads, dh = shape_.head_dim, dv = shape_.value_dim;
     const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
     const Index rows = product(kQueryTokens, h);
-    const Index hp = detail::checked_sum(call, argument, h, kPacketFloats - 1) / kPacketFloats *
-                     kPacketFloats;  // padded_heads()
     // The list is evaluated in order, so the first size that overflows is the one reported.
     return WorkspaceCarver::floats_for(
         call, argument,
-        {product(rows, dh), product(kQueryTokens, dh, hp),              // q, q^T
-         product(kQueryTokens, rq, hp), product(kQueryTokens, rq, dh),  // scaled A_Q, B_Q
-         product(kTileTokens, rk, h), product(kTileTokens, rk, dh),     // A_K, B_K tile
-         product(kTileTokens, rv, h), product(kTileTokens, rv, dv),     // A_V, B_V tile
-         product(kTileTokens, rk, rq), product(kTileTokens, rk, hp),    // P, W
-         product(kTileTokens, h), product(kTileTokens, rv, h),          // L^T, Z
-         product(rows, kTileTokens), rows, rows, product(rows, dv)});   // scores, state
-  }
-
-  // h rounded up to whole SIMD packets.
-  static constexpr Index kPacketFloats = Eigen::internal::packet_traits<float>::size;
-  Index padded_heads() const {
-    return (shape_.heads + kPacketFloats - 1) / kPacketFloats * kPacketFloats;
-  }
-
-  // A tile's rows of a whole plane as an fp32 [rows, cols] matrix (R rows per token).
-  ConstMatrixMap read_tile_rows(const SequenceView& view, Index plane, const CacheTile& tile,
-                                Index width, float* scratch, Index rows, Index cols) const {
-    const ConstMatrixMap flat = read_tile<Storage>(view, plane, tile, 0, width, scratch);
-    return map_matrix(flat.data(), rows, cols, cols);
+        {product(rows, dh), product(kQueryTokens, rq, h),            // q, A_Q
+         product(kQueryTokens, rq, dh),                              // B_Q
+         product(kTileTokens, rk, rq), product(kTileTokens, rk, h),  // P, W
+         product(kTileTokens, h), product(kTileTokens, rv, h),       // L, Z
+         product(2, h), rows, rows, product(rows, dv)});             // softmax scratch, state
   }
 
   TpaShape shape_;
