@@ -14,16 +14,15 @@
 //
 // fp32 (fp32_tolerance): an output element is a sum, in fp32, of one weighted value per cached
 // token, divided by the softmax sum. A kernel adds into one element's accumulator N times in a
-// row: once per run of cached tokens after the run's own terms are summed in registers (GQA,
-// several KV heads: runs of 8, M/8 + 8 for M tokens; MLA, one KV head: whole tiles, M/64 + 64;
-// TPA: M/128 + 128 R_V). With round to nearest each addition errs by at most u = 2^-24
+// row: once per tile of cached tokens after the tile's own terms are summed in registers (this
+// GQA and MLA: tiles of 64, M/64 + 64 for M tokens; TPA: M/128 + 128 R_V). With round to nearest each addition errs by at most u = 2^-24
 // of the running sum, with either sign, so N additions err with a standard deviation of about
 // u sqrt(N) / 3 (a running sum that grows steadily), far from the worst case N u (1.6e-2 for
 // N = 262,144). The bound is 3 u sqrt(N), 9 standard deviations for one element and still more
 // than 3 for the largest of 64 or 128, plus 32 u for the rest: a score is a dot product of at most
 // 40 terms, off by about sqrt(40) u of its absolute terms, exp() adds an ulp or two per weight
-// and the final division one more. At 262,144 tokens: GQA 575 u = 3.4e-5, MLA 225 u = 1.3e-5,
-// TPA 176 u = 1.05e-5 of m. Measured (g++ 12 -O3 -march=native, AVX-512): GQA 132 u, MLA 55 u,
+// and the final division one more. At 262,144 tokens: GQA and MLA 225 u = 1.3e-5,
+// TPA 176 u = 1.05e-5 of m. Measured (g++ 12 -O3 -march=native, AVX-512): GQA 75 u, MLA 55 u,
 // TPA 44 to 51 u; at most 18 u in the tile and large-logit tests, whose bounds are 56 to 80 u.
 //
 // bf16 and f16 storage: a stored value x comes back as x (1 + e), |e| <= u_s, with u_s the unit
@@ -163,9 +162,9 @@ class GqaProblem : public Problem {
                    : 3.0f * unit(1, n);
   }
   std::string name() const override { return "GQA"; }
-  // Several KV heads: the kernel walks a tile in runs of 8 tokens, each run's values summed on
-  // their own and then added to the accumulator (DenseScorer::kStreamTokens).
-  double additions(Index tokens) const override { return (tokens + 7) / 8 + 8.0; }
+  // Several KV heads of two query rows: whole tiles of 64 tokens (DenseScorer::tile_tokens_for
+  // at this small width), each tile's values summed on their own, then added to the accumulator.
+  double additions(Index tokens) const override { return (tokens + 63) / 64 + 64.0; }
   CacheRecord record(StorageType s) const override { return records::gqa(g, d, d, s); }
   Index heads() const override { return h; }
   Index value_width() const override { return d; }
@@ -547,8 +546,8 @@ double worst_in_u(const std::vector<float>& out, const Reference& ref) {
 
 // ---- 262,144 cached tokens ----------------------------------------------------------------------
 
-// Pages of 4096 tokens: 64 pages, every tile full. The bounds are 3.4e-5 (GQA, runs of 8 tokens),
-// 1.3e-5 (MLA) and 1.1e-5 (TPA) of the magnitude.
+// Pages of 4096 tokens: 64 pages, every tile full. The bounds are 1.3e-5 (GQA, MLA) and 1.1e-5
+// (TPA) of the magnitude.
 TEST(LongContext, DecodeAt262144TokensIsWithinFp32AccumulationOfTheDoubleReference) {
   for (const auto& problem : every_problem()) {
     SCOPED_TRACE(problem->name());

@@ -56,6 +56,14 @@ class DenseScorer {
   // kPrefetchRuns later in that order is prefetched: with only the hardware prefetchers, a core
   // that does several FMAs per cached element keeps too few reads in flight (measured below).
   static constexpr Index kPrefetchRuns = 2;
+  // With several KV heads of several query rows each (GQA decode, prefill), a tile holds instead
+  // at most kTileBytes of keys and values and is read KV head by KV head while the next one is
+  // prefetched to L2 whole, in memory order. Measured (d_h 128 and 64, 16k and 64k tokens, 1
+  // thread, min of 2 alternated runs): GQA-8 f32 1.28-1.61x and bf16 0.95-1.13x faster than the
+  // runs above; for MHA (one row per KV head) the runs stayed ahead (d_h 64 bf16 by 1.3x), and
+  // for one KV head (MQA, MLA) by 2-8%.
+  static constexpr Index kTileBytes = Index(512) << 10;
+  static constexpr Index kMinTileTokens = 8;
 
   DenseScorer() = default;
   // heads: query heads, a multiple of layout.kv_heads. scale: multiplies q . k. Throws Error
@@ -177,8 +185,14 @@ class DenseScorer {
         }
       }
     };
-    for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
-      if (tile.seen_by_all(range, count)) {
+    const bool whole_tiles = layout_.kv_heads > 1 && rows > 1;
+    const Index tile_tokens = whole_tiles ? tile_tokens_for(view) : kTileTokens;
+    for_each_tile(view, range, count, tile_tokens, [&](const CacheTile& tile) {
+      if (whole_tiles) prefetch_next_tile(view, tile, tile_tokens, last);
+      if (whole_tiles && tile.seen_by_all(range, count)) {
+        for (Index j = 0; j < layout_.kv_heads; ++j)
+          score_keys(view, tile, j, rows, 0, rows, 0, tile.tokens, queries, scores);
+      } else if (tile.seen_by_all(range, count)) {
         for (Index u = 0; u < tile.tokens; u += stream) {
           const Index run = tile.tokens - u < stream ? tile.tokens - u : stream;
           Index ahead = 0;
@@ -204,7 +218,10 @@ class DenseScorer {
       }
       for (Index j = 0; j < layout_.kv_heads; ++j)
         state_of(j).absorb_scores(head_scores(j, tile.tokens));
-      if (tile.seen_by_all(range, count)) {
+      if (whole_tiles && tile.seen_by_all(range, count)) {
+        for (Index j = 0; j < layout_.kv_heads; ++j)
+          add_values(view, tile, j, rows, 0, rows, 0, tile.tokens, scores, acc);
+      } else if (tile.seen_by_all(range, count)) {
         for (Index u = 0; u < tile.tokens; u += stream) {
           const Index run = tile.tokens - u < stream ? tile.tokens - u : stream;
           Index ahead = 0;
@@ -233,6 +250,41 @@ class DenseScorer {
         state.finish(t * group_, group_, out + (t * heads_ + j * group_) * value_width, value_width,
                      lse == nullptr ? nullptr : lse + t * heads_ + j * group_);
     }
+  }
+
+  // The planes a tile reads: the key's segments, and the value's unless it is the key's own.
+  template <class Visit>
+  void for_each_plane(Visit&& visit) const {
+    for (Index part = 0; part < layout_.key_segments(); ++part) visit(layout_.key[part].plane);
+    if (layout_.value.plane != layout_.key[0].plane && layout_.value.plane != layout_.key[1].plane)
+      visit(layout_.value.plane);
+  }
+
+  // Tokens per tile: as many as kTileBytes of every plane it reads hold, in [kMinTileTokens,
+  // kTileTokens].
+  Index tile_tokens_for(const SequenceView& view) const {
+    Index row_bytes = 0;
+    for_each_plane([&](Index plane) {
+      row_bytes += view.elements_per_token(plane) * static_cast<Index>(sizeof(Storage));
+    });
+    const Index tokens = row_bytes > 0 ? kTileBytes / row_bytes : kTileTokens;
+    return tokens < kMinTileTokens ? kMinTileTokens : tokens > kTileTokens ? kTileTokens : tokens;
+  }
+
+  // The tile after `tile` (at most `tokens` tokens, within its block and before `last`), every
+  // plane it reads, to L2.
+  void prefetch_next_tile(const SequenceView& view, const CacheTile& tile, Index tokens,
+                          Index last) const {
+    const Index from = tile.first + tile.tokens;
+    if (from >= last) return;
+    const Index block = from / view.block_tokens(), row = from % view.block_tokens();
+    if (tokens > last - from) tokens = last - from;
+    if (tokens > view.block_tokens() - row) tokens = view.block_tokens() - row;
+    for_each_plane([&](Index plane) {
+      const Index width = view.elements_per_token(plane);
+      simd::prefetch_to_l2(view.plane_block<Storage>(plane, block) + row * width,
+                           tokens * width * static_cast<Index>(sizeof(Storage)));
+    });
   }
 
   // Row `row` of a tile's plane, KV head j's segment of `width` columns.
