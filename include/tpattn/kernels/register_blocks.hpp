@@ -175,13 +175,15 @@ void score_rows(const QStorage* q, Index q_stride, Index rows, const Storage* k,
 // acc_r += sum_u w[r * w_stride + u * w_step] v_u for r < rows (acc_r = acc + r * a_stride,
 // `width` floats), u < tokens, v_u = v + u * v_stride in any storage type. The weights are any
 // strided [rows, tokens] view (w_step 1: row-major; w_stride 1: its transpose).
-template <class Storage>
+// BlockRows: rows per register block (at most kValueRows).
+template <int BlockRows = kValueRows, class Storage>
 void accumulate_rows(const float* w, Index w_stride, Index w_step, Index rows, const Storage* v,
                      Index v_stride, Index tokens, Index width, float* acc, Index a_stride) {
-  for (Index r = 0; r < rows; r += kValueRows) {
+  static_assert(BlockRows >= 1 && BlockRows <= kValueRows, "BlockRows: 1 to kValueRows");
+  for (Index r = 0; r < rows; r += BlockRows) {
     const float* w_r = w + r * w_stride;
     float* acc_r = acc + r * a_stride;
-    detail::with_rows<kValueRows>(rows - r, [&](auto block) {
+    detail::with_rows<BlockRows>(rows - r, [&](auto block) {
       detail::accumulate_rows_of<decltype(block)::value>(w_r, w_stride, w_step, v, v_stride, tokens,
                                                          width, acc_r, a_stride);
     });

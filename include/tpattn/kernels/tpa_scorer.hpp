@@ -188,8 +188,11 @@ class TpaScorer {
         // 0 x (NaN or inf in a hidden value) would still poison its output.
         for (Index s = 0; s < n; ++s)
           scale_ranks(a_v + (from + s) * rv * h, logits + s * h, rv, h, values_z + s * rv * h);
-        blocks::accumulate_rows(static_cast<const float*>(values_z), 1, h, h, b_v + from * rv * dv,
-                                dv, n * rv, dv, state.acc().data() + t * h * dv, dv);
+        // Blocks of 4 heads: Z is read transposed (h apart); blocks of 8 measured 3-7% slower here
+        // (d_h 128 and 64, 16k tokens, every TPA row) though faster for the dense kernels.
+        blocks::accumulate_rows<4>(static_cast<const float*>(values_z), 1, h, h,
+                                   b_v + from * rv * dv, dv, n * rv, dv,
+                                   state.acc().data() + t * h * dv, dv);
       }
     });
 
