@@ -55,37 +55,52 @@ class AttentionLayer {
     grow_batch(call, max_batch);
   }
 
+  // Every call below takes `positions`, the RoPE position of each new token, for engines that
+  // evict or shift tokens: [rows] (one per row of x), each >= 0. Null: a token's position is its
+  // index in its sequence (the cache length before it). Positions only rotate q and k; which
+  // cached tokens a query sees is always decided by cache order (causal, then the window).
+
   // One decode step for a batch of sequences of any lengths: x: [batch, d_model], row b the new
-  // token of seqs[b]; y: [batch, d_model]. Appends each token to its sequence. executor: runs
-  // the attention's work items (null: the calling thread). All or nothing: on error the cache is
-  // as it was.
+  // token of seqs[b]; y: [batch, d_model]; positions: [batch] or null. Appends each token to its
+  // sequence. executor: runs the attention's work items (null: the calling thread). All or
+  // nothing: on error the cache is as it was.
   void decode(KvCache& cache, const SequenceId* seqs, Index batch, const float* x, float* y,
-              Executor* executor = nullptr) {
+              Executor* executor = nullptr, const Index* positions = nullptr) {
     const char* call = decode_call_.c_str();
     check_cache_record(call, cache, self().cache_record());
     check_decode_batch(call, cache, seqs, batch, x, y);
-    run(call, cache, seqs, nullptr, batch, x, y, executor);
+    check_positions(call, positions, batch);
+    run(call, cache, seqs, nullptr, batch, x, y, executor, positions);
   }
 
   // Causal prefill of the next n tokens of `seq`, after whatever it already holds (chunked
-  // prefill is a series of calls). x: [n, d_model]; y: [n, d_model]. On error nothing changes.
+  // prefill is a series of calls). x: [n, d_model]; y: [n, d_model]; positions: [n] or null.
+  // On error nothing changes.
   void prefill(KvCache& cache, SequenceId seq, Index n, const float* x, float* y,
-               Executor* executor = nullptr) {
+               Executor* executor = nullptr, const Index* positions = nullptr) {
     const char* call = prefill_call_.c_str();
     check_cache_record(call, cache, self().cache_record());
     check_prefill(call, cache, seq, n, x, y);
-    run(call, cache, &seq, &n, 1, x, y, executor);
+    check_positions(call, positions, n);
+    run(call, cache, &seq, &n, 1, x, y, executor, positions);
   }
 
   // One continuous-batching step: new_tokens[b] >= 1 new tokens for each distinct sequence
   // seqs[b] (decode tokens and prompt chunks mixed). x: [sum new_tokens, d_model], sequence b's
-  // rows after those of seqs[0 .. b); y: the same shape. All or nothing.
+  // rows after those of seqs[0 .. b); y: the same shape; positions: [sum new_tokens] or null.
+  // All or nothing.
   void forward(KvCache& cache, const SequenceId* seqs, const Index* new_tokens, Index batch,
-               const float* x, float* y, Executor* executor = nullptr) {
+               const float* x, float* y, Executor* executor = nullptr,
+               const Index* positions = nullptr) {
     const char* call = forward_call_.c_str();
     check_cache_record(call, cache, self().cache_record());
     check_batch(call, cache, seqs, new_tokens, batch, x, y);
-    run(call, cache, seqs, new_tokens, batch, x, y, executor);
+    if (positions != nullptr) {
+      Index rows = 0;
+      for (Index b = 0; b < batch; ++b) rows += new_tokens[b];  // checked by check_batch
+      check_positions(call, positions, rows);
+    }
+    run(call, cache, seqs, new_tokens, batch, x, y, executor, positions);
   }
 
  protected:
@@ -98,9 +113,20 @@ class AttentionLayer {
  private:
   const Derived& self() const { return static_cast<const Derived&>(*this); }
 
-  // The steps, after the call's own checks. new_tokens null: one each.
+  // positions: [rows] or null; each must be >= 0.
+  static void check_positions(const char* call, const Index* positions, Index rows) {
+    if (positions == nullptr) return;
+    for (Index r = 0; r < rows; ++r) {
+      if (positions[r] < 0)
+        fail(call, "positions", ">= 0 for every new token",
+             "positions[" + to_text(r) + "] = " + to_text(positions[r]));
+    }
+  }
+
+  // The steps, after the call's own checks. new_tokens null: one each; positions null: each
+  // token at its index in its sequence.
   void run(const char* call, KvCache& cache, const SequenceId* seqs, const Index* new_tokens,
-           Index batch, const float* x, float* y, Executor* executor) {
+           Index batch, const float* x, float* y, Executor* executor, const Index* positions) {
     const auto count_of = [&](Index b) { return new_tokens == nullptr ? 1 : new_tokens[b]; };
     grow_batch(call, batch);
     Index rows = 0;
@@ -117,8 +143,15 @@ class AttentionLayer {
     } catch (...) {
       rethrow_as_error(call);  // an engine's executor failed; nothing was appended yet
     }
-    for (Index b = 0; b < batch; ++b)
-      self().rotate(buffers, plan_.token_offset(b), count_of(b), lengths_[b] - count_of(b));
+    for (Index b = 0; b < batch; ++b) {
+      const Index row = plan_.token_offset(b);
+      if (positions == nullptr) {
+        self().rotate(buffers, row, count_of(b), lengths_[b] - count_of(b));
+      } else {
+        for (Index t = 0; t < count_of(b); ++t)
+          self().rotate(buffers, row + t, 1, positions[row + t]);
+      }
+    }
     append_each(call, cache, seqs, new_tokens, batch, [&](Index b, PlaneInput* planes) {
       self().cache_planes(buffers, plan_.token_offset(b), planes);
     });

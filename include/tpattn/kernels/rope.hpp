@@ -8,7 +8,14 @@
 // Direction, for a pair (x1, x2):
 //   standard: y1 = x1 cos - x2 sin,  y2 = x1 sin + x2 cos;
 //   reversed: y1 = x1 cos + x2 sin,  y2 = -x1 sin + x2 cos   (the public T6 code's rotation).
-// Angles are computed in double from the absolute position, so long contexts keep precision.
+// Table precision (RopeConfig::table):
+//   fp32 (default): each angle is position * theta_j in double, its cos and sin rounded once to
+//                   fp32, so long contexts keep their precision;
+//   bf16:           the public T6 code's recipe, reproduced step by step: theta_j in fp32,
+//                   angle = float(position) * theta_j in fp32, cos and sin of that angle in fp32,
+//                   then rounded to bf16 (nearest even). The rotation itself is fp32 either way.
+//                   Use it to reproduce modules trained with that code; its error (~4e-3
+//                   relative) is the table's, not tpattn's.
 #pragma once
 
 #include <cmath>
@@ -24,6 +31,7 @@ namespace tpattn {
 
 enum class RopePairing : std::uint8_t { half_split, interleaved };
 enum class RopeDirection : std::uint8_t { standard, reversed };
+enum class RopeTable : std::uint8_t { fp32, bf16 };
 
 struct RopeConfig {
   bool enabled = true;
@@ -31,6 +39,7 @@ struct RopeConfig {
   double base = 10000.0;
   RopePairing pairing = RopePairing::half_split;
   RopeDirection direction = RopeDirection::standard;
+  RopeTable table = RopeTable::fp32;  // precision of the cos / sin table (see above)
 };
 
 class Rope {
@@ -43,9 +52,19 @@ class Rope {
     if (!config_.enabled) return;
     const Index pairs = config_.rotary_dim / 2;
     detail::resize_or_fail(call, "rope table", inverse_frequency_, pairs, "doubles");
-    for (Index j = 0; j < pairs; ++j)
-      inverse_frequency_[static_cast<std::size_t>(j)] = std::pow(
-          config_.base, -2.0 * static_cast<double>(j) / static_cast<double>(config_.rotary_dim));
+    for (Index j = 0; j < pairs; ++j) {
+      double& theta = inverse_frequency_[static_cast<std::size_t>(j)];
+      if (config_.table == RopeTable::fp32) {
+        theta = std::pow(config_.base,
+                         -2.0 * static_cast<double>(j) / static_cast<double>(config_.rotary_dim));
+      } else {
+        // 1 / base^(float(2j) / float(rotary_dim)), every step rounded to fp32.
+        const float exponent = static_cast<float>(2 * j) / static_cast<float>(config_.rotary_dim);
+        const float power = static_cast<float>(
+            std::pow(static_cast<double>(static_cast<float>(config_.base)), exponent));
+        theta = 1.0f / power;
+      }
+    }
   }
 
   // Every check of the constructor, allocating nothing; returns the config with rotary_dim
@@ -58,6 +77,8 @@ class Rope {
     TPATTN_CHECK(
         config.direction == RopeDirection::standard || config.direction == RopeDirection::reversed,
         call, "rope.direction", "standard or reversed", static_cast<int>(config.direction));
+    TPATTN_CHECK(config.table == RopeTable::fp32 || config.table == RopeTable::bf16, call,
+                 "rope.table", "fp32 or bf16", static_cast<int>(config.table));
     if (config.rotary_dim == 0) config.rotary_dim = head_dim;
     TPATTN_CHECK(config.rotary_dim > 0 && config.rotary_dim <= head_dim, call, "rope.rotary_dim",
                  "in [1, " + detail::to_text(head_dim) + "]", config.rotary_dim);
@@ -88,10 +109,9 @@ class Rope {
     const bool half = config_.pairing == RopePairing::half_split;
     const float sign = config_.direction == RopeDirection::standard ? 1.0f : -1.0f;
     for (Index j = 0; j < pairs; ++j) {
-      const double angle =
-          static_cast<double>(position) * inverse_frequency_[static_cast<std::size_t>(j)];
-      const float c = static_cast<float>(std::cos(angle));
-      const float s = sign * static_cast<float>(std::sin(angle));
+      const auto [cosine, sine] = cos_sin(position, j);
+      const float c = cosine;
+      const float s = sign * sine;
       const Index first = half ? j : 2 * j;
       const Index second = half ? j + pairs : 2 * j + 1;
       for (const Vectors& group : groups) {
@@ -112,6 +132,25 @@ class Rope {
   }
 
  private:
+  struct CosSin {
+    float cos, sin;
+  };
+
+  // Pair j's cos and sin at `position`, in the configured table precision.
+  CosSin cos_sin(Index position, Index j) const {
+    const double theta = inverse_frequency_[static_cast<std::size_t>(j)];
+    if (config_.table == RopeTable::fp32) {
+      const double angle = static_cast<double>(position) * theta;
+      return {static_cast<float>(std::cos(angle)), static_cast<float>(std::sin(angle))};
+    }
+    const float angle = static_cast<float>(position) * static_cast<float>(theta);
+    const auto to_bf16 = [](double v) {
+      return static_cast<float>(Eigen::bfloat16(static_cast<float>(v)));
+    };
+    return {to_bf16(std::cos(static_cast<double>(angle))),
+            to_bf16(std::sin(static_cast<double>(angle)))};
+  }
+
   RopeConfig config_;
   Index head_dim_ = 0;
   std::vector<double> inverse_frequency_;
