@@ -1654,7 +1654,7 @@ TEST(GqaMisuse, BatchedDecodeThatRunsThePoolDryRollsBackEverySequence) {
   }
 }
 
-// ---- cache bytes (spec §5, §6.9)
+// ---- cache bytes (docs/attention.md §5, §6.9)
 // -----------------------------------------------------------------
 
 // The spec's tables through the operators themselves: their records, and a cache built from them
