@@ -136,15 +136,6 @@ void expect_error(F f, const std::vector<std::string>& fragments) {
   ADD_FAILURE() << "no tpattn::Error was thrown";
 }
 
-// The presets set the public code's bf16 cos/sin table. Until the library's RopeConfig::table
-// is implemented on this branch (it is a placeholder), the layers run with fp32 tables and the
-// reference with exact values; the comparisons against the bf16 recipe follow with it.
-template <class Config>
-Config with_exact_table(Config config) {
-  config.rope.table = tpattn::RopeTable::fp32;
-  return config;
-}
-
 TEST_F(Checkpoint, PresetsSetThePublicCodesRope) {
   for (const tpattn::RopeConfig& rope :
        {tpattn::presets::t6(32, 4, 8, 3, 2).rope, tpattn::presets::t6_kvonly(32, 4, 8, 2).rope,
@@ -162,59 +153,66 @@ TEST_F(Checkpoint, PresetsSetThePublicCodesRope) {
 TEST_F(Checkpoint, T6LayerMatchesTheModule) {
   torch::StateDict sd(1);
   save_t6(sd, 3);
-  const tpattn::TpaConfig config = with_exact_table(tpattn::presets::t6(32, 4, 8, 3, 2));
-  tpattn::TensorProductAttention<float> op(
-      config, tpattn::load_attention(tpattn::NpyDirectory(directory_), kPrefix, config));
+  const tpattn::TpaConfig config = tpattn::presets::t6(32, 4, 8, 3, 2);
+  const tpattn::TpaWeights op_weights =
+      tpattn::load_attention(tpattn::NpyDirectory(directory_), kPrefix, config);
+  tpattn::TensorProductAttention<float> op(config, op_weights);
   const torch::Rows x = random_rows(kTokens, 32, 2);
-  const torch::Rows expected = torch::t6_attention(sd, kPrefix, x, 4, 8, 3, 2, false);
+  const torch::Rows expected = torch::t6_attention(sd, kPrefix, x, 4, 8, 3, 2, true);
   EXPECT_LT(relative_error(run(op, x), expected), 1e-5);
-  // The table matters: the bf16 recipe moves the outputs well beyond that bound.
-  EXPECT_GT(relative_error(torch::t6_attention(sd, kPrefix, x, 4, 8, 3, 2, true), expected), 2e-5);
+  // The table matters: the exact cos/sin move the outputs beyond that bound, and a layer told to
+  // use them (RopeTable::fp32) matches those instead.
+  const torch::Rows exact = torch::t6_attention(sd, kPrefix, x, 4, 8, 3, 2, false);
+  EXPECT_GT(relative_error(exact, expected), 2e-5);
+  tpattn::TpaConfig fp32_table = config;
+  fp32_table.rope.table = tpattn::RopeTable::fp32;
+  tpattn::TensorProductAttention<float> exact_op(fp32_table, op_weights);
+  EXPECT_LT(relative_error(run(exact_op, x), exact), 1e-5);
 }
 
 TEST_F(Checkpoint, T6KvOnlyLayerMatchesTheModule) {
   torch::StateDict sd(3);
   save_t6(sd, 0);
-  const tpattn::TpaConfig config = with_exact_table(tpattn::presets::t6_kvonly(32, 4, 8, 2));
+  const tpattn::TpaConfig config = tpattn::presets::t6_kvonly(32, 4, 8, 2);
   tpattn::TensorProductAttentionKvOnly<float> op(
       config, tpattn::load_attention(tpattn::NpyDirectory(directory_), kPrefix, config));
   const torch::Rows x = random_rows(kTokens, 32, 4);
-  EXPECT_LT(relative_error(run(op, x), torch::t6_attention(sd, kPrefix, x, 4, 8, 0, 2, false)),
+  EXPECT_LT(relative_error(run(op, x), torch::t6_attention(sd, kPrefix, x, 4, 8, 0, 2, true)),
             1e-5);
 }
 
 TEST_F(Checkpoint, LlamaMhaLayerMatchesTheModule) {
   torch::StateDict sd(5);
   save_llama(sd, 4, 8, 1);  // llama-mha.py: head_dim = n_embd / n_head = 8
-  const tpattn::GqaConfig config = with_exact_table(tpattn::presets::llama_mha(32, 4));
+  const tpattn::GqaConfig config = tpattn::presets::llama_mha(32, 4);
   ASSERT_EQ(config.head_dim, 8);
   tpattn::MultiHeadAttention<float> op(
       config, tpattn::load_attention(tpattn::NpyDirectory(directory_), kPrefix, config));
   const torch::Rows x = random_rows(kTokens, 32, 6);
-  EXPECT_LT(relative_error(run(op, x), torch::llama_attention(sd, kPrefix, x, 4, 8, 1, false)),
+  EXPECT_LT(relative_error(run(op, x), torch::llama_attention(sd, kPrefix, x, 4, 8, 1, true)),
             1e-5);
 }
 
 TEST_F(Checkpoint, LlamaGqaLayerMatchesTheModule) {
   torch::StateDict sd(7);
   save_llama(sd, 6, 8, 3);  // 6 query heads, 2 KV heads
-  const tpattn::GqaConfig config = with_exact_table(tpattn::presets::llama_gqa(32, 6, 8, 3));
+  const tpattn::GqaConfig config = tpattn::presets::llama_gqa(32, 6, 8, 3);
   ASSERT_EQ(config.kv_heads, 2);
   tpattn::GroupedQueryAttention<float> op(
       config, tpattn::load_attention(tpattn::NpyDirectory(directory_), kPrefix, config));
   const torch::Rows x = random_rows(kTokens, 32, 8);
-  EXPECT_LT(relative_error(run(op, x), torch::llama_attention(sd, kPrefix, x, 6, 8, 3, false)),
+  EXPECT_LT(relative_error(run(op, x), torch::llama_attention(sd, kPrefix, x, 6, 8, 3, true)),
             1e-5);
 }
 
 TEST_F(Checkpoint, LlamaGqaWithOneKvHeadIsMqaAndMatchesTheModule) {
   torch::StateDict sd(9);
   save_llama(sd, 4, 8, 4);
-  const tpattn::GqaConfig config = with_exact_table(tpattn::presets::llama_gqa(32, 4, 8, 4));
+  const tpattn::GqaConfig config = tpattn::presets::llama_gqa(32, 4, 8, 4);
   tpattn::MultiQueryAttention<float> op(
       config, tpattn::load_attention(tpattn::NpyDirectory(directory_), kPrefix, config));
   const torch::Rows x = random_rows(kTokens, 32, 10);
-  EXPECT_LT(relative_error(run(op, x), torch::llama_attention(sd, kPrefix, x, 4, 8, 4, false)),
+  EXPECT_LT(relative_error(run(op, x), torch::llama_attention(sd, kPrefix, x, 4, 8, 4, true)),
             1e-5);
 }
 

@@ -20,7 +20,6 @@
 #include "tpattn/core/checked_size.hpp"
 #include "tpattn/core/error.hpp"
 #include "tpattn/core/matrix.hpp"
-#include "tpattn/core/storage_type.hpp"
 #include "tpattn/io/npy_directory.hpp"
 #include "tpattn/kernels/rope.hpp"
 
@@ -127,19 +126,6 @@ inline MlaConfig llama_mla(Index d_model, Index heads, Index head_dim, Index rop
 
 namespace detail {
 
-// cos and sin of pair j (of rotary_dim / 2) at `position` as the public code's Rotary computes
-// them: inv_freq = 1 / base^(2j / d) and the angle position * inv_freq in fp32, cos/sin rounded
-// to bfloat16.
-inline void t6_rope_cos_sin(Index position, Index j, Index rotary_dim, float* c, float* s) {
-  const float inverse_frequency =
-      1.0f / std::pow(10000.0f, static_cast<float>(2 * j) / static_cast<float>(rotary_dim));
-  const float angle = static_cast<float>(position) * inverse_frequency;
-  *c =
-      static_cast<float>(Eigen::bfloat16(static_cast<float>(std::cos(static_cast<double>(angle)))));
-  *s =
-      static_cast<float>(Eigen::bfloat16(static_cast<float>(std::sin(static_cast<double>(angle)))));
-}
-
 inline void check_prefix(const char* call, const std::string& prefix) {
   TPATTN_CHECK(prefix.empty() || prefix.back() == '.', call, "prefix",
                "a module path ending in '.' (e.g. 'transformer.h.0.attn.')", "'" + prefix + "'");
@@ -240,8 +226,9 @@ inline GqaWeights load_attention(const NpyDirectory& directory, const std::strin
 //   kv_b_proj.weight (h (d_h + d_v), d_c)  head i rows [k_nope (d_h) | v (d_v)]
 //   c_proj.weight (d, h d_v)
 // The module rotates head i's q_pe by the fixed angle of position i and k_pe not at all (see
-// presets::llama_mla); that rotation, with its bf16 table, is folded into w_uq's q_pe rows, so
-// config.rope must be disabled, q_latent_dim >= 1 and both latents normalised (as the preset).
+// presets::llama_mla); that rotation (config.rope's pairing, direction, base and table) is folded
+// into w_uq's q_pe rows, so config.rope must be disabled, q_latent_dim >= 1 and both latents
+// normalised, as the preset sets them.
 inline MlaWeights load_attention(const NpyDirectory& directory, const std::string& prefix,
                                  const MlaConfig& config) {
   const char* call = "load_attention(MlaConfig)";
@@ -282,18 +269,19 @@ inline MlaWeights load_attention(const NpyDirectory& directory, const std::strin
       {"q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight",
        "kv_a_layernorm.weight", "kv_b_proj.weight", "c_proj.weight"});
 
-  // q_pe of head i <- the reversed half-split rotation at "position" i, folded into its rows.
-  const Index half = dr / 2;
+  // q_pe of head i <- the preset's rotation at "position" i, folded into its rows: rotating
+  // every column of those rows rotates their output.
+  const Rope rope([&] {
+    RopeConfig enabled = config.rope;
+    enabled.enabled = true;
+    return enabled;
+  }(), dr, call);
+  RowMatrix columns(dq, dr);
   for (Index i = 0; i < h; ++i) {
-    const Index first = i * (dh + dr) + dh;
-    for (Index j = 0; j < half; ++j) {
-      float c = 0, s = 0;
-      detail::t6_rope_cos_sin(i, j, dr, &c, &s);
-      const Eigen::RowVectorXd x1 = w.w_uq.row(first + j).cast<double>();
-      const Eigen::RowVectorXd x2 = w.w_uq.row(first + j + half).cast<double>();
-      w.w_uq.row(first + j) = (double{c} * x1 + double{s} * x2).cast<float>();
-      w.w_uq.row(first + j + half) = (double{c} * x2 - double{s} * x1).cast<float>();
-    }
+    auto rows = w.w_uq.middleRows(i * (dh + dr) + dh, dr);
+    columns = rows.transpose();
+    rope.apply(columns.data(), dq, dr, i);
+    rows = columns.transpose();
   }
   return w;
 }
