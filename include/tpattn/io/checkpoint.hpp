@@ -10,7 +10,6 @@
 // weight (using_groupnorm = True) or any other key under the prefix that no preset reads.
 #pragma once
 
-#include <cmath>
 #include <string>
 #include <vector>
 
@@ -271,11 +270,13 @@ inline MlaWeights load_attention(const NpyDirectory& directory, const std::strin
 
   // q_pe of head i <- the preset's rotation at "position" i, folded into its rows: rotating
   // every column of those rows rotates their output.
-  const Rope rope([&] {
-    RopeConfig enabled = config.rope;
-    enabled.enabled = true;
-    return enabled;
-  }(), dr, call);
+  const Rope rope(
+      [&] {
+        RopeConfig enabled = config.rope;
+        enabled.enabled = true;
+        return enabled;
+      }(),
+      dr, call);
   RowMatrix columns(dq, dr);
   for (Index i = 0; i < h; ++i) {
     auto rows = w.w_uq.middleRows(i * (dh + dr) + dh, dr);
