@@ -9,17 +9,20 @@
 //   mlp(x) = c_proj(silu(c_fc1 x) * c_fc2 x),  hidden = floor(8 / 3 * d), no biases anywhere.
 //
 // Gpt<Attention>::load reads a checkpoint directory of <state-dict key>.npy files (every key the
-// model has, and no other); Gpt<Attention>::random builds one of random weights. Used by
+// model has, and no other); Gpt<Attention>::random builds one of random weights, and save writes
+// a model in that layout. Used by
 // examples/tiny_t6.cpp and tests/tiny_gpt_test.cpp.
 #pragma once
 
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <random>
 #include <set>
 #include <string>
+#include <system_error>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -93,6 +96,47 @@ inline tpattn::MlaWeights random_weights(const tpattn::MlaConfig& c, std::mt1993
   return w;
 }
 
+// Weights saved as <prefix><name>.npy in `directory`, in the code's state-dict layout (fp32).
+inline void save_tensor(const std::string& directory, const std::string& key, const RowMatrix& m) {
+  tpattn::write_npy(tpattn::NpyDirectory(directory).path(key), {m.rows(), m.cols()}, m.data());
+}
+inline void save_tensor(const std::string& directory, const std::string& key,
+                        const tpattn::Vector& v) {
+  tpattn::write_npy(tpattn::NpyDirectory(directory).path(key), {v.size()}, v.data());
+}
+inline void save_attention(const std::string& dir, const std::string& prefix,
+                           const tpattn::TpaWeights& w) {
+  if (w.w_q.size() > 0) {
+    save_tensor(dir, prefix + "c_qkv.c_q.weight", w.w_q);
+  } else {
+    save_tensor(dir, prefix + "c_qkv.W_A_q.weight", w.w_a_q);
+    save_tensor(dir, prefix + "c_qkv.W_B_q.weight", w.w_b_q);
+  }
+  save_tensor(dir, prefix + "c_qkv.W_A_k.weight", w.w_a_k);
+  save_tensor(dir, prefix + "c_qkv.W_B_k.weight", w.w_b_k);
+  save_tensor(dir, prefix + "c_qkv.W_A_v.weight", w.w_a_v);
+  save_tensor(dir, prefix + "c_qkv.W_B_v.weight", w.w_b_v);
+  save_tensor(dir, prefix + "c_proj.weight", w.w_o);
+}
+inline void save_attention(const std::string& dir, const std::string& prefix,
+                           const tpattn::GqaWeights& w) {
+  save_tensor(dir, prefix + "c_q.weight", w.w_q);
+  save_tensor(dir, prefix + "c_k.weight", w.w_k);
+  save_tensor(dir, prefix + "c_v.weight", w.w_v);
+  save_tensor(dir, prefix + "c_proj.weight", w.w_o);
+}
+// (w_uq as it is: loading it back adds llama-mla.py's fixed per-head rotation.)
+inline void save_attention(const std::string& dir, const std::string& prefix,
+                           const tpattn::MlaWeights& w) {
+  save_tensor(dir, prefix + "q_a_proj.weight", w.w_dq);
+  save_tensor(dir, prefix + "q_a_layernorm.weight", w.q_norm);
+  save_tensor(dir, prefix + "q_b_proj.weight", w.w_uq);
+  save_tensor(dir, prefix + "kv_a_proj_with_mqa.weight", w.w_dkv);
+  save_tensor(dir, prefix + "kv_a_layernorm.weight", w.kv_norm);
+  save_tensor(dir, prefix + "kv_b_proj.weight", w.w_ukv);
+  save_tensor(dir, prefix + "c_proj.weight", w.w_o);
+}
+
 // Parameters of a weight struct (what the PyTorch module holds).
 inline Index parameter_count(const tpattn::TpaWeights& w) {
   return w.w_a_q.size() + w.w_b_q.size() + w.w_q.size() + w.w_a_k.size() + w.w_b_k.size() +
@@ -162,6 +206,8 @@ class Gpt {
 
   // Random weights (seeded), for comparing families without a checkpoint.
   static Gpt random(Index vocab, Index layers, const Config& config, unsigned seed) {
+    TPATTN_CHECK(vocab >= 1, "Gpt::random", "vocab", ">= 1", vocab);
+    TPATTN_CHECK(layers >= 1, "Gpt::random", "layers", ">= 1", layers);
     std::mt19937 random(seed);
     const Index d = config.d_model, hidden = swiglu_hidden(config.d_model);
     RowMatrix embedding = random_matrix(vocab, d, random) * std::sqrt(static_cast<float>(d));
@@ -174,6 +220,25 @@ class Gpt {
       blocks.push_back(std::move(b));
     }
     return Gpt(config, std::move(embedding), std::move(blocks));
+  }
+
+  // Writes every tensor to `directory` (created if needed) as the code's state dict would hold
+  // it, one <key>.npy each, the tied embedding once (transformer.wte.weight): what load reads.
+  // For MLA, loading adds the module's fixed per-head rotation to q_b_proj (load_attention).
+  void save(const std::string& directory) const {
+    std::error_code error;
+    std::filesystem::create_directories(directory, error);
+    TPATTN_CHECK(!error, "Gpt::save", "directory", "a directory that can be created",
+                 "'" + directory + "': " + error.message());
+    save_tensor(directory, "transformer.wte.weight", embedding_);
+    for (Index l = 0; l < layer_count(); ++l) {
+      const std::string block = "transformer.h." + std::to_string(l) + ".";
+      const Block& b = blocks_[static_cast<std::size_t>(l)];
+      save_attention(directory, block + "attn.", b.attention);
+      save_tensor(directory, block + "mlp.c_fc1.weight", b.mlp.fc1);
+      save_tensor(directory, block + "mlp.c_fc2.weight", b.mlp.fc2);
+      save_tensor(directory, block + "mlp.c_proj.weight", b.mlp.proj);
+    }
   }
 
   Index vocab() const { return embedding_.rows(); }

@@ -8,6 +8,7 @@
 // Without --checkpoint it builds the five families at a small shape (d_model 128, 2 layers,
 // vocab 256) from random weights, each with the head count that brings its attention nearest to
 // MHA's parameter count (more heads for TPA, as the paper does), and prints them side by side.
+// --save-random DIR writes a random model of --family in that layout, to try --checkpoint on.
 // Run with --help for the flags. Exit status: 0, or 2 for a bad command line or checkpoint.
 #include <algorithm>
 #include <cerrno>
@@ -26,7 +27,7 @@ using tpattn::Index;
 namespace {
 
 struct Options {
-  std::string checkpoint, family, prompt_npy, logits_out;
+  std::string checkpoint, family, prompt_npy, logits_out, save_random;
   std::vector<std::int64_t> prompt;
   // T6.py's GPTConfig defaults; llama-mla.py's for the MLA shape.
   std::map<std::string, Index> sizes = {
@@ -72,6 +73,8 @@ void print_help() {
   std::printf("  %-16s %-8s %s\n", "--prompt", "1,2,3", "token ids, comma-separated");
   std::printf("  %-16s %-8s %s\n", "--prompt-npy", "", "token ids from an int64 .npy (1-D)");
   std::printf("  %-16s %-8s %s\n", "--logits-out", "", "write the prompt's logits, [T, vocab]");
+  std::printf("  %-16s %-8s %s\n", "--save-random", "",
+              "write a random --family model there as a checkpoint");
   std::printf("  %-16s %-8s %s\n\n", "--help", "", "this text");
   std::printf("Sizes are integers >= 1. Exit status 2 on a bad command line or checkpoint.\n");
 }
@@ -118,7 +121,8 @@ Options parse(int argc, char** argv, bool* help) {
       return o;
     }
     const bool known = o.sizes.count(flag) == 1 || flag == "--checkpoint" || flag == "--family" ||
-                       flag == "--prompt" || flag == "--prompt-npy" || flag == "--logits-out";
+                       flag == "--prompt" || flag == "--prompt-npy" || flag == "--logits-out" ||
+                       flag == "--save-random";
     if (!known) throw UsageError{"unknown flag '" + flag + "'"};
     if (!inline_value) {
       if (i + 1 >= argc) throw UsageError{flag + " needs a value"};
@@ -137,12 +141,20 @@ Options parse(int argc, char** argv, bool* help) {
       o.prompt = parse_prompt(value);
     } else if (flag == "--prompt-npy") {
       o.prompt_npy = value;
+    } else if (flag == "--save-random") {
+      o.save_random = value;
     } else {
       o.logits_out = value;
     }
   }
   if (!o.prompt.empty() && !o.prompt_npy.empty())
     throw UsageError{"--prompt and --prompt-npy: expected one of them, got both"};
+  if (!o.save_random.empty()) {
+    if (!o.checkpoint.empty())
+      throw UsageError{"--save-random and --checkpoint: expected one of them, got both"};
+    if (o.family.empty()) throw UsageError{"--save-random needs --family"};
+    return o;
+  }
   if (o.checkpoint.empty() && (!o.family.empty() || !o.logits_out.empty()))
     throw UsageError{std::string(o.family.empty() ? "--logits-out" : "--family") +
                      " needs --checkpoint"};
@@ -208,43 +220,68 @@ double tokens_per_second(const Run& r) {
 }
 
 template <class Attention>
-int run_checkpoint(const Options& o, const typename tiny_gpt::Gpt<Attention>::Config& config) {
-  const tpattn::NpyDirectory directory(o.checkpoint);
-  auto model =
-      tiny_gpt::Gpt<Attention>::load(directory, o.size("--vocab"), o.size("--layers"), config);
-  std::vector<std::int64_t> prompt = o.prompt;
-  if (prompt.empty()) prompt = {0};
-  const Run r = run(model, prompt, o.size("--generate"), o.logits_out);
-  std::printf("%s: %td layers, d_model %td, vocab %td, %td parameters\n", o.family.c_str(),
-              model.layer_count(), model.d_model(), model.vocab(), model.parameter_count());
-  std::printf("prompt (%zu tokens): %s\n", prompt.size(), joined(prompt).c_str());
-  if (!o.logits_out.empty())
-    std::printf("logits [%zu, %td] written to %s\n", prompt.size(), model.vocab(),
-                o.logits_out.c_str());
-  std::printf("generated: %s\n", joined(r.generated).c_str());
-  std::printf("prefill %.3f ms, decode %.1f tokens/s, cache %td bytes (%td per token)\n",
-              r.prefill_seconds * 1e3, tokens_per_second(r), r.cache_bytes,
-              r.cache_bytes_per_token);
-  return 0;
-}
+struct Family {};
+template <class T>
+struct TypeOf;
+template <class Attention>
+struct TypeOf<Family<Attention>> {
+  using type = Attention;
+};
 
-int load_and_run(const Options& o) {
+// Calls f(Family<Attention>{}, config) with the layer class and preset of --family.
+template <class F>
+int with_family(const Options& o, F f) {
   const Index d = o.size("--d-model"), h = o.size("--heads"), dh = o.size("--head-dim");
   namespace presets = tpattn::presets;
   if (o.family == "t6")
-    return run_checkpoint<tpattn::TensorProductAttention<float>>(
-        o, presets::t6(d, h, dh, o.size("--q-rank"), o.size("--rank")));
+    return f(Family<tpattn::TensorProductAttention<float>>{},
+             presets::t6(d, h, dh, o.size("--q-rank"), o.size("--rank")));
   if (o.family == "t6-kvonly")
-    return run_checkpoint<tpattn::TensorProductAttentionKvOnly<float>>(
-        o, presets::t6_kvonly(d, h, dh, o.size("--rank")));
+    return f(Family<tpattn::TensorProductAttentionKvOnly<float>>{},
+             presets::t6_kvonly(d, h, dh, o.size("--rank")));
   if (o.family == "mha")
-    return run_checkpoint<tpattn::MultiHeadAttention<float>>(o, presets::llama_mha(d, h));
+    return f(Family<tpattn::MultiHeadAttention<float>>{}, presets::llama_mha(d, h));
   if (o.family == "gqa")
-    return run_checkpoint<tpattn::GroupedQueryAttention<float>>(
-        o, presets::llama_gqa(d, h, dh, o.size("--group-size")));
-  return run_checkpoint<tpattn::MultiHeadLatentAttention<float>>(
-      o, presets::llama_mla(d, h, dh, o.size("--rope-dim"), o.size("--v-head-dim"),
-                            o.size("--q-lora-rank"), o.size("--kv-lora-rank")));
+    return f(Family<tpattn::GroupedQueryAttention<float>>{},
+             presets::llama_gqa(d, h, dh, o.size("--group-size")));
+  return f(Family<tpattn::MultiHeadLatentAttention<float>>{},
+           presets::llama_mla(d, h, dh, o.size("--rope-dim"), o.size("--v-head-dim"),
+                              o.size("--q-lora-rank"), o.size("--kv-lora-rank")));
+}
+
+int load_and_run(const Options& o) {
+  return with_family(o, [&](auto family, const auto& config) {
+    using Attention = typename TypeOf<decltype(family)>::type;
+    const tpattn::NpyDirectory directory(o.checkpoint);
+    auto model =
+        tiny_gpt::Gpt<Attention>::load(directory, o.size("--vocab"), o.size("--layers"), config);
+    std::vector<std::int64_t> prompt = o.prompt;
+    if (prompt.empty()) prompt = {0};
+    const Run r = run(model, prompt, o.size("--generate"), o.logits_out);
+    std::printf("%s: %td layers, d_model %td, vocab %td, %td parameters\n", o.family.c_str(),
+                model.layer_count(), model.d_model(), model.vocab(), model.parameter_count());
+    std::printf("prompt (%zu tokens): %s\n", prompt.size(), joined(prompt).c_str());
+    if (!o.logits_out.empty())
+      std::printf("logits [%zu, %td] written to %s\n", prompt.size(), model.vocab(),
+                  o.logits_out.c_str());
+    std::printf("generated: %s\n", joined(r.generated).c_str());
+    std::printf("prefill %.3f ms, decode %.1f tokens/s, cache %td bytes (%td per token)\n",
+                r.prefill_seconds * 1e3, tokens_per_second(r), r.cache_bytes,
+                r.cache_bytes_per_token);
+    return 0;
+  });
+}
+
+int save_random(const Options& o) {
+  return with_family(o, [&](auto family, const auto& config) {
+    using Attention = typename TypeOf<decltype(family)>::type;
+    const auto model =
+        tiny_gpt::Gpt<Attention>::random(o.size("--vocab"), o.size("--layers"), config, 7);
+    model.save(o.save_random);
+    std::printf("wrote a random %s model (%td parameters) to %s\n", o.family.c_str(),
+                model.parameter_count(), o.save_random.c_str());
+    return 0;
+  });
 }
 
 // The five families at one small shape, random weights, side by side.
@@ -316,6 +353,7 @@ int main(int argc, char** argv) {
       print_help();
       return 0;
     }
+    if (!options.save_random.empty()) return save_random(options);
     return options.checkpoint.empty() ? compare(options) : load_and_run(options);
   } catch (const UsageError& error) {
     std::fprintf(stderr, "tiny_t6: %s (see tiny_t6 --help)\n", error.message.c_str());

@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "support/torch_modules.hpp"
@@ -262,6 +263,22 @@ TEST_F(TinyGpt, AWrongVocabularyNamesTheEmbedding) {
             directory, 50, kLayers, tpattn::presets::llama_mha(kModel, 4));
       },
       {"transformer.wte.weight.npy", "expected shape (50, 32), got shape (40, 32)"});
+}
+
+TEST_F(TinyGpt, ASavedModelLoadsBackWithTheSameLogits) {
+  using Model = tiny_gpt::Gpt<tpattn::TensorProductAttention<float>>;
+  const tpattn::TpaConfig config = tpattn::presets::t6(kModel, 4, 8, 3, 2);
+  Model saved = Model::random(kVocab, kLayers, config, 5);
+  saved.save(directory_.string());
+  Model loaded = Model::load(tpattn::NpyDirectory(directory_.string()), kVocab, kLayers, config);
+  const auto total = static_cast<Index>(kTokens.size());
+  tpattn::RowMatrix a(total, kVocab), b(total, kVocab);
+  for (auto [model, out] : {std::pair<Model*, tpattn::RowMatrix*>{&saved, &a}, {&loaded, &b}}) {
+    tpattn::ContiguousKvCache cache(model->model_record(), 1, total);
+    model->forward(cache, cache.add_sequence(), kTokens.data(), total, out->data());
+  }
+  EXPECT_TRUE(a == b);
+  EXPECT_GT(a.cwiseAbs().maxCoeff(), 0.1f);
 }
 
 TEST_F(TinyGpt, SwigluHiddenIsTheFlooredEightThirds) {
