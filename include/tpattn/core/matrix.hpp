@@ -3,11 +3,11 @@
 // All tensors are row-major: the last dimension is contiguous. Weights are `out x in`.
 #pragma once
 
-#include <Eigen/Core>
 #include <cstdint>
 #include <initializer_list>
 
 #include "tpattn/core/checked_size.hpp"
+#include "tpattn/core/eigen.hpp"
 #include "tpattn/core/storage_type.hpp"
 
 namespace tpattn {

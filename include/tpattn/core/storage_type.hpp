@@ -4,16 +4,13 @@
 // says here how it converts to and from fp32, so kernels never change when a type is added.
 #pragma once
 
-#include <Eigen/Core>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <ostream>
 #include <type_traits>
 
-#if defined(__AVX512F__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
+#include "tpattn/core/eigen.hpp"
 
 namespace tpattn {
 
@@ -76,10 +73,12 @@ struct StorageTraits<Eigen::half> {
   static void to_float(const Eigen::half* in, float* out, Index n) {
     Index i = 0;
 #if defined(__AVX512F__)
+    TPATTN_IGNORE_UNDEFINED_INTRINSICS_BEGIN  // core/eigen.hpp: GCC's _mm512_undefined_* idiom
     const std::uint16_t* bits = reinterpret_cast<const std::uint16_t*>(in);
     for (; i + 16 <= n; i += 16)
       _mm512_storeu_ps(
           out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i))));
+    TPATTN_IGNORE_UNDEFINED_INTRINSICS_END
 #elif defined(__F16C__)
     const std::uint16_t* bits = reinterpret_cast<const std::uint16_t*>(in);
     for (; i + 8 <= n; i += 8)

@@ -11,15 +11,11 @@
 // the other lanes with zeros; partial stores write only n.
 #pragma once
 
-#include <Eigen/Core>
 #include <cstdint>
 #include <cstring>
 
+#include "tpattn/core/eigen.hpp"
 #include "tpattn/core/storage_type.hpp"
-
-#if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__)
-#include <immintrin.h>
-#endif
 
 // Fully unrolls a loop over registers, so that an array of registers indexed by its counter
 // lives in registers (GCC keeps a partly unrolled one in memory, storing every FMA's result).
@@ -76,6 +72,7 @@ Register load_through_copy(const Storage* p, Index n);
 }  // namespace detail
 
 #if defined(TPATTN_SIMD_AVX512)
+TPATTN_IGNORE_UNDEFINED_INTRINSICS_BEGIN  // core/eigen.hpp: GCC's _mm512_undefined_* idiom
 inline Register zero() { return _mm512_setzero_ps(); }
 inline Register broadcast(float x) { return _mm512_set1_ps(x); }
 inline Register fma(Register a, Register b, Register c) { return _mm512_fmadd_ps(a, b, c); }
@@ -105,6 +102,7 @@ inline Register load(const Eigen::half* p) {
 inline Register load(const Eigen::half* p, Index n) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1u), p));
 }
+TPATTN_IGNORE_UNDEFINED_INTRINSICS_END
 #elif defined(TPATTN_SIMD_AVX2)
 inline Register zero() { return _mm256_setzero_ps(); }
 inline Register broadcast(float x) { return _mm256_set1_ps(x); }
@@ -201,6 +199,7 @@ Register load_through_copy(const Storage* p, Index n) {
 // out[i] = the sum of a[i]'s lanes, i < N. On AVX-512 the N <= 16 sums come out of one
 // transpose-and-add tree (45 shuffles and adds for 16 registers, where 16 separate sums take
 // 128), since one register's sum is a chain of 4 shuffles and 4 adds.
+TPATTN_IGNORE_UNDEFINED_INTRINSICS_BEGIN  // core/eigen.hpp: GCC's _mm512_undefined_* idiom
 template <int N>
 __attribute__((always_inline)) inline void sum_each(const Register (&a)[N], float* out) {
 #if defined(TPATTN_SIMD_AVX512)
@@ -236,6 +235,7 @@ __attribute__((always_inline)) inline void sum_each(const Register (&a)[N], floa
   TPATTN_UNROLL
   for (int i = 0; i < N; ++i) out[i] = sum(a[i]);
 }
+TPATTN_IGNORE_UNDEFINED_INTRINSICS_END
 
 // Asks for the cache lines of [p, p + bytes) to be brought into L1 ahead of use (a hint: never
 // faults, never changes a value).

@@ -37,6 +37,10 @@ class SoftmaxState {
     acc().setZero();
   }
 
+  // These two inline Eigen's vectorised max, exp and sum, whose AVX-512 packets go through GCC's
+  // _mm512_undefined_* idiom (core/eigen.hpp); the region covers them when Eigen was included
+  // before tpattn.
+  TPATTN_IGNORE_UNDEFINED_INTRINSICS_BEGIN
   // Takes a block of scores [rows, n] (masked entries = -inf) and turns it, in place, into the
   // weights exp(score - new_max), after rescaling sum and acc to the new maximum. The caller then
   // adds weights x values to acc(): this split lets TPA add its factored values its own way.
@@ -87,6 +91,7 @@ class SoftmaxState {
       max_[r] = new_max[c];
     }
   }
+  TPATTN_IGNORE_UNDEFINED_INTRINSICS_END
 
   // Folds another state over a disjoint set of keys into this one (split-K / split-KV decode).
   // A NaN maximum on either side wins, so a NaN seen by one part reaches the output.
