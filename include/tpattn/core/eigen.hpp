@@ -1,6 +1,6 @@
-// tpattn/core/eigen.hpp -- the one place tpattn includes Eigen and the x86 intrinsics headers,
-// inside a diagnostic region that keeps GCC's false uninitialized-value warnings out of builds
-// that use -Wall -Werror.
+// tpattn/core/eigen.hpp -- the one place tpattn includes Eigen (Core and the ThreadPool module)
+// and the x86 intrinsics, inside a diagnostic region that keeps GCC's false uninitialized-value
+// warnings out of builds that use -Wall -Werror.
 //
 // GCC's <avx512fintrin.h> writes _mm512_undefined_ps() and its kin as `__m512 __Y = __Y;
 // return __Y;`, a deliberately indeterminate register that most AVX-512 intrinsics pass as the
@@ -10,8 +10,8 @@
 // templates that inline them, the warning lands on any code that uses Eigen. GCC decides
 // whether to report a warning in inlined code by the pragmas in force where each function of the
 // inline chain is written, so ignoring the two warnings over these includes silences them for
-// Eigen's and the intrinsics' own code (when this is where they are first included; see simd.hpp
-// for tpattn's own intrinsics) and nowhere else.
+// Eigen's and the intrinsics' own code (when this is where they are first included; see the
+// macros below for tpattn's own code) and nowhere else.
 #pragma once
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -21,6 +21,7 @@
 #endif
 
 #include <Eigen/Core>
+#include <unsupported/Eigen/CXX11/ThreadPool>
 
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__SSE2__) || defined(__F16C__)
 #include <immintrin.h>

@@ -9,8 +9,8 @@
 #pragma once
 
 #include <memory>
-#include <unsupported/Eigen/CXX11/ThreadPool>
 
+#include "tpattn/core/eigen.hpp"  // Eigen::ThreadPool, Eigen::Barrier
 #include "tpattn/core/error.hpp"
 #include "tpattn/core/storage_type.hpp"
 
