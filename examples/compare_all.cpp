@@ -6,7 +6,6 @@
 // cache; the table shows the cache elements and bytes per token. Exits 1 if a number differs
 // from the spec's table (docs/attention.md §5), if bytes_used is not tokens x bytes per token,
 // or if the bfloat16 cache changes the outputs by more than bfloat16 rounding can.
-#include <Eigen/Core>
 #include <cmath>
 #include <cstdio>
 

@@ -5,7 +5,6 @@
 // one latent and one rope key per token. The same 20-token prompt goes into three sequences:
 // one prefill, two chunks, and 20 decode steps; all three must give the same outputs. Exits 1
 // if they differ or the cache size is not d_c + d_R bfloat16 values per token.
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstdio>

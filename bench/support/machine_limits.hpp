@@ -10,7 +10,6 @@
 
 #include <unistd.h>
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <atomic>
 #include <chrono>

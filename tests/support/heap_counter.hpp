@@ -43,10 +43,10 @@ inline void eigen_assertion_failed(const char* condition, const char* file, int 
   ((condition) ? static_cast<void>(0) \
                : ::tpattn::test::eigen_assertion_failed(#condition, __FILE__, __LINE__))
 
-#include <Eigen/Core>
 #include <cstdint>
 
 #include "support/allocation_counter.hpp"
+#include "tpattn/core/eigen.hpp"  // Eigen, first seen here (after the two macros)
 
 namespace tpattn::test {
 

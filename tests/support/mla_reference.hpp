@@ -17,7 +17,6 @@
 // The generic pieces (Tensor3, RoPE, causal attention with LSE, Random) come from reference.hpp.
 #pragma once
 
-#include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
 #include <string>

@@ -12,7 +12,6 @@
 // Header-only; every function is inline. Everything is double; float only at the boundary.
 #pragma once
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstddef>

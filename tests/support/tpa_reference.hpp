@@ -13,7 +13,6 @@
 // i, rank r), the B outputs rank-major (row r w + j is rank r, feature j).
 #pragma once
 
-#include <Eigen/Core>
 #include <cmath>
 
 #include "support/reference.hpp"
