@@ -7,10 +7,15 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <ostream>
+#include <string>
+#include <string_view>
 #include <type_traits>
 
 #include "tpattn/core/eigen.hpp"
+
+#include "tpattn/core/error.hpp"
 
 namespace tpattn {
 
@@ -29,6 +34,16 @@ inline const char* name_of(StorageType type) {
 
 inline std::ostream& operator<<(std::ostream& out, StorageType type) {
   return out << name_of(type);
+}
+
+// The storage type spelled as name_of() gives it: "f32", "bf16" or "f16"; anything else is an
+// Error naming `call` and `argument`.
+inline StorageType parse_storage_type(std::string_view text,
+                                      const char* call = "parse_storage_type",
+                                      const char* argument = "storage") {
+  for (StorageType type : {StorageType::f32, StorageType::bf16, StorageType::f16})
+    if (text == name_of(type)) return type;
+  detail::fail(call, argument, "f32, bf16 or f16", "'" + std::string(text) + "'");
 }
 
 inline constexpr Index element_bytes(StorageType type) { return type == StorageType::f32 ? 4 : 2; }
