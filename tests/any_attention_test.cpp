@@ -405,27 +405,70 @@ TEST(AnyAttention, ADecodeThatRunsOutOfPagesMidBatchLeavesTheCacheAsItWas) {
   }
 }
 
-TEST(AnyAttention, ExplicitPositionsAreRefusedUntilTheLayersTakeThem) {
+// Explicit RoPE positions (with gaps and a repeat) on prefill, decode and forward: the
+// interface passes them to the layer, which gives other bits than with the cached lengths.
+template <class Op>
+Trace run_with_positions(Op& op, bool explicit_positions) {
+  PagedKvCache cache(op.cache_record(), 4, 8, 2);
+  const std::vector<SequenceId> seqs = {cache.add_sequence(), cache.add_sequence()};
+  const RowMatrix x = ref::random_inputs(12, kModel, 38);
+  RowMatrix y(5, kModel);
+  Trace trace;
+  const auto keep = [&](Index rows) {
+    append_bytes(trace.outputs.emplace_back(), y.data(), rows * kModel);
+  };
+  const Index prefill_positions[] = {3, 5, 6, 6, 11};
+  const Index decode_positions[] = {40, 2};
+  const Index forward_positions[] = {41, 42, 9};
+  const auto pick = [&](const Index* positions) {
+    return explicit_positions ? positions : nullptr;
+  };
+  op.prefill(cache, seqs[0], 5, x.data(), y.data(), nullptr, pick(prefill_positions));
+  keep(5);
+  op.prefill(cache, seqs[1], 2, x.row(5).data(), y.data(), nullptr, pick(prefill_positions));
+  keep(2);
+  op.decode(cache, seqs.data(), 2, x.row(7).data(), y.data(), nullptr, pick(decode_positions));
+  keep(2);
+  const Index new_tokens[] = {2, 1};
+  op.forward(cache, seqs.data(), new_tokens, 2, x.row(9).data(), y.data(), nullptr,
+             pick(forward_positions));
+  keep(3);
+  trace.cache = state_of(cache, seqs);
+  return trace;
+}
+
+TEST(AnyAttention, PassesExplicitPositionsToTheLayer) {
+  for (AttentionFamily family : kAllAttentionFamilies) {
+    SCOPED_TRACE(name_of(family));
+    const AttentionSpec spec = spec_of(family, StorageType::f32);
+    const AttentionWeights weights = weights_of(spec, 33);
+    const std::unique_ptr<AnyAttention> runtime = make_attention(spec, weights);
+    with_layer<float>(spec, weights, [&](auto& layer) {
+      const Trace direct = run_with_positions(layer, true);
+      const Trace through_interface = run_with_positions(*runtime, true);
+      EXPECT_TRUE(direct.outputs == through_interface.outputs);
+      EXPECT_TRUE(direct.cache == through_interface.cache);
+      EXPECT_FALSE(direct.outputs == run_with_positions(layer, false).outputs);
+    });
+  }
+}
+
+// A negative position is the layer's Error, under its name, before anything changes.
+TEST(AnyAttention, ARefusedPositionLeavesTheCacheAsItWas) {
   const AttentionSpec spec = spec_of(AttentionFamily::tpa, StorageType::f32);
-  const std::unique_ptr<AnyAttention> op = make_attention(spec, weights_of(spec, 33));
+  const std::unique_ptr<AnyAttention> op = make_attention(spec, weights_of(spec, 34));
   PagedKvCache cache(op->cache_record(), 4, 4, 1);
   const std::vector<SequenceId> seqs = {cache.add_sequence()};
-  const RowMatrix x = ref::random_inputs(3, kModel, 34);
+  const RowMatrix x = ref::random_inputs(3, kModel, 35);
   RowMatrix y(3, kModel);
   op->prefill(cache, seqs[0], 2, x.data(), y.data());
   const CacheState before = state_of(cache, seqs);
-  const Index positions[] = {7, 8, 9};
-  const Index one[] = {1};
-  const std::string expected = "null (this build's layers take their positions from the cache)";
-  expect_error_before_allocating(
-      [&] { op->prefill(cache, seqs[0], 3, x.data(), y.data(), nullptr, positions); },
-      "TensorProductAttention::prefill", "positions", expected, "non-null");
-  expect_error_before_allocating(
-      [&] { op->decode(cache, seqs.data(), 1, x.data(), y.data(), nullptr, positions); },
-      "TensorProductAttention::decode", "positions", expected, "non-null");
-  expect_error_before_allocating(
-      [&] { op->forward(cache, seqs.data(), one, 1, x.data(), y.data(), nullptr, positions); },
-      "TensorProductAttention::forward", "positions", expected, "non-null");
+  const Index positions[] = {7, -1, 9};
+  const Thrown thrown =
+      thrown_error([&] { op->prefill(cache, seqs[0], 3, x.data(), y.data(), nullptr, positions); });
+  EXPECT_EQ(thrown.message,
+            "tpattn: TensorProductAttention::prefill: positions: expected >= 0 for every new "
+            "token, got positions[1] = -1");
   EXPECT_TRUE(state_of(cache, seqs) == before);
 }
 
@@ -512,7 +555,7 @@ TEST(ParseAttentionSpec, ReadsEveryKeyOfGqa) {
   const AttentionSpec spec = parse_attention_spec(
       "family = gqa\nstorage = bf16\nd_model = 32\nheads = 4\nkv_heads = 2\nhead_dim = 8\n"
       "value_dim = 6\nwindow = 7\nrope.enabled = true\nrope.rotary_dim = 4\nrope.base = 500\n"
-      "rope.pairing = interleaved\nrope.direction = reversed\n");
+      "rope.pairing = interleaved\nrope.direction = reversed\nrope.table = bf16\n");
   EXPECT_EQ(spec.family, AttentionFamily::gqa);
   EXPECT_EQ(spec.storage, StorageType::bf16);
   const GqaConfig& c = std::get<GqaConfig>(spec.config);
@@ -527,6 +570,7 @@ TEST(ParseAttentionSpec, ReadsEveryKeyOfGqa) {
   EXPECT_EQ(c.rope.base, 500.0);
   EXPECT_EQ(c.rope.pairing, RopePairing::interleaved);
   EXPECT_EQ(c.rope.direction, RopeDirection::reversed);
+  EXPECT_EQ(c.rope.table, RopeTable::bf16);
 }
 
 TEST(ParseAttentionSpec, ReadsEveryKeyOfMla) {
@@ -604,6 +648,7 @@ TEST(ParseAttentionSpec, EveryKindOfMistakeIsAnErrorNamingTheKey) {
       {gqa + "kv_heads = 2\nrope.enabled = yes", "rope.enabled", "true or false", "'yes'"},
       {gqa + "kv_heads = 2\nrope.pairing = neox", "rope.pairing", "half_split or interleaved",
        "'neox'"},
+      {gqa + "kv_heads = 2\nrope.table = fp64", "rope.table", "fp32 or bf16", "'fp64'"},
       {"family = tpa\nd_model = 32\nheads = 4\nhead_dim = 8\nrank_q = 1\nrank_k = 1\n"
        "rank_v = 1\norder = fastest",
        "order", "automatic, factor or query", "'fastest'"},
@@ -620,11 +665,13 @@ TEST(ParseAttentionSpec, AKeyTheFamilyDoesNotHaveIsAnErrorListingItsKeys) {
     parse_attention_spec("family = mha\nd_model = 32\nheads = 4\nhead_dim = 8\nrank_q = 2\n");
   });
   EXPECT_EQ(thrown.argument, "rank_q");
-  EXPECT_EQ(thrown.message,
-            "tpattn: parse_attention_spec: rank_q: expected one of the keys of family mha "
-            "(family, storage, d_model, heads, head_dim, value_dim, window, rope.enabled, "
-            "rope.rotary_dim, rope.base, rope.pairing, rope.direction, kv_heads), got an unknown "
-            "key");
+  EXPECT_EQ(
+      thrown.message,
+      "tpattn: parse_attention_spec: rank_q: expected one of the keys of family mha "
+      "(family, storage, d_model, heads, head_dim, value_dim, window, rope.enabled, "
+      "rope.rotary_dim, rope.base, rope.pairing, rope.direction, rope.table, kv_heads), got an "
+      "unknown "
+      "key");
   const Thrown typo = thrown_error([] {
     parse_attention_spec(std::map<std::string, std::string>{{"family", "gqa"}, {"head_dims", "8"}});
   });

@@ -41,9 +41,12 @@ class AnyAttention {
   virtual Index window() const = 0;
   virtual PlanShape plan_shape() const = 0;
 
-  // The calls of detail::AttentionLayer (attention/layer.hpp), with the same shapes, checks and
-  // all-or-nothing guarantee. Public and non-virtual so that the default arguments are those of
-  // this one declaration; each forwards to a private virtual.
+  // The calls of detail::AttentionLayer (attention/layer.hpp), with the same shapes, checks,
+  // errors (named after the layer, e.g. MultiHeadAttention::decode) and all-or-nothing
+  // guarantee. Public and non-virtual so that the default arguments are those of this one
+  // declaration; each forwards to a private virtual. positions: the RoPE position of each new
+  // token, each >= 0, for engines that evict or shift tokens; they only rotate q and k (which
+  // cached tokens a query sees is decided by cache order).
 
   // Plans the workspace so that no later call of up to max_batch sequences and max_tokens new
   // tokens in all, on up to `threads` threads, allocates. All >= 1.
@@ -158,25 +161,15 @@ class AttentionOf final : public AnyAttention {
   }
   void do_decode(KvCache& cache, const SequenceId* seqs, Index batch, const float* x, float* y,
                  Executor* executor, const Index* positions) override {
-    require_cached_positions("::decode", positions);
-    layer_.decode(cache, seqs, batch, x, y, executor);
+    layer_.decode(cache, seqs, batch, x, y, executor, positions);
   }
   void do_prefill(KvCache& cache, SequenceId seq, Index n, const float* x, float* y,
                   Executor* executor, const Index* positions) override {
-    require_cached_positions("::prefill", positions);
-    layer_.prefill(cache, seq, n, x, y, executor);
+    layer_.prefill(cache, seq, n, x, y, executor, positions);
   }
   void do_forward(KvCache& cache, const SequenceId* seqs, const Index* new_tokens, Index batch,
                   const float* x, float* y, Executor* executor, const Index* positions) override {
-    require_cached_positions("::forward", positions);
-    layer_.forward(cache, seqs, new_tokens, batch, x, y, executor);
-  }
-
-  // Until the layers take explicit positions (attention/layer.hpp), only null is accepted: the
-  // cached length is the position, as the layer computes it.
-  void require_cached_positions(const char* method, const Index* positions) const {
-    TPATTN_CHECK(positions == nullptr, (std::string(name()) + method).c_str(), "positions",
-                 "null (this build's layers take their positions from the cache)", "non-null");
+    layer_.forward(cache, seqs, new_tokens, batch, x, y, executor, positions);
   }
 
   Layer layer_;

@@ -153,6 +153,7 @@ class SpecValues {
     read_number("rope.base", rope.base);
     read_choice("rope.pairing", {"half_split", "interleaved"}, rope.pairing);
     read_choice("rope.direction", {"standard", "reversed"}, rope.direction);
+    read_choice("rope.table", {"fp32", "bf16"}, rope.table);
   }
 
  private:
@@ -165,7 +166,7 @@ class SpecValues {
 
 // The spec the `values` (key -> value, as parse_key_values gives them) describe. Keys of every
 // family: family (required), storage, d_model, heads, head_dim (required), value_dim, window,
-// rope.enabled, rope.rotary_dim, rope.base, rope.pairing, rope.direction; then
+// rope.enabled, rope.rotary_dim, rope.base, rope.pairing, rope.direction, rope.table; then
 //   mha, mqa: kv_heads;  gqa: kv_heads (required);
 //   mla: rope_dim, kv_latent_dim (required), q_latent_dim, normalize_q_latent,
 //        normalize_kv_latent, norm_eps;
@@ -181,9 +182,10 @@ inline AttentionSpec parse_attention_spec(const std::map<std::string, std::strin
   spec.family = parse_attention_family(family_entry->second, call, "family");
   const detail::SpecValues read(values, spec.family, call);
 
-  std::vector<const char*> keys = {
-      "family", "storage",      "d_model",         "heads",     "head_dim",     "value_dim",
-      "window", "rope.enabled", "rope.rotary_dim", "rope.base", "rope.pairing", "rope.direction"};
+  std::vector<const char*> keys = {"family",          "storage",   "d_model",      "heads",
+                                   "head_dim",        "value_dim", "window",       "rope.enabled",
+                                   "rope.rotary_dim", "rope.base", "rope.pairing", "rope.direction",
+                                   "rope.table"};
   switch (spec.family) {
     case AttentionFamily::mha:
     case AttentionFamily::mqa:
