@@ -97,7 +97,8 @@ class SpecValues {
     Index value = 0;
     const char* last = text->data() + text->size();
     const std::from_chars_result result = std::from_chars(text->data(), last, value);
-    TPATTN_CHECK(result.ec == std::errc() && result.ptr == last && value >= 0, call_, key,
+    // No sign at all: from_chars would take "-0" as 0.
+    TPATTN_CHECK(result.ec == std::errc() && result.ptr == last && (*text)[0] != '-', call_, key,
                  "a non-negative integer (at most 9223372036854775807)", "'" + *text + "'");
     out = value;
   }
