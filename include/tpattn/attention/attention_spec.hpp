@@ -11,7 +11,9 @@
 // Eigen::half, and returns it as an AnyAttention (attention/any_attention.hpp).
 #pragma once
 
+#include <cstddef>
 #include <memory>
+#include <string>
 #include <utility>
 #include <variant>
 
