@@ -6,7 +6,7 @@
 // mechanism from a config file holds a std::unique_ptr<AnyAttention> per layer
 // (make_attention, attention/attention_spec.hpp). AttentionOf<Layer> implements it over one layer
 // class by forwarding each call unchanged: outputs, cache contents and errors are the layer's own,
-// and a call costs one virtual dispatch more, never an allocation.
+// and each call adds one virtual dispatch and no allocation to what the layer costs.
 #pragma once
 
 #include <utility>
