@@ -14,7 +14,6 @@
 #include <type_traits>
 
 #include "tpattn/core/eigen.hpp"
-
 #include "tpattn/core/error.hpp"
 
 namespace tpattn {
