@@ -6,7 +6,6 @@
 #include "tpattn/io/checkpoint.hpp"
 
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -15,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "support/temp_directory.hpp"
 #include "support/torch_modules.hpp"
 #include "tpattn/cache.hpp"
 #include "tpattn/tpattn.hpp"
@@ -67,19 +67,8 @@ torch::Rows random_rows(Index tokens, Index width, unsigned seed) {
 }
 
 // Each test saves its state dict into a directory of its own, removed afterwards.
-class Checkpoint : public ::testing::Test {
+class Checkpoint : public tpattn::test::TempDirectoryTest {
  protected:
-  void SetUp() override {
-    const std::string test = ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    directory_ = std::filesystem::temp_directory_path() /
-                 ("tpattn_checkpoint_test_" + std::to_string(::getpid()) + "_" + test);
-    std::filesystem::remove_all(directory_);
-    std::filesystem::create_directories(directory_);
-  }
-  void TearDown() override {
-    std::error_code ignored;
-    std::filesystem::remove_all(directory_, ignored);
-  }
   std::string path(const std::string& key) const { return (directory_ / (key + ".npy")).string(); }
 
   // A T6.py layer (d 32, 4 heads of 8, q_rank 3, rank 2) under kPrefix, saved.
@@ -118,7 +107,6 @@ class Checkpoint : public ::testing::Test {
     sd.save(directory_);
   }
 
-  std::filesystem::path directory_;
 };
 
 // Expects f() to throw a tpattn::Error whose message holds every fragment.

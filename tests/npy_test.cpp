@@ -7,7 +7,6 @@
 #include "tpattn/io/npy.hpp"
 
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstdint>
@@ -20,6 +19,8 @@
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#include "support/temp_directory.hpp"
 
 namespace {
 
@@ -102,20 +103,8 @@ void expect_error(Call call, const std::vector<std::string>& fragments) {
 }
 
 // Each test writes its files into a directory of its own, removed afterwards.
-class Npy : public ::testing::Test {
+class Npy : public tpattn::test::TempDirectoryTest {
  protected:
-  void SetUp() override {
-    const std::string test = ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    directory_ = std::filesystem::temp_directory_path() /
-                 ("tpattn_npy_test_" + std::to_string(::getpid()) + "_" + test);
-    std::filesystem::remove_all(directory_);
-    std::filesystem::create_directories(directory_);
-  }
-  void TearDown() override {
-    std::error_code ignored;
-    std::filesystem::remove_all(directory_, ignored);
-  }
-
   std::string path(const std::string& name) const { return (directory_ / name).string(); }
   std::string write(const std::string& name, const std::string& bytes) const {
     std::ofstream file(path(name), std::ios::binary);
@@ -129,7 +118,6 @@ class Npy : public ::testing::Test {
   }
 
  private:
-  std::filesystem::path directory_;
 };
 
 TEST_F(Npy, ReadsFloat32InCOrderBitForBit) {

@@ -5,7 +5,6 @@
 #include "tiny_gpt.hpp"
 
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "support/temp_directory.hpp"
 #include "support/torch_modules.hpp"
 
 namespace {
@@ -50,20 +50,8 @@ torch::Rows gpt_reference(const torch::StateDict& sd, const AttentionReference& 
   return torch::linear(wte, torch::rms_norm(x, torch::kFloat32Epsilon));  // lm_head, tied
 }
 
-class TinyGpt : public ::testing::Test {
+class TinyGpt : public tpattn::test::TempDirectoryTest {
  protected:
-  void SetUp() override {
-    const std::string test = ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    directory_ = std::filesystem::temp_directory_path() /
-                 ("tpattn_tiny_gpt_test_" + std::to_string(::getpid()) + "_" + test);
-    std::filesystem::remove_all(directory_);
-    std::filesystem::create_directories(directory_);
-  }
-  void TearDown() override {
-    std::error_code ignored;
-    std::filesystem::remove_all(directory_, ignored);
-  }
-
   // The embedding (tied head) and every block's MLP; `attention(sd, prefix)` adds a block's
   // attention tensors. Then saves it all.
   void save(torch::StateDict& sd,
@@ -102,7 +90,6 @@ class TinyGpt : public ::testing::Test {
     return rows;
   }
 
-  std::filesystem::path directory_;
 };
 
 // The largest |a - b|, relative to the largest |b|.
