@@ -85,6 +85,50 @@ void check_scores() {
         }
 }
 
+// score_columns: the query rows transposed, in lanes, row registers 1 to 5 (every block of
+// kColumnRegisters and a remainder), against double dot products; the stores stay inside the
+// padded rows of each token and leave the tokens after the last alone.
+void check_column_scores() {
+  for (Index registers = 1; registers <= 5; ++registers)
+    for (Index tokens : kTokens)
+      for (Index width : kWidths)
+        for (bool accumulate : {false, true}) {
+          SCOPED_TRACE("row registers " + std::to_string(registers) + ", tokens " +
+                       std::to_string(tokens) + ", width " + std::to_string(width) +
+                       (accumulate ? ", accumulate" : ""));
+          const Index rows = registers * simd::kLanes;
+          const Index q_stride = rows + 2 * simd::kLanes, k_stride = width + 5;
+          const Index s_stride = rows + simd::kLanes;
+          const std::vector<float> qt = random_values(width * q_stride, 4);
+          const std::vector<float> k = random_values(tokens * k_stride, 5);
+          std::vector<float> s = random_values((tokens + 1) * s_stride, 6);
+          for (Index u = 0; u <= tokens; ++u)
+            for (Index r = u < tokens ? rows : 0; r < s_stride; ++r)
+              s[u * s_stride + r] = kSentinel;
+          const std::vector<float> before = s;
+          blocks::score_columns(qt.data(), q_stride, registers, k.data(), k_stride, tokens, width,
+                                s.data(), s_stride, accumulate);
+          for (Index u = 0; u <= tokens; ++u)
+            for (Index r = 0; r < s_stride; ++r) {
+              const float got = s[u * s_stride + r];
+              if (u == tokens || r >= rows) {
+                ASSERT_EQ(got, kSentinel)
+                    << "wrote outside the rows at token " << u << ", row " << r;
+                continue;
+              }
+              double dot = accumulate ? before[u * s_stride + r] : 0.0;
+              double magnitude = std::abs(dot);
+              for (Index c = 0; c < width; ++c) {
+                const double term = double(qt[c * q_stride + r]) * double(k[u * k_stride + c]);
+                dot += term;
+                magnitude += std::abs(term);
+              }
+              ASSERT_NEAR(got, dot, 1e-6 * (width + 2) * magnitude + 1e-30)
+                  << "row " << r << ", token " << u;
+            }
+        }
+}
+
 template <class Storage>
 void check_values() {
   for (Index rows = 1; rows <= 9; ++rows)
@@ -160,6 +204,7 @@ TEST_F(RegisterBlocks, ScoresEqualTheDoubleDotProductsForF16) {
   check_scores<float, Eigen::half>();
   check_scores<Eigen::half, float>();
 }
+TEST_F(RegisterBlocks, ColumnScoresEqualTheDoubleDotProducts) { check_column_scores(); }
 TEST_F(RegisterBlocks, ValueSumsEqualTheDoubleSumsForF32) { check_values<float>(); }
 TEST_F(RegisterBlocks, ValueSumsEqualTheDoubleSumsForBf16) { check_values<Eigen::bfloat16>(); }
 TEST_F(RegisterBlocks, ValueSumsEqualTheDoubleSumsForF16) { check_values<Eigen::half>(); }

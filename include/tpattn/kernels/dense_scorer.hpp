@@ -64,6 +64,14 @@ class DenseScorer {
   // for one KV head (MQA, MLA) by 2-8%.
   static constexpr Index kTileBytes = Index(512) << 10;
   static constexpr Index kMinTileTokens = 8;
+  // A KV head with at least this many state rows (MQA and MLA decode, most prefills) scores its
+  // tiles with the rows in SIMD lanes (blocks::score_columns) from an fp32 copy of the tile's
+  // keys and values, made once and shared by every row; fewer rows (MHA, small GQA groups) read
+  // the cache in its storage type, as the copy would cost more than the rows reuse it.
+  static constexpr Index kColumnMinRows = 16;
+  // Query rows of the transposed queries and scores are padded to a multiple of this (the widest
+  // register), so the workspace does not depend on the instruction set.
+  static constexpr Index kRowPadding = 16;
 
   DenseScorer() = default;
   // heads: query heads, a multiple of layout.kv_heads. scale: multiplies q . k. Throws Error
@@ -132,6 +140,13 @@ class DenseScorer {
     float* max = carve.take(kQueryTokens * heads_);
     float* sum = carve.take(kQueryTokens * heads_);
     float* acc = carve.take(kQueryTokens * heads_ * value_width);
+    const bool columns = rows >= kColumnMinRows;
+    const Index padded_rows = (rows + kRowPadding - 1) / kRowPadding * kRowPadding;
+    float* queries_t = carve.take(layout_.kv_heads * column_rows_ * key_width);
+    float* keys_f32 = carve.take(kTileTokens * key_width);
+    float* values_f32 = carve.take(kTileTokens * value_width);
+    float* scores_t = carve.take(kTileTokens * column_rows_);
+    float* softmax_scratch = carve.take(2 * column_rows_);
     const auto state_of = [&](Index j) {
       return SoftmaxState(max + j * rows, sum + j * rows, acc + j * rows * value_width, rows,
                           value_width);
@@ -145,6 +160,13 @@ class DenseScorer {
         group_queries.middleRows(t * group_, group_) =
             map_matrix(q + (t * heads_ + j * group_) * key_width, group_, key_width) * scale_;
       state_of(j).reset();
+      // The same rows transposed, [key_width, padded_rows], padding 0, for the column path.
+      if (columns) {
+        MatrixMap transposed =
+            map_matrix(queries_t + j * padded_rows * key_width, key_width, padded_rows);
+        transposed.leftCols(rows) = group_queries.transpose();
+        transposed.rightCols(padded_rows - rows).setZero();
+      }
     }
 
     // Scores of KV head j: rows [j rows, (j + 1) rows) of a [kv_heads rows, tile] matrix.
@@ -186,8 +208,15 @@ class DenseScorer {
       }
     };
     const bool whole_tiles = layout_.kv_heads > 1 && rows > 1;
-    const Index tile_tokens = whole_tiles ? tile_tokens_for(view) : kTileTokens;
+    const Index tile_tokens = whole_tiles && !columns ? tile_tokens_for(view) : kTileTokens;
     for_each_tile(view, range, count, tile_tokens, [&](const CacheTile& tile) {
+      if (columns && tile.seen_by_all(range, count)) {
+        prefetch_next_tile(view, tile, tile_tokens, last);
+        for (Index j = 0; j < layout_.kv_heads; ++j)
+          attend_columns(view, tile, j, rows, padded_rows, queries_t + j * padded_rows * key_width,
+                         keys_f32, values_f32, scores_t, softmax_scratch, state_of(j));
+        return;
+      }
       if (whole_tiles) prefetch_next_tile(view, tile, tile_tokens, last);
       if (whole_tiles && tile.seen_by_all(range, count)) {
         for (Index j = 0; j < layout_.kv_heads; ++j)
@@ -250,6 +279,46 @@ class DenseScorer {
         state.finish(t * group_, group_, out + (t * heads_ + j * group_) * value_width, value_width,
                      lse == nullptr ? nullptr : lse + t * heads_ + j * group_);
     }
+  }
+
+  // KV head j's `rows` state rows attend to a tile every one of them sees, rows in SIMD lanes:
+  // the tile's keys (each segment) and values in fp32 (the cache itself for float storage, else a
+  // copy widened once for all rows), scores_t = K Q^T [tile.tokens, padded_rows] from the
+  // transposed queries, the softmax over its columns, then acc += P V with P read transposed.
+  void attend_columns(const SequenceView& view, const CacheTile& tile, Index j, Index rows,
+                      Index padded_rows, const float* queries_t, float* keys_f32, float* values_f32,
+                      float* scores_t, float* softmax_scratch, SoftmaxState state) const {
+    const Index value_width = layout_.value.width;
+    const Index registers = padded_rows / simd::kLanes;
+    const float* value_rows = nullptr;  // [tile.tokens, value_width], row stride value_stride
+    Index value_stride = 0;
+    Index column = 0;
+    for (Index part = 0; part < layout_.key_segments(); ++part) {
+      const KeyValueLayout::Segment& segment = layout_.key[part];
+      const ConstMatrixMap keys =
+          read_tile<Storage>(view, segment.plane, tile, j * segment.width, segment.width,
+                             keys_f32 + column * kTileTokens);
+      blocks::score_columns(queries_t + column * padded_rows, padded_rows, registers, keys.data(),
+                            keys.outerStride(), tile.tokens, segment.width, scores_t, padded_rows,
+                            /*accumulate=*/part > 0);
+      // MLA: the value is the first columns of the key's first segment, already in fp32.
+      if (part == 0 && layout_.value.plane == segment.plane && value_width <= segment.width &&
+          (layout_.kv_heads == 1 || value_width == segment.width)) {
+        value_rows = keys.data();
+        value_stride = keys.outerStride();
+      }
+      column += segment.width;
+    }
+    state.absorb_columns(map_matrix(scores_t, tile.tokens, rows, padded_rows), 0, softmax_scratch);
+    if (value_rows == nullptr) {
+      const ConstMatrixMap values = read_tile<Storage>(view, layout_.value.plane, tile,
+                                                       j * value_width, value_width, values_f32);
+      value_rows = values.data();
+      value_stride = values.outerStride();
+    }
+    blocks::accumulate_rows(static_cast<const float*>(scores_t), 1, padded_rows, rows, value_rows,
+                            value_stride, tile.tokens, value_width, state.acc().data(),
+                            value_width);
   }
 
   // The planes a tile reads: the key's segments, and the value's unless it is the key's own.
@@ -340,8 +409,17 @@ class DenseScorer {
     // Each size in order, so the first that overflows is the one reported.
     const Index queries = product(rows, key_width);
     const Index scores = product(rows, kTileTokens);
+    const Index acc = product(rows, layout_.value.width);
+    // The column path's pieces: one KV head's rows padded, times every KV head for the queries.
+    column_rows_ =
+        detail::checked_sum(call, argument, product(kQueryTokens, group_), kRowPadding - 1) /
+        kRowPadding * kRowPadding;
+    const Index queries_t = product(product(layout_.kv_heads, column_rows_), key_width);
     workspace_floats_ = WorkspaceCarver::floats_for(
-        call, argument, {queries, scores, rows, rows, product(rows, layout_.value.width)});
+        call, argument,
+        {queries, scores, rows, rows, acc, queries_t, product(kTileTokens, key_width),
+         product(kTileTokens, layout_.value.width), product(kTileTokens, column_rows_),
+         product(2, column_rows_)});
   }
 
   KeyValueLayout layout_;
@@ -349,6 +427,7 @@ class DenseScorer {
   Index group_ = 1;
   float scale_ = 1.0f;
   Index workspace_floats_ = 0;
+  Index column_rows_ = 0;  // state rows of one KV head for kQueryTokens tokens, padded
 };
 
 }  // namespace tpattn

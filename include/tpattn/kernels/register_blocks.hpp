@@ -2,6 +2,7 @@
 // register-blocked, reading the cache in its storage type (kernels/simd.hpp).
 //
 //   score_rows:       s[r][u]  = q_r . k_u                    (R query rows x n cached rows)
+//   score_columns:    s[u][r]  = q_r . k_u, rows in lanes     (many query rows: no lane sums)
 //   accumulate_rows:  acc_r   += sum_u w[r][u] v_u            (R output rows, n cached rows)
 //
 // Both load each cached element once per block of query rows and reuse it from a register for
@@ -145,6 +146,51 @@ void accumulate_rows_of(const float* w, Index w_stride, Index w_step, const Stor
 }  // namespace detail
 
 namespace detail {
+
+// s[u * s_stride + m kLanes + lane] = sum_c qt[c * q_stride + m kLanes + lane] k[u * k_stride + c]
+// for m < M, u < T: M registers of query rows (rows in lanes), T cached rows, each key element
+// broadcast once and used by M FMAs. No horizontal sum anywhere.
+template <int M, int T>
+void score_column_block(const float* qt, Index q_stride, const float* k, Index k_stride,
+                        Index width, float* s, Index s_stride, bool accumulate) {
+  simd::Register acc[T * M];  // acc[u M + m]
+  TPATTN_UNROLL
+  for (int i = 0; i < T * M; ++i) acc[i] = simd::zero();
+  for (Index c = 0; c < width; ++c) {
+    simd::Register qv[M];
+    TPATTN_UNROLL
+    for (int m = 0; m < M; ++m) qv[m] = simd::load(qt + c * q_stride + m * simd::kLanes);
+    TPATTN_UNROLL
+    for (int u = 0; u < T; ++u) {
+      const simd::Register key = simd::broadcast(k[u * k_stride + c]);
+      TPATTN_UNROLL
+      for (int m = 0; m < M; ++m) acc[u * M + m] = simd::fma(qv[m], key, acc[u * M + m]);
+    }
+  }
+  TPATTN_UNROLL
+  for (int u = 0; u < T; ++u) TPATTN_UNROLL
+  for (int m = 0; m < M; ++m) {
+    float* out = s + u * s_stride + m * simd::kLanes;
+    simd::store(out, accumulate ? simd::add(simd::load(out), acc[u * M + m]) : acc[u * M + m]);
+  }
+}
+
+template <int M>
+void score_columns_of(const float* qt, Index q_stride, const float* k, Index k_stride, Index tokens,
+                      Index width, float* s, Index s_stride, bool accumulate) {
+  constexpr int T = static_cast<int>(block_tokens(M));
+  Index u = 0;
+  for (; u + T <= tokens; u += T)
+    score_column_block<M, T>(qt, q_stride, k + u * k_stride, k_stride, width, s + u * s_stride,
+                             s_stride, accumulate);
+  for (; u < tokens; ++u)
+    score_column_block<M, 1>(qt, q_stride, k + u * k_stride, k_stride, width, s + u * s_stride,
+                             s_stride, accumulate);
+}
+
+}  // namespace detail
+
+namespace detail {
 // Calls run(std::integral_constant<int, n>()) for a runtime n in [1, Max].
 template <int Max, class Run>
 void with_rows(Index n, Run&& run) {
@@ -168,6 +214,26 @@ void score_rows(const QStorage* q, Index q_stride, Index rows, const Storage* k,
     detail::with_rows<kRows>(rows - r, [&](auto block) {
       detail::score_rows_of<decltype(block)::value>(q_r, q_stride, k, k_stride, tokens, width, s_r,
                                                     s_stride, accumulate);
+    });
+  }
+}
+
+// Query rows in SIMD lanes, for many rows against the same cached rows (MQA, MLA, the rows of
+// a prefill): s[u * s_stride + r] (+)= q_r . k_u for r < row_registers * kLanes, u < tokens, where
+// q_r[c] = qt[c * q_stride + r] (the queries transposed, rows padded to whole registers: a
+// padded row scores what its padding gives) and k_u = k + u * k_stride, fp32. Each key element
+// is broadcast once per block of rows and no lane sum is formed, where score_rows spends a sum
+// tree per register block.
+inline constexpr int kColumnRegisters = simd::kRegisters >= 32 ? 2 : 1;  // row registers a block
+inline void score_columns(const float* qt, Index q_stride, Index row_registers, const float* k,
+                          Index k_stride, Index tokens, Index width, float* s, Index s_stride,
+                          bool accumulate = false) {
+  for (Index m = 0; m < row_registers; m += kColumnRegisters) {
+    const float* qt_m = qt + m * simd::kLanes;
+    float* s_m = s + m * simd::kLanes;
+    detail::with_rows<kColumnRegisters>(row_registers - m, [&](auto block) {
+      detail::score_columns_of<decltype(block)::value>(qt_m, q_stride, k, k_stride, tokens, width,
+                                                       s_m, s_stride, accumulate);
     });
   }
 }

@@ -65,30 +65,46 @@ class SoftmaxState {
   }
 
   // The same for rows [first, first + k) from scores laid out the other way: scores_t [n, k],
-  // column c the n scores of row first + c, none masked (TPA forms them token by token, and its
-  // value step wants them so). scratch: 2 k floats.
+  // column c the n scores of row first + c (TPA forms them token by token, and the dense
+  // scorer's column path with the rows in SIMD lanes). scratch: 2 k floats.
   void absorb_columns(MatrixMap scores_t, Index first, float* scratch) {
     const Index n = scores_t.rows(), k = scores_t.cols();
-    float* new_max = scratch;
-    float* rescale = scratch + k;
-    for (Index c = 0; c < k; ++c) new_max[c] = max_[first + c];
-    for (Index s = 0; s < n; ++s)
+    constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
+    // Whole rows of scores_t at a time (k rows of the state in SIMD lanes); a NaN maximum stays
+    // NaN, as in absorb_scores.
+    Eigen::Map<Eigen::ArrayXf> max(max_ + first, k), sum(sum_ + first, k);
+    Eigen::Map<Eigen::ArrayXf> new_max(scratch, k), rescale(scratch + k, k);
+    new_max = max;
+    // A plain loop, which vectorises: Eigen 3.4.0's coefficient-wise max may drop a NaN.
+    for (Index s = 0; s < n; ++s) {
+      const float* row = scores_t.row(s).data();
       for (Index c = 0; c < k; ++c) {
-        const float x = scores_t(s, c);
-        if (x > new_max[c] || std::isnan(x)) new_max[c] = x;  // a NaN maximum stays NaN
+        const float x = row[c];
+        if (x > scratch[c] || x != x) scratch[c] = x;
       }
-    for (Index c = 0; c < k; ++c) rescale[c] = std::exp(max_[first + c] - new_max[c]);
-    const Eigen::Map<const Eigen::RowVectorXf> top(new_max, k);
-    for (Index s = 0; s < n; ++s) scores_t.row(s) = (scores_t.row(s) - top).array().exp().matrix();
+    }
+    rescale = (max - new_max).exp();  // exp(-inf) = 0 on the first block
     for (Index c = 0; c < k; ++c) {
-      const Index r = first + c;
-      if (new_max[c] == -std::numeric_limits<float>::infinity()) {
-        scores_t.col(c).setZero();  // every key of this row is masked so far
+      if (new_max[c] == kMinusInfinity) continue;  // every key of this row is masked so far
+      sum[c] *= rescale[c];
+      if (rescale[c] != 1.0f) acc().row(first + c) *= rescale[c];
+    }
+    // The block's own sums start from 0 and join the running sums once, as in absorb_scores:
+    // one rounding addition per block, not per key, over a long context.
+    Eigen::Map<Eigen::ArrayXf> block_sum(scratch + k, k);  // rescale is spent
+    block_sum.setZero();
+    for (Index s = 0; s < n; ++s) {
+      auto row = scores_t.row(s).transpose().array();
+      row = (row - new_max).exp();
+      block_sum += row;
+    }
+    for (Index c = 0; c < k; ++c) {
+      if (new_max[c] == kMinusInfinity) {
+        scores_t.col(c).setZero();
         continue;
       }
-      sum_[r] = sum_[r] * rescale[c] + scores_t.col(c).sum();
-      if (rescale[c] != 1.0f) acc().row(r) *= rescale[c];
-      max_[r] = new_max[c];
+      sum[c] += block_sum[c];
+      max[c] = new_max[c];
     }
   }
   TPATTN_IGNORE_UNDEFINED_INTRINSICS_END
