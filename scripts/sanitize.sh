@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The test suite under AddressSanitizer and UndefinedBehaviorSanitizer: builds the `asan` preset
-# (RelWithDebInfo, -fsanitize=address,undefined -fno-sanitize-recover=all, so the first report
-# fails the test) and runs every test with 2 jobs (the test preset sets ASAN_OPTIONS and
-# UBSAN_OPTIONS: leaks detected, abort on the first error, and a refused allocation returns
-# null, so operator new throws std::bad_alloc as without ASan and the tests of refused
-# allocations run). CI runs it after ./scripts/test.sh.
+# (-O1 -g1, -fsanitize=address,undefined -fno-sanitize-recover=all, so the first report fails
+# the test; the tests only: the examples and the benchmark's smoke run are left to the release
+# build) and runs every test with 2 jobs (the test preset sets ASAN_OPTIONS and UBSAN_OPTIONS:
+# leaks detected, abort on the first error, and a refused allocation returns null, so operator
+# new throws std::bad_alloc as without ASan and the tests of refused allocations run). CI runs
+# it after ./scripts/test.sh.
 # Installs the Debian packages it needs when they are missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
