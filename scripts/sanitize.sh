@@ -6,6 +6,9 @@
 # leaks detected, abort on the first error, and a refused allocation returns null, so operator
 # new throws std::bad_alloc as without ASan and the tests of refused allocations run). CI runs
 # it after ./scripts/test.sh.
+# -Wno-mismatched-new-delete: at -O1 GCC inlines tests/support/counting_new.hpp's replacement
+# operator delete (std::free) next to the replacement operator new (std::malloc) and takes the
+# pair for a mismatch, as in the tsan preset (scripts/tsan.sh).
 # Installs the Debian packages it needs when they are missing.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -52,18 +52,17 @@ class DenseScorer {
   // heads of 128) between reads, one page per read, which the prefetchers do not follow.
   static constexpr Index kStreamTokens = 8;
   // A tile is read as runs: its key runs, then its value runs, then the next tile's key runs...
-  // While KV head j of one run is scored (or takes its values), KV head j of the run
-  // kPrefetchRuns later in that order is prefetched: with only the hardware prefetchers, a core
-  // that does several FMAs per cached element keeps too few reads in flight (measured below).
+  // When a KV head has several query rows (GQA decode), KV head j of the run kPrefetchRuns later
+  // in that order is prefetched to L1 while KV head j of this run is scored (or takes its
+  // values): a core doing several FMAs per cached element keeps too few reads in flight for the
+  // hardware prefetchers alone. With one row per KV head (MHA) the loads themselves stream at
+  // the prefetchers' pace, and 2 runs of MHA's 32 heads ahead (128 KiB of bf16 at d_h 128) would
+  // not fit in L1. Measured on a Zen 3 core (AVX2; d_h 128 and 64, 16k tokens, 1 thread, min of
+  // 2 alternated runs): GQA-8 bf16 1.16-1.22x faster with the prefetch than without, f32 0.93x
+  // (d_h 128) and 1.11x (d_h 64); MHA 1.2-1.3x slower with it (bf16 d_h 128: 21.4 vs 16.5 ms).
+  // (Reading GQA's tiles KV head by KV head instead, each whole tile prefetched to L2 while the
+  // one before it was read, ran 1.3x (bf16) to 1.7x (f32) slower than these runs at d_h 128.)
   static constexpr Index kPrefetchRuns = 2;
-  // With several KV heads of several query rows each (GQA decode, prefill), a tile holds instead
-  // at most kTileBytes of keys and values and is read KV head by KV head while the next one is
-  // prefetched to L2 whole, in memory order. Measured (d_h 128 and 64, 16k and 64k tokens, 1
-  // thread, min of 2 alternated runs): GQA-8 f32 1.28-1.61x and bf16 0.95-1.13x faster than the
-  // runs above; for MHA (one row per KV head) the runs stayed ahead (d_h 64 bf16 by 1.3x), and
-  // for one KV head (MQA, MLA) by 2-8%.
-  static constexpr Index kTileBytes = Index(512) << 10;
-  static constexpr Index kMinTileTokens = 8;
   // A KV head with at least this many state rows (MQA and MLA decode, most prefills) scores its
   // tiles with the rows in SIMD lanes (blocks::score_columns) from an fp32 copy of the tile's
   // keys and values, made once and shared by every row; fewer rows (MHA, small GQA groups) read
@@ -207,27 +206,22 @@ class DenseScorer {
         }
       }
     };
-    const bool whole_tiles = layout_.kv_heads > 1 && rows > 1;
-    const Index tile_tokens = whole_tiles && !columns ? tile_tokens_for(view) : kTileTokens;
-    for_each_tile(view, range, count, tile_tokens, [&](const CacheTile& tile) {
+    const bool prefetch_runs = layout_.kv_heads > 1 && rows > 1;
+    for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
       if (columns && tile.seen_by_all(range, count)) {
-        prefetch_next_tile(view, tile, tile_tokens, last);
+        prefetch_next_tile(view, tile, kTileTokens, last);
         for (Index j = 0; j < layout_.kv_heads; ++j)
           attend_columns(view, tile, j, rows, padded_rows, queries_t + j * padded_rows * key_width,
                          keys_f32, values_f32, scores_t, softmax_scratch, state_of(j));
         return;
       }
-      if (whole_tiles) prefetch_next_tile(view, tile, tile_tokens, last);
-      if (whole_tiles && tile.seen_by_all(range, count)) {
-        for (Index j = 0; j < layout_.kv_heads; ++j)
-          score_keys(view, tile, j, rows, 0, rows, 0, tile.tokens, queries, scores);
-      } else if (tile.seen_by_all(range, count)) {
+      if (tile.seen_by_all(range, count)) {
         for (Index u = 0; u < tile.tokens; u += stream) {
           const Index run = tile.tokens - u < stream ? tile.tokens - u : stream;
           Index ahead = 0;
           const bool ahead_keys = run_ahead(tile, u, /*keys=*/true, &ahead);
           for (Index j = 0; j < layout_.kv_heads; ++j) {
-            prefetch_head(ahead, ahead_keys, j);
+            if (prefetch_runs) prefetch_head(ahead, ahead_keys, j);
             score_keys(view, tile, j, rows, 0, rows, u, run, queries, scores);
           }
         }
@@ -247,16 +241,13 @@ class DenseScorer {
       }
       for (Index j = 0; j < layout_.kv_heads; ++j)
         state_of(j).absorb_scores(head_scores(j, tile.tokens));
-      if (whole_tiles && tile.seen_by_all(range, count)) {
-        for (Index j = 0; j < layout_.kv_heads; ++j)
-          add_values(view, tile, j, rows, 0, rows, 0, tile.tokens, scores, acc);
-      } else if (tile.seen_by_all(range, count)) {
+      if (tile.seen_by_all(range, count)) {
         for (Index u = 0; u < tile.tokens; u += stream) {
           const Index run = tile.tokens - u < stream ? tile.tokens - u : stream;
           Index ahead = 0;
           const bool ahead_keys = run_ahead(tile, u, /*keys=*/false, &ahead);
           for (Index j = 0; j < layout_.kv_heads; ++j) {
-            prefetch_head(ahead, ahead_keys, j);
+            if (prefetch_runs) prefetch_head(ahead, ahead_keys, j);
             add_values(view, tile, j, rows, 0, rows, u, run, scores, acc);
           }
         }
@@ -327,17 +318,6 @@ class DenseScorer {
     for (Index part = 0; part < layout_.key_segments(); ++part) visit(layout_.key[part].plane);
     if (layout_.value.plane != layout_.key[0].plane && layout_.value.plane != layout_.key[1].plane)
       visit(layout_.value.plane);
-  }
-
-  // Tokens per tile: as many as kTileBytes of every plane it reads hold, in [kMinTileTokens,
-  // kTileTokens].
-  Index tile_tokens_for(const SequenceView& view) const {
-    Index row_bytes = 0;
-    for_each_plane([&](Index plane) {
-      row_bytes += view.elements_per_token(plane) * static_cast<Index>(sizeof(Storage));
-    });
-    const Index tokens = row_bytes > 0 ? kTileBytes / row_bytes : kTileTokens;
-    return tokens < kMinTileTokens ? kMinTileTokens : tokens > kTileTokens ? kTileTokens : tokens;
   }
 
   // The tile after `tile` (at most `tokens` tokens, within its block and before `last`), every

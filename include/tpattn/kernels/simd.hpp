@@ -237,29 +237,34 @@ __attribute__((always_inline)) inline void sum_each(const Register (&a)[N], floa
 }
 TPATTN_IGNORE_UNDEFINED_INTRINSICS_END
 
+// One prefetch of the line holding p, to L1 (Level 3) or L2 (Level 2). On x86 with GCC or
+// Clang an asm statement, since GCC 12 at -O2 and above with NDEBUG deletes __builtin_prefetch
+// from the dense scorer's loops as dead code (tests/codegen/ checks the instructions are there).
+template <int Level>
+inline void prefetch_line(const char* p) {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+  if constexpr (Level == 3)
+    __asm__ volatile("prefetcht0 %0" : : "m"(*p));
+  else
+    __asm__ volatile("prefetcht1 %0" : : "m"(*p));
+#elif defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, Level);
+#else
+  (void)p;
+#endif
+}
+
 // Asks for the cache lines of [p, p + bytes) to be brought into L1 ahead of use (a hint: never
 // faults, never changes a value).
 inline void prefetch(const void* p, Index bytes) {
   const char* first = static_cast<const char*>(p);
-  for (Index offset = 0; offset < bytes; offset += 64) {
-#if defined(__GNUC__) || defined(__clang__)
-    __builtin_prefetch(first + offset, 0, 3);
-#else
-    (void)first;
-#endif
-  }
+  for (Index offset = 0; offset < bytes; offset += 64) prefetch_line<3>(first + offset);
 }
 
 // The same, to L2 only: for data needed later than the next few thousand cycles.
 inline void prefetch_to_l2(const void* p, Index bytes) {
   const char* first = static_cast<const char*>(p);
-  for (Index offset = 0; offset < bytes; offset += 64) {
-#if defined(__GNUC__) || defined(__clang__)
-    __builtin_prefetch(first + offset, 0, 2);
-#else
-    (void)first;
-#endif
-  }
+  for (Index offset = 0; offset < bytes; offset += 64) prefetch_line<2>(first + offset);
 }
 
 // Tells the compiler that `a` changed, so it keeps a loaded operand in its register: left alone,
