@@ -1,7 +1,7 @@
 // Compiled to assembly, optimised, by tests/codegen/check_prefetch.cmake, which fails unless the
 // output holds prefetch instructions: GCC 12 at -O2 and above with NDEBUG deleted every
 // __builtin_prefetch loop of the dense scorer as dead code, so release builds prefetched nothing
-// while the source read as if they did. One decode call of each storage the scorer reads.
+// while the source read as if they did. One decode call over float and one over bfloat16 storage.
 #include "tpattn/kernels/dense_scorer.hpp"
 
 template <class Storage>

@@ -59,7 +59,7 @@ class DenseScorer {
   // the prefetchers' pace, and 2 runs of MHA's 32 heads ahead (128 KiB of bf16 at d_h 128) would
   // not fit in L1. Measured on a Zen 3 core (AVX2; d_h 128 and 64, 16k tokens, 1 thread, min of
   // 2 alternated runs): GQA-8 bf16 1.16-1.22x faster with the prefetch than without, f32 0.93x
-  // (d_h 128) and 1.11x (d_h 64); MHA 1.2-1.3x slower with it (bf16 d_h 128: 21.4 vs 16.5 ms).
+  // (d_h 128) and 1.11x (d_h 64); MHA 1.2-1.5x slower with it (bf16 d_h 128: 21.4 vs 16.5 ms).
   // (Reading GQA's tiles KV head by KV head instead, each whole tile prefetched to L2 while the
   // one before it was read, ran 1.3x (bf16) to 1.7x (f32) slower than these runs at d_h 128.)
   static constexpr Index kPrefetchRuns = 2;
