@@ -517,8 +517,9 @@ TEST_P(GqaOddSizes, EveryModeMatchesDoubleReference) {
 }
 
 // Group ratios 1, 2, 3, 4, 5, 7, 8, 17; heads 1, 3, 17; head dims 8, 40, 64, 96, 128, 129;
-// d_v != d_h; lengths 1, 2, 15, 16, 17, 33, 65, 113 around pages of 15, 16 and 17 tokens, the
-// attention core's 16-query chunks and 64-token tiles; every storage type and both RoPE pairings.
+// d_v != d_h; lengths 1, 2, 15, 16, 17, 33, 65, 70, 113 around pages of 3, 15, 16 and 17
+// tokens, the attention core's 16-query chunks and 64-token tiles; every storage type and both
+// RoPE pairings.
 constexpr RopePairing kSplit = RopePairing::half_split;
 constexpr RopePairing kPairs = RopePairing::interleaved;
 constexpr CacheKind kFlat = CacheKind::contiguous;
@@ -544,6 +545,8 @@ const OddCase kOddCases[] = {
   {"T31_H3_G3_Dh129_NoRope",      31, 20,  3,  3, 129,  0,  -1, kSplit, kFlat,   0, kF32},
   {"T33_H17_G1_Dh24_Dv40_Half",   33, 36, 17,  1,  24, 40,   0, kPairs, kPaged, 17, kF16},
   {"T48_H10_G5_Dh40_Dv24_Bf16",   48, 40, 10,  5,  40, 24,   0, kPairs, kPaged, 15, kBf16},
+  // pages shorter than the scorer's 8-token runs: a run, and its prefetch, span 3 pages
+  {"T70_H8_G4_Dh40_Page3_Bf16",   70, 32,  8,  4,  40,  0,   0, kSplit, kPaged,  3, kBf16},
 };
 // clang-format on
 
