@@ -151,9 +151,10 @@ def setup_section(context, json_path, end_limits=None):
         ["Google Benchmark library build", f"{c('library_build_type')} (its own code only)"],
     ] + [[f"`{k}`", v] for k, v in context.items() if k.startswith("tpattn_") and k not in SHOWN
          and not re.search(r"_t\d+$", k)], left=(0, 1))  # keys added later still show up
-    lines += ["Limits measured in the same run, per thread count. The read bandwidth is a "
-              "streaming read far beyond L3: the limit for a step that must stream its KV cache "
-              "from memory. The fp32 FMA peak is the compute limit. The Eigen GEMM rate is a "
+    lines += ["Limits measured in the same run, per thread count. The read bandwidth is the "
+              "best of 8 read patterns of 1 GiB (1, 2, 4 or 8 streams side by side, with and "
+              "without software prefetch), far beyond L3: the limit for a step that must stream "
+              "its KV cache from memory. The fp32 FMA peak is the compute limit. The Eigen GEMM rate is a "
               "reference for what a tuned large matrix product reaches; no roofline uses it. "
               "Each row's roofline is t_min / t with t_min = max(bytes / bandwidth, flops / FMA "
               "peak) at its thread count (1.00 = at the machine's limit); *Bound* names the "
