@@ -52,17 +52,25 @@ class DenseScorer {
   // heads of 128) between reads, one page per read, which the prefetchers do not follow.
   static constexpr Index kStreamTokens = 8;
   // A tile is read as runs: its key runs, then its value runs, then the next tile's key runs...
-  // When a KV head has several query rows (GQA decode), KV head j of the run kPrefetchRuns later
-  // in that order is prefetched to L1 while KV head j of this run is scored (or takes its
-  // values): a core doing several FMAs per cached element keeps too few reads in flight for the
-  // hardware prefetchers alone. With one row per KV head (MHA) the loads themselves stream at
-  // the prefetchers' pace, and 2 runs of MHA's 32 heads ahead (128 KiB of bf16 at d_h 128) would
-  // not fit in L1. Measured on a Zen 3 core (AVX2; d_h 128 and 64, 16k tokens, 1 thread, min of
-  // 2 alternated runs): GQA-8 bf16 1.16-1.22x faster with the prefetch than without, f32 0.93x
-  // (d_h 128) and 1.11x (d_h 64); MHA 1.2-1.5x slower with it (bf16 d_h 128: 21.4 vs 16.5 ms).
-  // (Reading GQA's tiles KV head by KV head instead, each whole tile prefetched to L2 while the
-  // one before it was read, ran 1.3x (bf16) to 1.7x (f32) slower than these runs at d_h 128.)
+  // KV head j of a run ahead in that order is prefetched to L1 while KV head j of this run is
+  // scored (or takes its values): a core doing several FMAs per cached element keeps too few
+  // reads in flight for the hardware prefetchers alone.
+  //   - Several query rows per KV head (GQA decode): kPrefetchRuns ahead. Measured on a Zen 3
+  //     core (AVX2; d_h 128 and 64, 16k tokens, 1 thread, min of 2 alternated runs): GQA-8 bf16
+  //     1.16-1.22x faster with the prefetch than without, f32 0.93x (d_h 128) and 1.11x (d_h 64).
+  //     (Reading GQA's tiles KV head by KV head instead, each whole tile prefetched to L2 while
+  //     the one before it was read, ran 1.3x (bf16) to 1.7x (f32) slower at d_h 128.)
+  //   - One row per KV head (MHA) with a 16-bit cache: kPrefetchRunsOneRow ahead, as 2 runs of
+  //     MHA's 32 heads (128 KiB of bf16 at d_h 128) would not stay in L1. Measured on a Zen 5
+  //     core (AVX-512; 32 heads, 16k tokens, 1 thread, min of 2 alternated runs): bf16 1.31x
+  //     (d_h 128) and 1.14x (d_h 64) faster than without, f16 1.38x (d_h 128); 2 runs ahead gave
+  //     1.34x, to L2 instead of L1 1.24x. On a Zen 3 core, 2 runs ahead had run MHA 1.2-1.5x
+  //     slower (bf16 d_h 128: 21.4 vs 16.5 ms); 1 run was not measured there.
+  //   - MHA with an f32 cache: none. The hardware prefetchers alone read it at 0.96 of the read
+  //     bandwidth on that Zen 5 core, and every prefetch distance tried (1-3 runs, L1 or L2) ran
+  //     1.07-1.16x slower.
   static constexpr Index kPrefetchRuns = 2;
+  static constexpr Index kPrefetchRunsOneRow = 1;
   // A KV head with at least this many state rows (MQA and MLA decode, most prefills) scores its
   // tiles with the rows in SIMD lanes (blocks::score_columns) from an fp32 copy of the tile's
   // keys and values, made once and shared by every row; fewer rows (MHA, small GQA groups) read
@@ -173,13 +181,14 @@ class DenseScorer {
       return map_matrix(scores + j * rows * kTileTokens, rows, tokens, kTileTokens);
     };
     const Index stream = layout_.kv_heads > 1 ? kStreamTokens : kTileTokens;
+    const Index prefetch_ahead = rows > 1 ? kPrefetchRuns : kPrefetchRunsOneRow;
     const Index last =
         range.horizon(count - 1) < view.length() ? range.horizon(count - 1) : view.length();
-    // The run kPrefetchRuns after run u / stream of the tile's keys (keys) or values: its first
-    // token's position, and whether it reads keys.
+    // The run `prefetch_ahead` runs after run u / stream of the tile's keys (keys) or values: its
+    // first token's position, and whether it reads keys.
     const auto run_ahead = [&](const CacheTile& tile, Index u, bool keys, Index* position) {
       const Index runs = (tile.tokens + stream - 1) / stream;
-      Index index = u / stream + kPrefetchRuns;
+      Index index = u / stream + prefetch_ahead;
       Index first = tile.first;
       if (index >= runs) {
         index -= runs;
@@ -215,7 +224,8 @@ class DenseScorer {
         fetch(layout_.value);
       }
     };
-    const bool prefetch_runs = layout_.kv_heads > 1 && rows > 1;
+    const bool prefetch_runs =
+        layout_.kv_heads > 1 && (rows > 1 || !std::is_same_v<Storage, float>);
     for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
       if (columns && tile.seen_by_all(range, count)) {
         prefetch_next_tile(view, tile, kTileTokens, last);
