@@ -60,12 +60,13 @@ class DenseScorer {
   //     1.16-1.22x faster with the prefetch than without, f32 0.93x (d_h 128) and 1.11x (d_h 64).
   //     (Reading GQA's tiles KV head by KV head instead, each whole tile prefetched to L2 while
   //     the one before it was read, ran 1.3x (bf16) to 1.7x (f32) slower at d_h 128.)
-  //   - One row per KV head (MHA) with a 16-bit cache: kPrefetchRunsOneRow ahead, as 2 runs of
-  //     MHA's 32 heads (128 KiB of bf16 at d_h 128) would not stay in L1. Measured on a Zen 5
-  //     core (AVX-512; 32 heads, 16k tokens, 1 thread, min of 2 alternated runs): bf16 1.31x
-  //     (d_h 128) and 1.14x (d_h 64) faster than without, f16 1.38x (d_h 128); 2 runs ahead gave
-  //     1.34x, to L2 instead of L1 1.24x. On a Zen 3 core, 2 runs ahead had run MHA 1.2-1.5x
-  //     slower (bf16 d_h 128: 21.4 vs 16.5 ms); 1 run was not measured there.
+  //   - One row per KV head (MHA) with a 16-bit cache: kPrefetchRunsOneRow ahead. Without it the
+  //     score and value blocks wait on each widening load. Measured on a Zen 5 core (AVX-512; 32
+  //     heads, 16k tokens, 1 thread, min of 2 alternated runs): bf16 1.32x (d_h 128) and 1.10x
+  //     (d_h 64) faster than without, f16 1.33x (d_h 128); 2 runs ahead gave the same (1.34x)
+  //     with twice the lines in flight, to L2 instead of L1 1.24x. On a Zen 3 core, 2 runs ahead
+  //     had run MHA 1.2-1.5x slower (bf16 d_h 128: 21.4 vs 16.5 ms); 1 run was not measured
+  //     there.
   //   - MHA with an f32 cache: none. The hardware prefetchers alone read it at 0.96 of the read
   //     bandwidth on that Zen 5 core, and every prefetch distance tried (1-3 runs, L1 or L2) ran
   //     1.07-1.16x slower.
