@@ -64,9 +64,9 @@ class DenseScorer {
   //     score and value blocks wait on each widening load. Measured on a Zen 5 core (AVX-512; 32
   //     heads, 16k tokens, 1 thread, min of 2 alternated runs): bf16 1.32x (d_h 128) and 1.10x
   //     (d_h 64) faster than without, f16 1.33x (d_h 128); 2 runs ahead gave the same (1.34x)
-  //     with twice the lines in flight, to L2 instead of L1 1.24x. On a Zen 3 core, 2 runs ahead
-  //     had run MHA 1.2-1.5x slower (bf16 d_h 128: 21.4 vs 16.5 ms); 1 run was not measured
-  //     there.
+  //     with twice the lines in flight, to L2 instead of L1 1.22-1.23x. On a Zen 3 core, 2 runs
+  //     ahead had run MHA 1.2-1.5x slower (bf16 d_h 128: 21.4 vs 16.5 ms); 1 run was not
+  //     measured there.
   //   - MHA with an f32 cache: none. The hardware prefetchers alone read it at 0.96 of the read
   //     bandwidth on that Zen 5 core, and every prefetch distance tried (1-3 runs, L1 or L2) ran
   //     1.07-1.16x slower.
