@@ -44,10 +44,12 @@ std::vector<float> random_values(std::size_t n, unsigned seed) {
   return v;
 }
 
-const Index kWidths[] = {1, 7, 15, 16, 17, 40, 96, 129};
+const Index kWidths[] = {1, 7, 15, 16, 17, 32, 40, 64, 96, 129};
 const Index kTokens[] = {1, 2, 3, 5, 8, 9, 17};
 
-template <class QStorage, class Storage>
+// Paired: score_paired_rows, from a copy of the query rows in the paired column order (the
+// reference reads the rows as they were).
+template <class QStorage, class Storage, bool Paired = false>
 void check_scores() {
   for (Index rows = 1; rows <= 9; ++rows)
     for (Index tokens : kTokens)
@@ -62,8 +64,16 @@ void check_scores() {
           for (Index r = 0; r < rows; ++r)
             for (Index u = tokens; u < s_stride; ++u) s[r * s_stride + u] = kSentinel;
           const std::vector<float> before = s;
-          blocks::score_rows(q.data(), q_stride, rows, k.data(), k_stride, tokens, width, s.data(),
-                             s_stride, accumulate);
+          if constexpr (Paired) {
+            std::vector<float> paired = q, scratch(width);
+            for (Index r = 0; r < rows; ++r)
+              blocks::to_paired_columns(paired.data() + r * q_stride, width, scratch.data());
+            blocks::score_paired_rows(paired.data(), q_stride, rows, k.data(), k_stride, tokens,
+                                      width, s.data(), s_stride, accumulate);
+          } else {
+            blocks::score_rows(q.data(), q_stride, rows, k.data(), k_stride, tokens, width,
+                               s.data(), s_stride, accumulate);
+          }
           for (Index r = 0; r < rows; ++r)
             for (Index u = 0; u < s_stride; ++u) {
               const float got = s[r * s_stride + u];
@@ -200,6 +210,9 @@ TEST_F(RegisterBlocks, ScoresEqualTheDoubleDotProductsForBf16) {
   check_scores<float, Eigen::bfloat16>();
   check_scores<Eigen::bfloat16, float>();  // TPA: cached B_K rows against fp32 queries
 }
+TEST_F(RegisterBlocks, PairedScoresEqualTheDoubleDotProductsForBf16) {
+  check_scores<float, Eigen::bfloat16, /*Paired=*/true>();
+}
 TEST_F(RegisterBlocks, ScoresEqualTheDoubleDotProductsForF16) {
   check_scores<float, Eigen::half>();
   check_scores<Eigen::half, float>();
@@ -209,33 +222,55 @@ TEST_F(RegisterBlocks, ValueSumsEqualTheDoubleSumsForF32) { check_values<float>(
 TEST_F(RegisterBlocks, ValueSumsEqualTheDoubleSumsForBf16) { check_values<Eigen::bfloat16>(); }
 TEST_F(RegisterBlocks, ValueSumsEqualTheDoubleSumsForF16) { check_values<Eigen::half>(); }
 
-// Each of the N <= 16 sums of one reduction tree lands in its own output (AVX-512 transposes
-// 16 registers at once; a wrong lane map would swap two sums).
-template <int N>
-void check_sum_each() {
-  simd::Register a[N];
-  double expected[N];
-  for (int i = 0; i < N; ++i) {
-    alignas(64) float lanes[simd::kLanes];
-    expected[i] = 0.0;
-    for (Index l = 0; l < simd::kLanes; ++l) {
-      lanes[l] = static_cast<float>((i + 1) * 100 + l);
-      expected[i] += lanes[l];
+// Each of the R T <= 16 sums of one reduction tree lands in its own row and column, and nothing
+// else is written (AVX-512 transposes 16 registers at once and stores each row's sums with one
+// masked store; a wrong lane map would swap two sums, a wrong mask clobber a neighbour).
+template <int R, int T>
+void check_sum_into(bool accumulate) {
+  constexpr Index kStride = T + 3;
+  simd::Register a[T * R];
+  double expected[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < T; ++u) {
+      alignas(64) float lanes[simd::kLanes];
+      expected[r][u] = accumulate ? 0.5 * (r * T + u) : 0.0;
+      for (Index l = 0; l < simd::kLanes; ++l) {
+        lanes[l] = static_cast<float>((r * T + u + 1) * 100 + l);
+        expected[r][u] += lanes[l];
+      }
+      a[u * R + r] = simd::load(static_cast<const float*>(lanes));
     }
-    a[i] = simd::load(static_cast<const float*>(lanes));
+  constexpr float kUntouched = -7.0f;
+  float s[R * kStride];
+  for (float& x : s) x = kUntouched;
+  for (int r = 0; r < R; ++r)
+    for (int u = 0; u < T; ++u) s[r * kStride + u] = accumulate ? 0.5f * (r * T + u) : kUntouched;
+  simd::sum_into<R, T>(a, s, kStride, accumulate);
+  for (int r = 0; r < R; ++r) {
+    for (int u = 0; u < T; ++u)
+      EXPECT_EQ(s[r * kStride + u], expected[r][u])
+          << "row " << r << " token " << u << " of " << R << "x" << T;
+    for (Index u = T; u < kStride; ++u)
+      EXPECT_EQ(s[r * kStride + u], kUntouched) << "padding " << u << " of row " << r;
   }
-  float out[N];
-  simd::sum_each<N>(a, out);
-  for (int i = 0; i < N; ++i) EXPECT_EQ(out[i], expected[i]) << "sum " << i << " of " << N;
 }
 
-TEST_F(RegisterBlocks, SumEachGivesEveryRegistersOwnSum) {
-  check_sum_each<1>();
-  check_sum_each<2>();
-  check_sum_each<3>();
-  check_sum_each<8>();
-  check_sum_each<15>();
-  check_sum_each<16>();
+template <int R, int T>
+void check_sum_into() {
+  check_sum_into<R, T>(false);
+  check_sum_into<R, T>(true);
+}
+
+TEST_F(RegisterBlocks, SumIntoGivesEveryRegistersOwnSum) {
+  check_sum_into<1, 1>();
+  check_sum_into<1, 8>();
+  check_sum_into<2, 8>();
+  check_sum_into<3, 5>();
+  check_sum_into<4, 4>();
+  check_sum_into<8, 2>();
+  check_sum_into<5, 3>();
+  check_sum_into<16, 1>();
+  check_sum_into<8, 3>();  // more than 16 sums: one sum each
 }
 
 }  // namespace

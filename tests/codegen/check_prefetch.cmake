@@ -1,7 +1,7 @@
 # cmake -DCOMPILER=... -DFLAGS=... -DINCLUDES=... -DSOURCE=... -P check_prefetch.cmake
 # Compiles SOURCE to assembly with FLAGS (the build's own, then -O3 -DNDEBUG) and fails unless
-# both kinds of prefetch the scorer asks for are in it: prefetcht0 (the next runs, to L1) and
-# prefetcht1 (the next tile, to L2).
+# the scorer's prefetches are in it: prefetcht1 (to L2: the runs a prefetch distance ahead, and
+# the next tile of the column path).
 separate_arguments(flags UNIX_COMMAND "${FLAGS}")
 set(include_flags)
 foreach(dir IN LISTS INCLUDES)
@@ -13,7 +13,7 @@ execute_process(
 if(NOT status EQUAL 0)
   message(FATAL_ERROR "compiling ${SOURCE} failed:\n${errors}")
 endif()
-foreach(instruction IN ITEMS prefetcht0 prefetcht1)
+foreach(instruction IN ITEMS prefetcht1)
   string(REGEX MATCHALL "${instruction}" found "${assembly}")
   list(LENGTH found count)
   message(STATUS "${instruction}: ${count} in the optimised decode")

@@ -51,27 +51,21 @@ class DenseScorer {
   // head by KV head walk over a whole tile would jump a whole token row (8 KiB for 32 bf16
   // heads of 128) between reads, one page per read, which the prefetchers do not follow.
   static constexpr Index kStreamTokens = 8;
-  // A tile is read as runs: its key runs, then its value runs, then the next tile's key runs...
-  // KV head j of a run ahead in that order is prefetched to L1 while KV head j of this run is
-  // scored (or takes its values): a core doing several FMAs per cached element keeps too few
-  // reads in flight for the hardware prefetchers alone.
-  //   - Several query rows per KV head (GQA decode): kPrefetchRuns ahead. Measured on a Zen 3
-  //     core (AVX2; d_h 128 and 64, 16k tokens, 1 thread, min of 2 alternated runs): GQA-8 bf16
-  //     1.16-1.22x faster with the prefetch than without, f32 0.93x (d_h 128) and 1.11x (d_h 64).
-  //     (Reading GQA's tiles KV head by KV head instead, each whole tile prefetched to L2 while
-  //     the one before it was read, ran 1.3x (bf16) to 1.7x (f32) slower at d_h 128.)
-  //   - One row per KV head (MHA) with a 16-bit cache: kPrefetchRunsOneRow ahead. Without it the
-  //     score and value blocks wait on each widening load. Measured on a Zen 5 core (AVX-512; 32
-  //     heads, 16k tokens, 1 thread, min of 2 alternated runs): bf16 1.32x (d_h 128) and 1.10x
-  //     (d_h 64) faster than without, f16 1.33x (d_h 128); 2 runs ahead gave the same (1.34x)
-  //     with twice the lines in flight, to L2 instead of L1 1.22-1.23x. On a Zen 3 core, 2 runs
-  //     ahead had run MHA 1.2-1.5x slower (bf16 d_h 128: 21.4 vs 16.5 ms); 1 run was not
-  //     measured there.
-  //   - MHA with an f32 cache: none. The hardware prefetchers alone read it at 0.96 of the read
-  //     bandwidth on that Zen 5 core, and every prefetch distance tried (1-3 runs, L1 or L2) ran
-  //     1.07-1.16x slower.
-  static constexpr Index kPrefetchRuns = 2;
-  static constexpr Index kPrefetchRunsOneRow = 1;
+  // With several KV heads, KV head j of the run a prefetch distance ahead, in the same plane, is
+  // prefetched to L2 while KV head j of this run is scored (or takes its values): a core doing
+  // several FMAs per cached element keeps too few reads in flight for the hardware prefetchers
+  // alone. The distance is kPrefetchBytes of cached tokens (every plane the scorer reads, every
+  // KV head), in whole runs, at least one run and at most a tile: 16 tokens for MHA with 32 bf16
+  // heads of 128, a whole tile for GQA-8. Measured on a Zen 4 core (AVX-512, 1 MiB L2; 32 heads,
+  // 16k tokens, 1 thread, min of 2 alternated runs), against the L1 prefetch of one run ahead
+  // (MHA, 16-bit caches) or two (GQA) it replaces:
+  //   d_h 128: MHA bf16 1.32x faster, f32 1.27x (which had no prefetch); GQA-8 bf16 1.38x,
+  //   f32 1.35x; GQA-4 bf16 1.29x, f32 1.56x; d_h 64: 1.06x (MHA bf16) to 1.52x (GQA-4 f32).
+  //   Distances of 128 KiB to 512 KiB ran within 5% of each other (noise); the L1 prefetch of one
+  //   run added to it ran 1.1-1.25x slower, as a run of all KV heads (64 KiB for MHA bf16)
+  //   overflows a 32 KiB L1. (On a Zen 5 core, 48 KiB L1, the L1 prefetch of one run had made
+  //   MHA bf16 1.32x faster than none and L2 at the same distance 1.22x.)
+  static constexpr Index kPrefetchBytes = Index{256} * 1024;
   // A KV head with at least this many state rows (MQA and MLA decode, most prefills) scores its
   // tiles with the rows in SIMD lanes (blocks::score_columns) from an fp32 copy of the tile's
   // keys and values, made once and shared by every row; fewer rows (MHA, small GQA groups) read
@@ -175,6 +169,18 @@ class DenseScorer {
         transposed.leftCols(rows) = group_queries.transpose();
         transposed.rightCols(padded_rows - rows).setZero();
       }
+      // The row path reads bfloat16 keys in pairs: its query rows in the paired column order,
+      // each key segment a range of its own.
+      if constexpr (blocks::kPairedLoads<Storage>) {
+        for (Index r = 0; r < rows; ++r) {
+          Index column = 0;
+          for (Index part = 0; part < layout_.key_segments(); ++part) {
+            blocks::to_paired_columns(queries + (j * rows + r) * key_width + column,
+                                      layout_.key[part].width, keys_f32);
+            column += layout_.key[part].width;
+          }
+        }
+      }
     }
 
     // Scores of KV head j: rows [j rows, (j + 1) rows) of a [kv_heads rows, tile] matrix.
@@ -182,24 +188,11 @@ class DenseScorer {
       return map_matrix(scores + j * rows * kTileTokens, rows, tokens, kTileTokens);
     };
     const Index stream = layout_.kv_heads > 1 ? kStreamTokens : kTileTokens;
-    const Index prefetch_ahead = rows > 1 ? kPrefetchRuns : kPrefetchRunsOneRow;
     const Index last =
         range.horizon(count - 1) < view.length() ? range.horizon(count - 1) : view.length();
-    // The run `prefetch_ahead` runs after run u / stream of the tile's keys (keys) or values: its
-    // first token's position, and whether it reads keys.
-    const auto run_ahead = [&](const CacheTile& tile, Index u, bool keys, Index* position) {
-      const Index runs = (tile.tokens + stream - 1) / stream;
-      Index index = u / stream + prefetch_ahead;
-      Index first = tile.first;
-      if (index >= runs) {
-        index -= runs;
-        if (!keys) first += tile.tokens;  // the next tile's keys
-        keys = !keys;
-      }
-      *position = first + index * stream;
-      return keys;
-    };
-    // KV head j's columns of the run of tokens from `position`, to the cache. The addresses
+    const bool prefetch_runs = layout_.kv_heads > 1;
+    const Index prefetch_distance = prefetch_runs ? prefetch_tokens(view, stream) : 0;
+    // KV head j's columns of the run of tokens from `position`, to L2. The addresses
     // are formed once per block the run touches, not per token: the block lookup per token (a
     // division and a few dependent loads of the view's tables) made GQA-8's step 1.02-1.09x
     // slower (32 heads, d_h 128 and 64, 16k tokens, bf16 and f32, 1 thread, AVX-512; 1.06-1.19x
@@ -215,7 +208,7 @@ class DenseScorer {
               to - p < view.block_tokens() - row ? to - p : view.block_tokens() - row;
           const Storage* first =
               view.plane_block<Storage>(segment.plane, block) + row * width + j * segment.width;
-          for (Index u = 0; u < in_block; ++u) simd::prefetch(first + u * width, bytes);
+          for (Index u = 0; u < in_block; ++u) simd::prefetch_to_l2(first + u * width, bytes);
           p += in_block;
         }
       };
@@ -225,8 +218,6 @@ class DenseScorer {
         fetch(layout_.value);
       }
     };
-    const bool prefetch_runs =
-        layout_.kv_heads > 1 && (rows > 1 || !std::is_same_v<Storage, float>);
     for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
       if (columns && tile.seen_by_all(range, count)) {
         prefetch_next_tile(view, tile, kTileTokens, last);
@@ -238,10 +229,8 @@ class DenseScorer {
       if (tile.seen_by_all(range, count)) {
         for (Index u = 0; u < tile.tokens; u += stream) {
           const Index run = tile.tokens - u < stream ? tile.tokens - u : stream;
-          Index ahead = 0;
-          const bool ahead_keys = run_ahead(tile, u, /*keys=*/true, &ahead);
           for (Index j = 0; j < layout_.kv_heads; ++j) {
-            if (prefetch_runs) prefetch_head(ahead, ahead_keys, j);
+            if (prefetch_runs) prefetch_head(tile.first + u + prefetch_distance, /*keys=*/true, j);
             score_keys(view, tile, j, rows, 0, rows, u, run, queries, scores);
           }
         }
@@ -264,10 +253,8 @@ class DenseScorer {
       if (tile.seen_by_all(range, count)) {
         for (Index u = 0; u < tile.tokens; u += stream) {
           const Index run = tile.tokens - u < stream ? tile.tokens - u : stream;
-          Index ahead = 0;
-          const bool ahead_keys = run_ahead(tile, u, /*keys=*/false, &ahead);
           for (Index j = 0; j < layout_.kv_heads; ++j) {
-            if (prefetch_runs) prefetch_head(ahead, ahead_keys, j);
+            if (prefetch_runs) prefetch_head(tile.first + u + prefetch_distance, /*keys=*/false, j);
             add_values(view, tile, j, rows, 0, rows, u, run, scores, acc);
           }
         }
@@ -332,6 +319,18 @@ class DenseScorer {
                             value_width);
   }
 
+  // The prefetch distance in tokens: kPrefetchBytes of the planes a tile reads, in whole runs of
+  // `stream` tokens, from one run to one tile.
+  Index prefetch_tokens(const SequenceView& view, Index stream) const {
+    Index bytes_per_token = 0;
+    for_each_plane([&](Index plane) {
+      bytes_per_token += view.elements_per_token(plane) * static_cast<Index>(sizeof(Storage));
+    });
+    const Index runs = kPrefetchBytes / (bytes_per_token > 0 ? bytes_per_token : 1) / stream;
+    const Index tokens = (runs < 1 ? 1 : runs) * stream;
+    return tokens < kTileTokens ? tokens : kTileTokens;
+  }
+
   // The planes a tile reads: the key's segments, and the value's unless it is the key's own.
   template <class Visit>
   void for_each_plane(Visit&& visit) const {
@@ -375,10 +374,15 @@ class DenseScorer {
     Index column = 0;
     for (Index part = 0; part < layout_.key_segments(); ++part) {
       const KeyValueLayout::Segment& segment = layout_.key[part];
-      blocks::score_rows(q + column, key_width, rows,
-                         plane_row(view, segment.plane, tile, first, j, segment.width),
-                         view.elements_per_token(segment.plane), tokens, segment.width, s,
-                         kTileTokens, /*accumulate=*/part > 0);
+      const Storage* keys = plane_row(view, segment.plane, tile, first, j, segment.width);
+      if constexpr (blocks::kPairedLoads<Storage>)
+        blocks::score_paired_rows(q + column, key_width, rows, keys,
+                                  view.elements_per_token(segment.plane), tokens, segment.width, s,
+                                  kTileTokens, /*accumulate=*/part > 0);
+      else
+        blocks::score_rows(q + column, key_width, rows, keys,
+                           view.elements_per_token(segment.plane), tokens, segment.width, s,
+                           kTileTokens, /*accumulate=*/part > 0);
       column += segment.width;
     }
   }

@@ -41,18 +41,73 @@ constexpr Index block_tokens(Index rows) {
   return tokens < 1 ? 1 : tokens > kMaxBlockTokens ? kMaxBlockTokens : tokens;
 }
 
+// bfloat16 cache rows are read in pairs of registers where the build has simd::load_pairs: one
+// load of 2 kLanes elements gives their even and odd columns. A value update puts the columns
+// back in order once per block; a score needs its query rows in the paired column order
+// (to_paired_columns), as score_paired_rows takes them.
+#if defined(TPATTN_SIMD_BF16_PAIRS)
+inline constexpr Index kPairColumns = 2 * simd::kLanes;
+#else
+inline constexpr Index kPairColumns = 0;  // no paired loads in this build
+#endif
+template <class Storage>
+inline constexpr bool kPairedLoads = kPairColumns > 0 && std::is_same_v<Storage, Eigen::bfloat16>;
+
+// row[0, width) to the paired column order, in place (scratch: width floats): within each whole
+// chunk of kPairColumns columns, the even columns, then the odd ones; the columns after the last
+// whole chunk stay where they are. Without paired loads, nothing changes.
+inline void to_paired_columns(float* row, Index width, float* scratch) {
+  if constexpr (kPairColumns > 0) {
+    const Index half = kPairColumns / 2;
+    for (Index c = 0; c + kPairColumns <= width; c += kPairColumns) {
+      for (Index i = 0; i < kPairColumns; ++i) scratch[i] = row[c + i];
+      for (Index i = 0; i < half; ++i) {
+        row[c + i] = scratch[2 * i];
+        row[c + half + i] = scratch[2 * i + 1];
+      }
+    }
+  } else {
+    (void)row, (void)width, (void)scratch;
+  }
+}
+
 namespace detail {
 
 // s[r * s_stride + u] (+)= q[r * q_stride + 0 .. width) . k[u * k_stride + 0 .. width).
-template <int R, int T, class QStorage, class Storage>
+// Paired: q in the paired column order, k bfloat16 read by simd::load_pairs (whole chunks; the
+// columns after them as in the plain order).
+template <int R, int T, bool Paired = false, class QStorage, class Storage>
 void score_block(const QStorage* q, Index q_stride, const Storage* k, Index k_stride, Index width,
                  float* s, Index s_stride, bool accumulate) {
   simd::Register acc[T * R];  // acc[u R + r]
   TPATTN_UNROLL
   for (int i = 0; i < T * R; ++i) acc[i] = simd::zero();
+  Index c = 0;
+#if defined(TPATTN_SIMD_BF16_PAIRS)
+  if constexpr (Paired) {
+    for (; c + kPairColumns <= width; c += kPairColumns) {
+      simd::Register even[R], odd[R];
+      TPATTN_UNROLL
+      for (int r = 0; r < R; ++r) {
+        even[r] = simd::load(q + r * q_stride + c);
+        odd[r] = simd::load(q + r * q_stride + c + simd::kLanes);
+        simd::keep_in_register(even[r]);
+        simd::keep_in_register(odd[r]);
+      }
+      TPATTN_UNROLL
+      for (int u = 0; u < T; ++u) {
+        simd::Register key_even, key_odd;
+        simd::load_pairs(k + u * k_stride + c, key_even, key_odd);
+        TPATTN_UNROLL
+        for (int r = 0; r < R; ++r)
+          acc[u * R + r] = simd::fma(odd[r], key_odd, simd::fma(even[r], key_even, acc[u * R + r]));
+      }
+    }
+  }
+#endif
   // One loop for whole registers and the partial last one: a lambda or helper taking the
   // accumulators by reference would make GCC keep them in memory.
-  for (Index c = 0; c < width; c += simd::kLanes) {
+  for (; c < width; c += simd::kLanes) {
     const Index lanes = width - c < simd::kLanes ? width - c : simd::kLanes;
     simd::Register qv[R];
     TPATTN_UNROLL
@@ -67,25 +122,20 @@ void score_block(const QStorage* q, Index q_stride, const Storage* k, Index k_st
       for (int r = 0; r < R; ++r) acc[u * R + r] = simd::fma(qv[r], kv, acc[u * R + r]);
     }
   }
-  float dots[T * R];
-  simd::sum_each<T * R>(acc, dots);
-  TPATTN_UNROLL
-  for (int r = 0; r < R; ++r) TPATTN_UNROLL
-  for (int u = 0; u < T; ++u) {
-    float& out = s[r * s_stride + u];
-    out = accumulate ? out + dots[u * R + r] : dots[u * R + r];
-  }
+  simd::sum_into<R, T>(acc, s, s_stride, accumulate);
 }
 
-template <int R, class QStorage, class Storage>
+template <int R, bool Paired, class QStorage, class Storage>
 void score_rows_of(const QStorage* q, Index q_stride, const Storage* k, Index k_stride,
                    Index tokens, Index width, float* s, Index s_stride, bool accumulate) {
   constexpr int T = static_cast<int>(block_tokens(R));
   Index u = 0;
   for (; u + T <= tokens; u += T)
-    score_block<R, T>(q, q_stride, k + u * k_stride, k_stride, width, s + u, s_stride, accumulate);
+    score_block<R, T, Paired>(q, q_stride, k + u * k_stride, k_stride, width, s + u, s_stride,
+                              accumulate);
   for (; u < tokens; ++u)
-    score_block<R, 1>(q, q_stride, k + u * k_stride, k_stride, width, s + u, s_stride, accumulate);
+    score_block<R, 1, Paired>(q, q_stride, k + u * k_stride, k_stride, width, s + u, s_stride,
+                              accumulate);
 }
 
 // acc[r * a_stride + c] += sum_u w[r * w_stride + u] v[u * v_stride + c], c in [column, column +
@@ -102,11 +152,23 @@ void accumulate_block(const float* w, Index w_stride, Index w_step, const Storag
   TPATTN_UNROLL
   for (int r = 0; r < R; ++r) TPATTN_UNROLL
   for (int c = 0; c < C; ++c) sum[r][c] = simd::zero();
+  // Whole pairs of registers from paired loads (bfloat16): vv[2p], vv[2p + 1] and sum[r][2p],
+  // sum[r][2p + 1] then hold the even and odd columns of the pair's 2 kLanes.
+  [[maybe_unused]] constexpr bool kPaired = kPairedLoads<Storage> && !Partial && C % 2 == 0;
   for (Index u = 0; u < tokens; ++u) {
     simd::Register vv[C];
-    TPATTN_UNROLL
-    for (int c = 0; c < C; ++c)
-      vv[c] = simd::load_first(v + u * v_stride + column + c * simd::kLanes, width_of(c));
+#if defined(TPATTN_SIMD_BF16_PAIRS)
+    if constexpr (kPaired) {
+      TPATTN_UNROLL
+      for (int c = 0; c < C; c += 2)
+        simd::load_pairs(v + u * v_stride + column + c * simd::kLanes, vv[c], vv[c + 1]);
+    } else
+#endif
+    {
+      TPATTN_UNROLL
+      for (int c = 0; c < C; ++c)
+        vv[c] = simd::load_first(v + u * v_stride + column + c * simd::kLanes, width_of(c));
+    }
     TPATTN_UNROLL
     for (int r = 0; r < R; ++r) {
       const simd::Register weight = simd::broadcast(w[r * w_stride + u * w_step]);
@@ -114,6 +176,14 @@ void accumulate_block(const float* w, Index w_stride, Index w_step, const Storag
       for (int c = 0; c < C; ++c) sum[r][c] = simd::fma(weight, vv[c], sum[r][c]);
     }
   }
+#if defined(TPATTN_SIMD_BF16_PAIRS)
+  if constexpr (kPaired) {
+    TPATTN_UNROLL
+    for (int r = 0; r < R; ++r) TPATTN_UNROLL
+    for (int c = 0; c < C; c += 2)
+      simd::interleave_pairs(sum[r][c], sum[r][c + 1], sum[r][c], sum[r][c + 1]);
+  }
+#endif
   TPATTN_UNROLL
   for (int r = 0; r < R; ++r) TPATTN_UNROLL
   for (int c = 0; c < C; ++c) {
@@ -212,8 +282,25 @@ void score_rows(const QStorage* q, Index q_stride, Index rows, const Storage* k,
     const QStorage* q_r = q + r * q_stride;
     float* s_r = s + r * s_stride;
     detail::with_rows<kRows>(rows - r, [&](auto block) {
-      detail::score_rows_of<decltype(block)::value>(q_r, q_stride, k, k_stride, tokens, width, s_r,
-                                                    s_stride, accumulate);
+      detail::score_rows_of<decltype(block)::value, false>(q_r, q_stride, k, k_stride, tokens,
+                                                           width, s_r, s_stride, accumulate);
+    });
+  }
+}
+
+// score_rows for bfloat16 cached rows with the query rows in the paired column order
+// (to_paired_columns: each row's columns [0, width) as one range), read by paired loads. In a
+// build without them, the order is the plain one and this is score_rows.
+inline void score_paired_rows(const float* q, Index q_stride, Index rows, const Eigen::bfloat16* k,
+                              Index k_stride, Index tokens, Index width, float* s, Index s_stride,
+                              bool accumulate = false) {
+  constexpr int kRows = kScoreRows<float, Eigen::bfloat16>;
+  for (Index r = 0; r < rows; r += kRows) {
+    const float* q_r = q + r * q_stride;
+    float* s_r = s + r * s_stride;
+    detail::with_rows<kRows>(rows - r, [&](auto block) {
+      detail::score_rows_of<decltype(block)::value, kPairColumns != 0>(
+          q_r, q_stride, k, k_stride, tokens, width, s_r, s_stride, accumulate);
     });
   }
 }

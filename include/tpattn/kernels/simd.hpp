@@ -102,6 +102,24 @@ inline Register load(const Eigen::half* p) {
 inline Register load(const Eigen::half* p, Index n) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1u), p));
 }
+// bfloat16 in pairs: 2 kLanes elements from one load, lane i of `even` holding element 2i and
+// of `odd` element 2i + 1 (a shift and a mask, where two widening loads take two zero-extensions
+// and two shifts). Callers keep their fp32 operands in the same even / odd order.
+#define TPATTN_SIMD_BF16_PAIRS 1
+inline void load_pairs(const Eigen::bfloat16* p, Register& even, Register& odd) {
+  const __m512i bits = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(bits, _mm512_set1_epi32(-65536)));  // 0xFFFF0000
+}
+// Columns [0, 2 kLanes) in order from the even and odd halves of load_pairs: first and second
+// register.
+inline void interleave_pairs(Register even, Register odd, Register& first, Register& second) {
+  const __m512i low = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i high =
+      _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  first = _mm512_permutex2var_ps(even, low, odd);
+  second = _mm512_permutex2var_ps(even, high, odd);
+}
 TPATTN_IGNORE_UNDEFINED_INTRINSICS_END
 #elif defined(TPATTN_SIMD_AVX2)
 inline Register zero() { return _mm256_setzero_ps(); }
@@ -196,44 +214,64 @@ Register load_through_copy(const Storage* p, Index n) {
 }
 }  // namespace detail
 
-// out[i] = the sum of a[i]'s lanes, i < N. On AVX-512 the N <= 16 sums come out of one
-// transpose-and-add tree (45 shuffles and adds for 16 registers, where 16 separate sums take
-// 128), since one register's sum is a chain of 4 shuffles and 4 adds.
+// s[r * s_stride + u] = the sum of a[u R + r]'s lanes (accumulate: +=), r < R, u < T: the
+// dot products of a register block of R rows x T cached rows. On AVX-512 the R T <= 16 sums come
+// out of one transpose-and-add tree (45 shuffles and adds for 16 registers, where 16 separate
+// sums take 128, one register's sum being a chain of 4 shuffles and 4 adds), its inputs placed
+// so that each row's T sums leave in adjacent lanes: one masked store per row, where a scalar
+// store per sum took 2-3 instructions (an extract and a store) for each of the 16.
 TPATTN_IGNORE_UNDEFINED_INTRINSICS_BEGIN  // core/eigen.hpp: GCC's _mm512_undefined_* idiom
-template <int N>
-__attribute__((always_inline)) inline void sum_each(const Register (&a)[N], float* out) {
+template <int R, int T>
+__attribute__((always_inline)) inline void sum_into(const Register (&a)[T * R], float* s,
+                                                    Index s_stride, bool accumulate) {
 #if defined(TPATTN_SIMD_AVX512)
-  if constexpr (N > 1 && N <= 16) {
+  if constexpr (T * R > 1 && T * R <= 16) {
+    // The tree leaves the sum of v[4 m + L] in lane 4 L + m; lane r T + u must get row r's
+    // token u, so v[4 (e % 4) + e / 4] = a[u R + r] for e = r T + u.
     Register v[16];
     TPATTN_UNROLL
-    for (int i = 0; i < 16; ++i) v[i] = i < N ? a[i] : zero();
+    for (int i = 0; i < 16; ++i) v[i] = zero();
+    TPATTN_UNROLL
+    for (int r = 0; r < R; ++r) TPATTN_UNROLL
+    for (int u = 0; u < T; ++u) {
+      const int e = r * T + u;
+      v[4 * (e % 4) + e / 4] = a[u * R + r];
+    }
     // Halving the lanes per source at each level: after level L, 16 >> L registers hold
     // 2^L sources each. Register k of a level pairs registers 2k and 2k + 1 of the one before.
     Register b[8], c[4], d[2];
     TPATTN_UNROLL
-    for (int k = 0; k < 8; ++k)  // 256-bit halves: [a_2k: 8 sums | a_2k+1: 8 sums]
+    for (int k = 0; k < 8; ++k)  // 256-bit halves: [v_2k: 8 sums | v_2k+1: 8 sums]
       b[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0x44),
                            _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], 0xEE));
     TPATTN_UNROLL
-    for (int k = 0; k < 4; ++k)  // 128-bit lane L of c_k: a_{4k + L}, 4 sums
+    for (int k = 0; k < 4; ++k)  // 128-bit lane L of c_k: v_{4k + L}, 4 sums
       c[k] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0x88),
                            _mm512_shuffle_f32x4(b[2 * k], b[2 * k + 1], 0xDD));
     TPATTN_UNROLL
-    for (int k = 0; k < 2; ++k)  // lane L of d_k: [a_{8k + L}: 2 sums, a_{8k + 4 + L}: 2 sums]
+    for (int k = 0; k < 2; ++k)  // lane L of d_k: [v_{8k + L}: 2 sums, v_{8k + 4 + L}: 2 sums]
       d[k] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * k], c[2 * k + 1], 0x44),
                            _mm512_shuffle_ps(c[2 * k], c[2 * k + 1], 0xEE));
-    // element 4 L + m: the sum of a_{4 m + L}
+    // lane 4 L + m: the sum of v_{4 m + L}
     const Register e =
         _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], 0x88), _mm512_shuffle_ps(d[0], d[1], 0xDD));
-    alignas(64) float sums[16];
-    _mm512_store_ps(sums, e);
     TPATTN_UNROLL
-    for (int i = 0; i < N; ++i) out[i] = sums[4 * (i % 4) + i / 4];
+    for (int r = 0; r < R; ++r) {
+      // Lanes [r T, r T + T) to s + r s_stride: a masked store whose lane r T lands there.
+      float* row = s + r * s_stride - r * T;
+      const __mmask16 lanes = static_cast<__mmask16>(((1u << T) - 1u) << (r * T));
+      _mm512_mask_storeu_ps(row, lanes,
+                            accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(lanes, row), e) : e);
+    }
     return;
   }
 #endif
   TPATTN_UNROLL
-  for (int i = 0; i < N; ++i) out[i] = sum(a[i]);
+  for (int r = 0; r < R; ++r) TPATTN_UNROLL
+  for (int u = 0; u < T; ++u) {
+    float& out = s[r * s_stride + u];
+    out = accumulate ? out + sum(a[u * R + r]) : sum(a[u * R + r]);
+  }
 }
 TPATTN_IGNORE_UNDEFINED_INTRINSICS_END
 
