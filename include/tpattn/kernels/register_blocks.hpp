@@ -168,6 +168,12 @@ void accumulate_block(const float* w, Index w_stride, Index w_step, const Storag
       TPATTN_UNROLL
       for (int c = 0; c < C; ++c)
         vv[c] = simd::load_first(v + u * v_stride + column + c * simd::kLanes, width_of(c));
+      // Each value register serves R FMAs: loaded once (GCC would fold the load of an fp32
+      // value into every FMA that uses it, R loads instead of one).
+      if constexpr (R > 1) {
+        TPATTN_UNROLL
+        for (int c = 0; c < C; ++c) simd::keep_in_register(vv[c]);
+      }
     }
     TPATTN_UNROLL
     for (int r = 0; r < R; ++r) {

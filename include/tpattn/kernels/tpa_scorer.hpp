@@ -18,6 +18,7 @@
 #include <cmath>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 #include "tpattn/cache/record.hpp"
 #include "tpattn/kernels/cache_tiles.hpp"
@@ -52,6 +53,12 @@ class TpaScorer {
  public:
   static constexpr Index kTileTokens = 128;
   static constexpr Index kQueryTokens = 8;
+  // Heads per register block of the value update O += Z^T B_V. 16-bit B_V: 4, as blocks of 8
+  // ran 3-7% slower (d_h 128 and 64, 16k tokens, every TPA row; again 1.04-1.07x slower on a
+  // Zen 4 core). fp32 B_V: blocks::kValueRows (8 with 32 registers), 1.06-1.08x faster than 4
+  // at d_h 128 and 0.99-1.02x at d_h 64 on that Zen 4 core (32 heads, 16k tokens, 1 thread, min
+  // of 2 alternated runs).
+  static constexpr int kValueRows = std::is_same_v<Storage, float> ? blocks::kValueRows : 4;
 
   // Which record planes hold A_K, B_K, A_V and B_V (from the record's names: Planes::of).
   struct Planes {
@@ -211,11 +218,10 @@ class TpaScorer {
         // 0 x (NaN or inf in a hidden value) would still poison its output.
         for (Index s = 0; s < n; ++s)
           scale_ranks(a_v + (from + s) * rv * h, logits + s * h, rv, h, values_z + s * rv * h);
-        // Blocks of 4 heads: Z is read transposed (h apart); blocks of 8 measured 3-7% slower here
-        // (d_h 128 and 64, 16k tokens, every TPA row) though faster for the dense kernels.
-        blocks::accumulate_rows<4>(static_cast<const float*>(values_z), 1, h, h,
-                                   b_v + from * rv * dv, dv, n * rv, dv,
-                                   state.acc().data() + t * h * dv, dv);
+        // Blocks of kValueRows heads; Z is read transposed (h apart).
+        blocks::accumulate_rows<kValueRows>(static_cast<const float*>(values_z), 1, h, h,
+                                            b_v + from * rv * dv, dv, n * rv, dv,
+                                            state.acc().data() + t * h * dv, dv);
       }
     });
 
