@@ -197,7 +197,7 @@ class DenseScorer {
     // division and a few dependent loads of the view's tables) made GQA-8's step 1.02-1.09x
     // slower (32 heads, d_h 128 and 64, 16k tokens, bf16 and f32, 1 thread, AVX-512; 1.06-1.19x
     // with the bf16 cache in L3).
-    const auto prefetch_head_tokens = [&](Index position, Index tokens, bool keys, Index j) {
+    const auto prefetch_head = [&](Index position, Index tokens, bool keys, Index j) {
       const Index to = position + tokens < last ? position + tokens : last;
       const auto fetch = [&](const KeyValueLayout::Segment& segment) {
         const Index width = view.elements_per_token(segment.plane);
@@ -218,9 +218,6 @@ class DenseScorer {
         fetch(layout_.value);
       }
     };
-    const auto prefetch_head = [&](Index position, bool keys, Index j) {
-      prefetch_head_tokens(position, stream, keys, j);
-    };
     for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
       if (columns && tile.seen_by_all(range, count)) {
         // One KV head: the next tile to L2. Several (MHA and GQA prefill): KV head j + 1's keys
@@ -233,8 +230,8 @@ class DenseScorer {
           if (layout_.kv_heads > 1) {
             const Index next = j + 1 < layout_.kv_heads ? j + 1 : 0;
             const Index from = j + 1 < layout_.kv_heads ? tile.first : tile.first + tile.tokens;
-            prefetch_head_tokens(from, kTileTokens, /*keys=*/true, next);
-            prefetch_head_tokens(from, kTileTokens, /*keys=*/false, next);
+            prefetch_head(from, kTileTokens, /*keys=*/true, next);
+            prefetch_head(from, kTileTokens, /*keys=*/false, next);
           }
           attend_columns(view, tile, j, rows, padded_rows, queries_t + j * padded_rows * key_width,
                          keys_f32, values_f32, scores_t, softmax_scratch, state_of(j));
@@ -245,7 +242,8 @@ class DenseScorer {
         for (Index u = 0; u < tile.tokens; u += stream) {
           const Index run = tile.tokens - u < stream ? tile.tokens - u : stream;
           for (Index j = 0; j < layout_.kv_heads; ++j) {
-            if (prefetch_runs) prefetch_head(tile.first + u + prefetch_distance, /*keys=*/true, j);
+            if (prefetch_runs)
+              prefetch_head(tile.first + u + prefetch_distance, stream, /*keys=*/true, j);
             score_keys(view, tile, j, rows, 0, rows, u, run, queries, scores);
           }
         }
@@ -269,7 +267,8 @@ class DenseScorer {
         for (Index u = 0; u < tile.tokens; u += stream) {
           const Index run = tile.tokens - u < stream ? tile.tokens - u : stream;
           for (Index j = 0; j < layout_.kv_heads; ++j) {
-            if (prefetch_runs) prefetch_head(tile.first + u + prefetch_distance, /*keys=*/false, j);
+            if (prefetch_runs)
+              prefetch_head(tile.first + u + prefetch_distance, stream, /*keys=*/false, j);
             add_values(view, tile, j, rows, 0, rows, u, run, scores, acc);
           }
         }

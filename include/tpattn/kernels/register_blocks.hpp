@@ -277,21 +277,32 @@ void with_rows(Index n, Run&& run) {
 }
 }  // namespace detail
 
-// s[r * s_stride + u] = q_r . k_u (accumulate: +=) for r < rows, u < tokens, where
-// q_r = q + r * q_stride and k_u = k + u * k_stride, each `width` elements, both of any storage
-// type.
-template <class QStorage, class Storage>
-void score_rows(const QStorage* q, Index q_stride, Index rows, const Storage* k, Index k_stride,
-                Index tokens, Index width, float* s, Index s_stride, bool accumulate = false) {
+namespace detail {
+// Every query row in register blocks of kScoreRows (the last block smaller).
+template <bool Paired, class QStorage, class Storage>
+void score_row_blocks(const QStorage* q, Index q_stride, Index rows, const Storage* k,
+                      Index k_stride, Index tokens, Index width, float* s, Index s_stride,
+                      bool accumulate) {
   constexpr int kRows = kScoreRows<QStorage, Storage>;
   for (Index r = 0; r < rows; r += kRows) {
     const QStorage* q_r = q + r * q_stride;
     float* s_r = s + r * s_stride;
-    detail::with_rows<kRows>(rows - r, [&](auto block) {
-      detail::score_rows_of<decltype(block)::value, false>(q_r, q_stride, k, k_stride, tokens,
-                                                           width, s_r, s_stride, accumulate);
+    with_rows<kRows>(rows - r, [&](auto block) {
+      score_rows_of<decltype(block)::value, Paired>(q_r, q_stride, k, k_stride, tokens, width, s_r,
+                                                    s_stride, accumulate);
     });
   }
+}
+}  // namespace detail
+
+// s[r * s_stride + u] = q_r . k_u (accumulate: +=) for r < rows, u < tokens, where
+// q_r = q + r * q_stride and k_u = k + u * k_stride, each `width` elements, both of any storage
+// type. s_stride >= tokens.
+template <class QStorage, class Storage>
+void score_rows(const QStorage* q, Index q_stride, Index rows, const Storage* k, Index k_stride,
+                Index tokens, Index width, float* s, Index s_stride, bool accumulate = false) {
+  detail::score_row_blocks<false>(q, q_stride, rows, k, k_stride, tokens, width, s, s_stride,
+                                  accumulate);
 }
 
 // score_rows for bfloat16 cached rows with the query rows in the paired column order
@@ -300,15 +311,8 @@ void score_rows(const QStorage* q, Index q_stride, Index rows, const Storage* k,
 inline void score_paired_rows(const float* q, Index q_stride, Index rows, const Eigen::bfloat16* k,
                               Index k_stride, Index tokens, Index width, float* s, Index s_stride,
                               bool accumulate = false) {
-  constexpr int kRows = kScoreRows<float, Eigen::bfloat16>;
-  for (Index r = 0; r < rows; r += kRows) {
-    const float* q_r = q + r * q_stride;
-    float* s_r = s + r * s_stride;
-    detail::with_rows<kRows>(rows - r, [&](auto block) {
-      detail::score_rows_of<decltype(block)::value, kPairColumns != 0>(
-          q_r, q_stride, k, k_stride, tokens, width, s_r, s_stride, accumulate);
-    });
-  }
+  detail::score_row_blocks<kPairColumns != 0>(q, q_stride, rows, k, k_stride, tokens, width, s,
+                                              s_stride, accumulate);
 }
 
 // Query rows in SIMD lanes, for many rows against the same cached rows (MQA, MLA, the rows of

@@ -214,8 +214,9 @@ Register load_through_copy(const Storage* p, Index n) {
 }
 }  // namespace detail
 
-// s[r * s_stride + u] = the sum of a[u R + r]'s lanes (accumulate: +=), r < R, u < T: the
-// dot products of a register block of R rows x T cached rows. On AVX-512 the R T <= 16 sums come
+// s[r * s_stride + u] = the sum of a[u R + r]'s lanes (accumulate: +=), r < R, u < T, with
+// s_stride >= T (each row of s holds its T sums): the dot products of a register block of R
+// rows x T cached rows. On AVX-512 the R T <= 16 sums come
 // out of one transpose-and-add tree (45 shuffles and adds for 16 registers, where 16 separate
 // sums take 128, one register's sum being a chain of 4 shuffles and 4 adds), its inputs placed
 // so that each row's T sums leave in adjacent lanes: one masked store per row, where a scalar
