@@ -61,10 +61,11 @@ class DenseScorer {
   // (MHA, 16-bit caches) or two (GQA) it replaces:
   //   d_h 128: MHA bf16 1.32x faster, f32 1.27x (which had no prefetch); GQA-8 bf16 1.38x,
   //   f32 1.35x; GQA-4 bf16 1.29x, f32 1.56x; d_h 64: 1.06x (MHA bf16) to 1.52x (GQA-4 f32).
-  //   Distances of 128 KiB to 512 KiB ran within 5% of each other (noise); the L1 prefetch of one
-  //   run added to it ran 1.1-1.25x slower, as a run of all KV heads (64 KiB for MHA bf16)
-  //   overflows a 32 KiB L1. (On a Zen 5 core, 48 KiB L1, the L1 prefetch of one run had made
-  //   MHA bf16 1.32x faster than none and L2 at the same distance 1.22x.)
+  //   Distances of 128 KiB to 512 KiB: GQA within 5% of 256 KiB, MHA within the run-to-run spread
+  //   (up to 15%); the L1 prefetch of one run added to it ran 0.98-1.29x slower (11 of 12 rows), as
+  //   a run of all KV heads (64 KiB for MHA bf16) overflows a 32 KiB L1. (On a Zen 5 core, 48 KiB
+  //   L1, the L1 prefetch of one run had made MHA bf16 1.32x faster than none and L2 at the same
+  //   distance 1.22x.)
   static constexpr Index kPrefetchBytes = Index{256} * 1024;
   // A KV head with at least this many state rows (MQA and MLA decode, most prefills) scores its
   // tiles with the rows in SIMD lanes (blocks::score_columns) from an fp32 copy of the tile's
