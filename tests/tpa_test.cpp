@@ -379,6 +379,13 @@ const std::vector<LayerCase> kTpaCases = {
      rope(kInterleaved, kStandard), kF16, kContiguous, 17, 16},
     {"F16_Len12_H2_D40_Rq16_Rk3_Rv2_Rotary16Reversed_Paged", 16, 2, 40, 40, 16, 3, 2,
      rope(kHalf, kReversed, 16), kF16, kPaged, 12, 5},
+    // The paper's decode shapes (32 heads): the scores with the query side in SIMD lanes (R_Q 16
+    // or 8 in the factor order, 32 heads in the query order), over more than one widened chunk of
+    // B_K rows and more than one tile.
+    {"Bf16_Len150_H32_D128_Rq16_Rk1_Rv1_Contiguous", 64, 32, 128, 128, 16, 1, 1,
+     rope(kHalf, kStandard), kBf16, kContiguous, 150, 70},
+    {"Len140_H32_D64_Rq8_Rk2_Rv2_Reversed_Paged", 48, 32, 64, 64, 8, 2, 2, rope(kHalf, kReversed),
+     kF32, kPaged, 140, 33},
 };
 
 const std::vector<LayerCase> kKvOnlyCases = {
