@@ -355,7 +355,10 @@ class DenseScorer {
   }
 
   // The tile after `tile` (at most `tokens` tokens, within its block and before `last`), every
-  // plane it reads, to L2.
+  // plane it reads, to L2: one line per page (simd::prefetch_pages_to_l2), the L2 streamer the
+  // rest. Measured on an AVX-512 Xeon (32 heads, 16k tokens, 1 thread, min of 2 alternated runs)
+  // against every line: MQA and MLA decode 1.02-1.08x faster (d_h 128 and 64, bf16 and f32),
+  // prefill of 2048 tokens within the spread.
   void prefetch_next_tile(const SequenceView& view, const CacheTile& tile, Index tokens,
                           Index last) const {
     const Index from = tile.first + tile.tokens;
@@ -365,8 +368,8 @@ class DenseScorer {
     if (tokens > view.block_tokens() - row) tokens = view.block_tokens() - row;
     for_each_plane([&](Index plane) {
       const Index width = view.elements_per_token(plane);
-      simd::prefetch_to_l2(view.plane_block<Storage>(plane, block) + row * width,
-                           tokens * width * static_cast<Index>(sizeof(Storage)));
+      simd::prefetch_pages_to_l2(view.plane_block<Storage>(plane, block) + row * width,
+                                 tokens * width * static_cast<Index>(sizeof(Storage)));
     });
   }
 
