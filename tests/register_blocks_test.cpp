@@ -273,5 +273,76 @@ TEST_F(RegisterBlocks, SumIntoGivesEveryRegistersOwnSum) {
   check_sum_into<8, 3>();  // more than 16 sums: one sum each
 }
 
+// An action between register blocks (a caller's prefetches) changes no result bit and runs once
+// after every whole block: score_columns after each block of block_tokens(rows) tokens of each
+// group of kColumnRegisters row registers, accumulate_rows after each group of block_tokens(R)
+// registers of columns of each block of R rows.
+TEST_F(RegisterBlocks, ActionsBetweenBlocksRunOncePerBlockAndChangeNothing) {
+  const Index tokens = 37, width = 3 * simd::kLanes * 2 + 5;
+  for (Index registers = 1; registers <= 3; ++registers) {
+    SCOPED_TRACE("row registers " + std::to_string(registers));
+    const Index rows = registers * simd::kLanes;
+    const std::vector<float> qt = random_values(width * rows, 4);
+    const std::vector<float> k = random_values(tokens * width, 5);
+    std::vector<float> plain(tokens * rows), with_action(tokens * rows);
+    blocks::score_columns(qt.data(), rows, registers, k.data(), width, tokens, width, plain.data(),
+                          rows);
+    Index calls = 0;
+    blocks::score_columns(qt.data(), rows, registers, k.data(), width, tokens, width,
+                          with_action.data(), rows, false, [&calls] { ++calls; });
+    EXPECT_EQ(with_action, plain);
+    Index blocks_expected = 0;
+    for (Index m = 0; m < registers; m += blocks::kColumnRegisters) {
+      const Index group = registers - m < blocks::kColumnRegisters ? registers - m
+                                                                   : blocks::kColumnRegisters;
+      blocks_expected += tokens / blocks::block_tokens(group);
+    }
+    EXPECT_EQ(calls, blocks_expected);
+  }
+  for (Index rows = 1; rows <= 9; ++rows) {
+    SCOPED_TRACE("rows " + std::to_string(rows));
+    const std::vector<float> w = random_values(rows * tokens, 6);
+    const std::vector<float> v = random_values(tokens * width, 7);
+    std::vector<float> plain = random_values(rows * width, 8), with_action = plain;
+    blocks::accumulate_rows(w.data(), tokens, 1, rows, v.data(), width, tokens, width,
+                            plain.data(), width);
+    Index calls = 0;
+    blocks::accumulate_rows(w.data(), tokens, 1, rows, v.data(), width, tokens, width,
+                            with_action.data(), width, [&calls] { ++calls; });
+    EXPECT_EQ(with_action, plain);
+    Index blocks_expected = 0;
+    for (Index r = 0; r < rows; r += blocks::kValueRows) {
+      const Index block = rows - r < blocks::kValueRows ? rows - r : blocks::kValueRows;
+      blocks_expected += width / (blocks::block_tokens(block) * simd::kLanes);
+    }
+    EXPECT_EQ(calls, blocks_expected);
+  }
+}
+
+// SpreadPrefetch issues each line of its ranges once: per_step lines per step() as spread_over
+// planned, the rest at finish(), nothing after; ranges past kMaxRanges and empty ones add none.
+TEST(SpreadPrefetch, IssuesEveryLineOfItsRangesOnce) {
+  std::vector<char> memory(10000);
+  simd::SpreadPrefetch prefetch;
+  prefetch.add(memory.data(), 640);          // 10 lines
+  prefetch.add(memory.data() + 1000, 65);    // 2 lines (a partial last one)
+  prefetch.add(memory.data() + 2000, 0);     // none
+  prefetch.add(memory.data() + 3000, 3000);  // 47 lines
+  prefetch.add(memory.data() + 7000, 64);    // 1 line
+  prefetch.add(memory.data() + 8000, 640);   // past kMaxRanges (4): dropped
+  EXPECT_EQ(prefetch.lines(), 10 + 2 + 47 + 1);
+  prefetch.spread_over(7);  // 60 lines: 9 a step
+  for (int step = 1; step <= 3; ++step) {
+    prefetch.step();
+    EXPECT_EQ(prefetch.issued(), 9 * step);
+  }
+  prefetch.spread_over(0);  // the 33 left in one step
+  prefetch.step();
+  EXPECT_EQ(prefetch.issued(), 60);
+  prefetch.step();
+  prefetch.finish();
+  EXPECT_EQ(prefetch.issued(), 60);
+}
+
 }  // namespace
 }  // namespace tpattn::test

@@ -35,6 +35,13 @@ inline constexpr int kScoreRows =
 inline constexpr int kValueRows = kWideRows;
 inline constexpr Index kMaxBlockTokens = 8;
 
+// What score_columns and accumulate_rows run after each register block by default: nothing.
+// A caller may pass its own action instead, e.g. a few software prefetches of a later tile, so
+// that those spread through the arithmetic (SpreadPrefetch, simd.hpp).
+struct NoAction {
+  void operator()() const {}
+};
+
 // Cached rows per block for R query rows: as many as the accumulators allow.
 constexpr Index block_tokens(Index rows) {
   const Index tokens = kAccumulators / rows;
@@ -202,15 +209,18 @@ void accumulate_block(const float* w, Index w_stride, Index w_step, const Storag
   }
 }
 
-template <int R, class Storage>
+template <int R, class Storage, class Between>
 void accumulate_rows_of(const float* w, Index w_stride, Index w_step, const Storage* v,
-                        Index v_stride, Index tokens, Index width, float* acc, Index a_stride) {
+                        Index v_stride, Index tokens, Index width, float* acc, Index a_stride,
+                        const Between& between) {
   constexpr int C = static_cast<int>(block_tokens(R));  // registers of columns per row
   constexpr Index kGroup = C * simd::kLanes;
   Index column = 0;
-  for (; column + kGroup <= width; column += kGroup)
+  for (; column + kGroup <= width; column += kGroup) {
     accumulate_block<R, C, false>(w, w_stride, w_step, v, v_stride, tokens, acc, a_stride, column,
                                   simd::kLanes);
+    between();
+  }
   for (; column + simd::kLanes <= width; column += simd::kLanes)
     accumulate_block<R, 1, false>(w, w_stride, w_step, v, v_stride, tokens, acc, a_stride, column,
                                   simd::kLanes);
@@ -251,14 +261,17 @@ void score_column_block(const float* qt, Index q_stride, const float* k, Index k
   }
 }
 
-template <int M>
+template <int M, class Between>
 void score_columns_of(const float* qt, Index q_stride, const float* k, Index k_stride, Index tokens,
-                      Index width, float* s, Index s_stride, bool accumulate) {
+                      Index width, float* s, Index s_stride, bool accumulate,
+                      const Between& between) {
   constexpr int T = static_cast<int>(block_tokens(M));
   Index u = 0;
-  for (; u + T <= tokens; u += T)
+  for (; u + T <= tokens; u += T) {
     score_column_block<M, T>(qt, q_stride, k + u * k_stride, k_stride, width, s + u * s_stride,
                              s_stride, accumulate);
+    between();
+  }
   for (; u < tokens; ++u)
     score_column_block<M, 1>(qt, q_stride, k + u * k_stride, k_stride, width, s + u * s_stride,
                              s_stride, accumulate);
@@ -322,15 +335,17 @@ inline void score_paired_rows(const float* q, Index q_stride, Index rows, const 
 // is broadcast once per block of rows and no lane sum is formed, where score_rows spends a sum
 // tree per register block.
 inline constexpr int kColumnRegisters = simd::kRegisters >= 32 ? 2 : 1;  // row registers a block
-inline void score_columns(const float* qt, Index q_stride, Index row_registers, const float* k,
-                          Index k_stride, Index tokens, Index width, float* s, Index s_stride,
-                          bool accumulate = false) {
+// between: run after each whole register block (NoAction).
+template <class Between = NoAction>
+void score_columns(const float* qt, Index q_stride, Index row_registers, const float* k,
+                   Index k_stride, Index tokens, Index width, float* s, Index s_stride,
+                   bool accumulate = false, const Between& between = Between()) {
   for (Index m = 0; m < row_registers; m += kColumnRegisters) {
     const float* qt_m = qt + m * simd::kLanes;
     float* s_m = s + m * simd::kLanes;
     detail::with_rows<kColumnRegisters>(row_registers - m, [&](auto block) {
       detail::score_columns_of<decltype(block)::value>(qt_m, q_stride, k, k_stride, tokens, width,
-                                                       s_m, s_stride, accumulate);
+                                                       s_m, s_stride, accumulate, between);
     });
   }
 }
@@ -338,17 +353,19 @@ inline void score_columns(const float* qt, Index q_stride, Index row_registers, 
 // acc_r += sum_u w[r * w_stride + u * w_step] v_u for r < rows (acc_r = acc + r * a_stride,
 // `width` floats), u < tokens, v_u = v + u * v_stride in any storage type. The weights are any
 // strided [rows, tokens] view (w_step 1: row-major; w_stride 1: its transpose).
-// BlockRows: rows per register block (at most kValueRows).
-template <int BlockRows = kValueRows, class Storage>
+// BlockRows: rows per register block (at most kValueRows). between: run after each block of
+// whole registers of columns (NoAction).
+template <int BlockRows = kValueRows, class Storage, class Between = NoAction>
 void accumulate_rows(const float* w, Index w_stride, Index w_step, Index rows, const Storage* v,
-                     Index v_stride, Index tokens, Index width, float* acc, Index a_stride) {
+                     Index v_stride, Index tokens, Index width, float* acc, Index a_stride,
+                     const Between& between = Between()) {
   static_assert(BlockRows >= 1 && BlockRows <= kValueRows, "BlockRows: 1 to kValueRows");
   for (Index r = 0; r < rows; r += BlockRows) {
     const float* w_r = w + r * w_stride;
     float* acc_r = acc + r * a_stride;
     detail::with_rows<BlockRows>(rows - r, [&](auto block) {
       detail::accumulate_rows_of<decltype(block)::value>(w_r, w_stride, w_step, v, v_stride, tokens,
-                                                         width, acc_r, a_stride);
+                                                         width, acc_r, a_stride, between);
     });
   }
 }

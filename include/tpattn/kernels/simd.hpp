@@ -322,6 +322,57 @@ inline void prefetch_pages_to_l2(const void* p, Index bytes) {
     prefetch_line<2>(first + offset);
 }
 
+// Prefetches to L2 of a few ranges, issued a few lines per step() so that they spread through
+// the arithmetic between steps: a core has few fill buffers (16 on recent Intel cores), and a
+// burst of line prefetches beyond them stalls it until lines arrive, where the same prefetches
+// a few at a time between register blocks overlap the FMAs.
+class SpreadPrefetch {
+ public:
+  static constexpr int kMaxRanges = 4;
+
+  // Adds [p, p + bytes) (ranges past kMaxRanges are dropped: a hint, never needed).
+  void add(const void* p, Index bytes) {
+    if (bytes <= 0 || count_ == kMaxRanges) return;
+    ranges_[count_++] = {static_cast<const char*>(p), bytes};
+    lines_ += (bytes + 63) / 64;
+  }
+  Index lines() const { return lines_; }
+  Index issued() const { return issued_; }
+  // Spreads the lines left over `steps` calls of step() (at least one line per step).
+  void spread_over(Index steps) {
+    const Index left = lines_ - issued_;
+    per_step_ = steps > 0 ? (left + steps - 1) / steps : left;
+    if (per_step_ < 1) per_step_ = 1;
+  }
+  void step() { issue(per_step_); }
+  // The lines not issued yet.
+  void finish() { issue(lines_ - issued_); }
+
+ private:
+  struct Range {
+    const char* first = nullptr;
+    Index bytes = 0;
+  };
+  void issue(Index n) {
+    for (; n > 0 && range_ < count_; --n) {
+      prefetch_line<2>(ranges_[range_].first + offset_);
+      ++issued_;
+      offset_ += 64;
+      if (offset_ >= ranges_[range_].bytes) {
+        ++range_;
+        offset_ = 0;
+      }
+    }
+  }
+  Range ranges_[kMaxRanges];
+  int count_ = 0;
+  int range_ = 0;
+  Index offset_ = 0;
+  Index lines_ = 0;
+  Index issued_ = 0;
+  Index per_step_ = 1;
+};
+
 // Tells the compiler that `a` changed, so it keeps a loaded operand in its register: left alone,
 // GCC folds the load into every FMA that uses it (one load per use), and a block of 4 query rows
 // x 4 keys then loads 20 registers per 16 FMAs instead of 8.

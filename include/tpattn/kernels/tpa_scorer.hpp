@@ -198,35 +198,51 @@ class TpaScorer {
       }
     }
 
-    // Software prefetch to L2, in two halves that each have a phase of arithmetic to arrive
-    // behind: a tile's A_V and B_V when it starts (its scores come first), the next tile's A_K
-    // and B_K once this tile's softmax is done (its values come next). Measured at the paper's
-    // shapes (32 heads, 16k tokens, 1 thread, min of 3 alternated runs, AVX-512 Xeon): TPA
-    // (16,1,1) and (8,2,2) at d_h 128 1.08-1.16x faster than with the hardware prefetchers alone,
-    // at d_h 64 from 0.98x to 1.05x. (On a Zen 3 core, the whole next tile to L2 at once ran
-    // 2-8% slower in 14 of those 16 rows.) One line per page (simd::prefetch_pages_to_l2), the
-    // L2 streamer fetching the rest: on an AVX-512 Xeon with 16 fill buffers per core, the same
-    // schedule line by line stalled on them (a tenth of the step in prefetch instructions) and
-    // ran 1.02-1.14x slower in the bf16 rows (32 heads, d_h 128 and 64, 16k and 64k tokens),
-    // within the spread for f32; with no software prefetch at all, 0.97-1.04x of this.
+    // Software prefetch to L2 of the next tile, every plane, a few lines after each register
+    // block of this tile's scores and value update (simd::SpreadPrefetch). Measured at the
+    // paper's shapes (32 heads, 16k and 64k tokens, 1 thread, min of 2 alternated runs, AVX-512
+    // Xeon with 16 fill buffers per core) against the schedule before it (a tile's A_V and B_V
+    // when it starts, the next tile's A_K and B_K after its softmax, one line per 4 KiB page
+    // each, the L2 streamer the rest): 1.06-1.21x faster in every TPA row (d_h 128 and 64, bf16
+    // and f32; (16,1,1) bf16 d_h 128, 16k tokens: 2881 -> 2468 us). Every line of those two halves at once (1.08-1.16x
+    // faster than no software prefetch on an earlier AVX-512 Xeon) stalled this one on its fill
+    // buffers for a tenth of the step, 1.02-1.14x slower than one line per page.
     const Index last_token =
         range.horizon(count - 1) < view.length() ? range.horizon(count - 1) : view.length();
-    // `planes` of the tokens [from, from + kTileTokens) within from's block and before
-    // last_token, to L2.
-    const auto fetch = [&](Index from, std::initializer_list<Index> planes) {
+    const auto next_tile_ranges = [&](const CacheTile& tile, simd::SpreadPrefetch& out) {
+      const Index from = tile.first + tile.tokens;
       if (from >= last_token) return;
       const Index block = from / view.block_tokens(), row = from % view.block_tokens();
       Index tokens = kTileTokens;
       if (tokens > last_token - from) tokens = last_token - from;
       if (tokens > view.block_tokens() - row) tokens = view.block_tokens() - row;
-      for (Index plane : planes) {
+      for (Index plane : {planes_.a_k, planes_.b_k, planes_.a_v, planes_.b_v}) {
         const Index width = view.elements_per_token(plane);
-        simd::prefetch_pages_to_l2(view.plane_block<Storage>(plane, block) + row * width,
-                                   tokens * width * static_cast<Index>(sizeof(Storage)));
+        out.add(view.plane_block<Storage>(plane, block) + row * width,
+                tokens * width * static_cast<Index>(sizeof(Storage)));
       }
     };
+    // The register blocks of a whole tile for one query token, about: the scores' blocks of
+    // tokens for each group of row registers, and the value update's blocks of heads times
+    // blocks of columns, per widened chunk when B_V is widened.
+    const Index tile_blocks = [&] {
+      const Index score_groups = (side_padded / simd::kLanes + blocks::kColumnRegisters - 1) /
+                                 blocks::kColumnRegisters;
+      const Index score = columns ? kTileTokens * rk /
+                                        blocks::block_tokens(blocks::kColumnRegisters) *
+                                        score_groups
+                                  : 0;
+      const int value_rows = widen_values ? blocks::kValueRows : kValueRows;
+      const Index chunks = widen_values ? (kTileTokens * rv + kWidenRows - 1) / kWidenRows : 1;
+      const Index value = chunks * ((h + value_rows - 1) / value_rows) *
+                          (dv / (blocks::block_tokens(value_rows) * simd::kLanes));
+      return score + value;
+    }();
     for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
-      fetch(tile.first, {planes_.a_v, planes_.b_v});
+      simd::SpreadPrefetch next_tile;
+      next_tile_ranges(tile, next_tile);
+      next_tile.spread_over(count * tile_blocks);
+      const auto between_blocks = [&next_tile] { next_tile.step(); };
       const Storage* a_k = tile_rows(view, planes_.a_k, tile);  // [n R_K, h]
       const Storage* b_k = tile_rows(view, planes_.b_k, tile);  // [n R_K, d_h]
       const Storage* a_v = tile_rows(view, planes_.a_v, tile);  // [n R_V, h]
@@ -246,11 +262,12 @@ class TpaScorer {
             const Index widened = keys - first < kWidenRows ? keys - first : kWidenRows;
             const float* key_rows = widened_rows(b_k_seen + first * dh, widened * dh, rows_f32);
             blocks::score_columns(side_t, side_padded, side_padded / simd::kLanes, key_rows, dh,
-                                  widened, dh, side_scores + first * side_padded, side_padded);
+                                  widened, dh, side_scores + first * side_padded, side_padded,
+                                  /*accumulate=*/false, between_blocks);
           }
         } else {
-          blocks::score_rows(b_k_seen, dh, keys, side_rows + t * side_count * dh, dh,
-                                  side_count, dh, side_scores, side_padded);
+          blocks::score_rows(b_k_seen, dh, keys, side_rows + t * side_count * dh, dh, side_count,
+                             dh, side_scores, side_padded);
         }
         if (order == TpaOrder::factor) {  // W = P A_Q
           map_matrix(weights_w, keys, h, hp).setZero();
@@ -263,7 +280,6 @@ class TpaScorer {
           reduce_ranks(a_k + (from + s) * rk * h, weights_w + s * rk * hp, hp, rk, h,
                        logits + s * h);
         state.absorb_columns(map_matrix(logits, n, h), t * h, softmax_scratch);
-        if (t == 0) fetch(tile.first + tile.tokens, {planes_.b_k, planes_.a_k});  // once a tile
         // Z[s R_V + v] = p^T[s] * A_V[s][v];  O_t[i] += sum_{s v} Z[s R_V + v][i] B_V[s R_V + v],
         // Z read in place as [h, n R_V]. Only the tokens t sees: a masked weight is 0, and
         // 0 x (NaN or inf in a hidden value) would still poison its output.
@@ -277,13 +293,14 @@ class TpaScorer {
             const Index widened = n * rv - first < kWidenRows ? n * rv - first : kWidenRows;
             blocks::accumulate_rows(static_cast<const float*>(values_z) + first * h, 1, h, h,
                                     widened_rows(b_v_seen + first * dv, widened * dv, rows_f32),
-                                    dv, widened, dv, acc_t, dv);
+                                    dv, widened, dv, acc_t, dv, between_blocks);
           }
         } else {
           blocks::accumulate_rows<kValueRows>(static_cast<const float*>(values_z), 1, h, h,
-                                              b_v_seen, dv, n * rv, dv, acc_t, dv);
+                                              b_v_seen, dv, n * rv, dv, acc_t, dv, between_blocks);
         }
       }
+      next_tile.finish();
     });
 
     state.finish(0, rows, out, dv, lse, 1.0f / static_cast<float>(rv));
