@@ -64,8 +64,8 @@ class TpaScorer {
   // fp32 kWidenRows cached rows at a time (16 KiB at d_h 128, so the copy stays in L1), provided
   // they fill a register (R_Q 8 would leave half of an AVX-512 register idle: 1.02-1.07x slower
   // than score_rows); fewer rows read B_K in its storage type with score_rows. With at least
-  // kColumnMinRows heads, 16-bit B_V is widened the same way and the value update runs on fp32
-  // rows. Measured on an AVX-512 Xeon (32 heads, 16k tokens, 1 thread, min of 2 alternated runs)
+  // kColumnMinRows heads, B_V is widened (copied, for f32) the same way and the value update
+  // runs on fp32 rows in L1. Measured on an AVX-512 Xeon (32 heads, 16k tokens, 1 thread, min of 2 alternated runs)
   // against score_rows and the value update on the cache: bf16 (16,1,1) 1.08x faster at d_h 128,
   // 1.15x at d_h 64; (8,2,2) 1.02-1.05x; f32 within the spread (0.97-1.0x). The query rows are
   // padded to multiples of kRowPadding (the widest register) so the workspace does not depend
@@ -134,8 +134,8 @@ class TpaScorer {
   //   L[s] = sum_u A_K[s][u] * W[s R_K + u]         [n, h]       (elementwise, over i)
   //   Z[s R_V + v] = p^T[s] * A_V[s][v]             [n R_V, h]   (p^T: the softmax weights)
   //   O += Z^T B_V                                  [h, d_v]     (accumulate_rows, Z read
-  //                                                               transposed in place; 16-bit
-  //                                                               B_V widened in chunks when
+  //                                                               transposed in place; B_V widened
+  //                                                               (copied for f32) in chunks when
   //                                                               h >= kColumnMinRows)
   // The A_K and A_V reductions run over contiguous rows of h, as the cache stores them.
   void run_chunk(const float* a_q, const float* b_q, const float* q, Index count,
@@ -187,8 +187,8 @@ class TpaScorer {
     const Index side_padded = order == TpaOrder::query ? hp : rqp;
     float* side_scores = order == TpaOrder::query ? weights_w : products;  // row stride side_padded
     const bool columns = side_count >= kColumnMinRows && side_count >= simd::kLanes;
-    // 16-bit B_V widened too, where enough heads share each element.
-    const bool widen_values = !std::is_same_v<Storage, float> && h >= kColumnMinRows;
+    // B_V widened (or copied) too, where enough heads share each element.
+    const bool widen_values = h >= kColumnMinRows;
     if (columns) {
       for (Index t = 0; t < count; ++t) {
         MatrixMap transposed = map_matrix(queries_t + t * dh * side_padded, dh, side_padded);
@@ -314,16 +314,12 @@ class TpaScorer {
   // n rounded up to a multiple of kRowPadding.
   static Index padded(Index n) { return (n + kRowPadding - 1) / kRowPadding * kRowPadding; }
 
-  // `elements` cached elements as fp32: the cache itself for float storage, else widened into
-  // scratch.
+  // `elements` cached elements as fp32 in scratch (widened, or copied for float storage: rows
+  // read again and again from L1 rather than from wherever the prefetch left them; (8,2,2) f32
+  // 1.08-1.12x faster at d_h 128 and 64, (16,1,1) f32 within the spread).
   static const float* widened_rows(const Storage* rows, Index elements, float* scratch) {
-    if constexpr (std::is_same_v<Storage, float>) {
-      (void)elements, (void)scratch;
-      return rows;
-    } else {
-      StorageTraits<Storage>::to_float(rows, scratch, elements);
-      return scratch;
-    }
+    StorageTraits<Storage>::to_float(rows, scratch, elements);
+    return scratch;
   }
 
   // out[i] = sum_{u < ranks} a[u h + i] w[u w_stride + i], i < h: one token's A_K reduction.
