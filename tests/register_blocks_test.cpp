@@ -273,11 +273,6 @@ TEST_F(RegisterBlocks, SumIntoGivesEveryRegistersOwnSum) {
   check_sum_into<8, 3>();  // more than 16 sums: one sum each
 }
 
-// An action between register blocks (a caller's prefetches) changes no result beyond rounding
-// (the scalar build's compiler may contract a multiply and an add into an FMA in one copy of
-// the loop and not in the other) and runs once after every whole block: score_columns after each block of block_tokens(rows) tokens of each
-// group of kColumnRegisters row registers, accumulate_rows after each group of block_tokens(R)
-// registers of columns of each block of R rows.
 // Sums of `terms` products of values in [-1, 1] (partial sums below `terms`), summed in another
 // order or with other contractions: within a few units in the last place of each partial sum.
 void expect_same_up_to_rounding(const std::vector<float>& got, const std::vector<float>& want,
@@ -287,6 +282,11 @@ void expect_same_up_to_rounding(const std::vector<float>& got, const std::vector
     ASSERT_NEAR(got[i], want[i], 1e-6 * (terms + 2) * 16.0) << "element " << i;
 }
 
+// An action between register blocks (a caller's prefetches) changes no result beyond rounding
+// (the scalar build's compiler may contract a multiply and an add into an FMA in one copy of
+// the loop and not in the other) and runs once after every whole block: score_columns after each
+// block of block_tokens(rows) tokens of each group of kColumnRegisters row registers,
+// accumulate_rows after each group of block_tokens(R) registers of columns of each block of R rows.
 TEST_F(RegisterBlocks, ActionsBetweenBlocksRunOncePerBlockAndChangeNothing) {
   const Index tokens = 37, width = 3 * simd::kLanes * 2 + 5;
   for (Index registers = 1; registers <= 3; ++registers) {
@@ -303,8 +303,8 @@ TEST_F(RegisterBlocks, ActionsBetweenBlocksRunOncePerBlockAndChangeNothing) {
     expect_same_up_to_rounding(with_action, plain, width);
     Index blocks_expected = 0;
     for (Index m = 0; m < registers; m += blocks::kColumnRegisters) {
-      const Index group = registers - m < blocks::kColumnRegisters ? registers - m
-                                                                   : blocks::kColumnRegisters;
+      const Index group =
+          registers - m < blocks::kColumnRegisters ? registers - m : blocks::kColumnRegisters;
       blocks_expected += tokens / blocks::block_tokens(group);
     }
     EXPECT_EQ(calls, blocks_expected);
@@ -314,8 +314,8 @@ TEST_F(RegisterBlocks, ActionsBetweenBlocksRunOncePerBlockAndChangeNothing) {
     const std::vector<float> w = random_values(rows * tokens, 6);
     const std::vector<float> v = random_values(tokens * width, 7);
     std::vector<float> plain = random_values(rows * width, 8), with_action = plain;
-    blocks::accumulate_rows(w.data(), tokens, 1, rows, v.data(), width, tokens, width,
-                            plain.data(), width);
+    blocks::accumulate_rows(w.data(), tokens, 1, rows, v.data(), width, tokens, width, plain.data(),
+                            width);
     Index calls = 0;
     blocks::accumulate_rows(w.data(), tokens, 1, rows, v.data(), width, tokens, width,
                             with_action.data(), width, [&calls] { ++calls; });

@@ -306,22 +306,6 @@ inline void prefetch_to_l2(const void* p, Index bytes) {
   for (Index offset = 0; offset < bytes; offset += 64) prefetch_line<2>(first + offset);
 }
 
-// One line of each 4 KiB page [p, p + bytes) touches, to L2: the first line of the range and the
-// first of every later page. The hardware's L2 streamer, which follows a run of lines within a
-// page but not across into the next, then fetches the rest of each page; a prefetch of every
-// line instead holds a fill buffer per line, and once those are all taken each further
-// prefetch stalls the core (measured on an AVX-512 Xeon: a tile of TPA's factors line by line
-// cost 1.02-1.14x of its decode step in the bf16 rows against this).
-inline constexpr Index kPageBytes = 4096;
-inline void prefetch_pages_to_l2(const void* p, Index bytes) {
-  if (bytes <= 0) return;
-  const char* first = static_cast<const char*>(p);
-  prefetch_line<2>(first);
-  const Index into_page = static_cast<Index>(reinterpret_cast<std::uintptr_t>(first) % kPageBytes);
-  for (Index offset = kPageBytes - into_page; offset < bytes; offset += kPageBytes)
-    prefetch_line<2>(first + offset);
-}
-
 // Prefetches to L2 of a few ranges, issued a few lines per step() so that they spread through
 // the arithmetic between steps: a core has few fill buffers (16 on recent Intel cores), and a
 // burst of line prefetches beyond them stalls it until lines arrive, where the same prefetches

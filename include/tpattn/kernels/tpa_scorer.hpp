@@ -65,11 +65,11 @@ class TpaScorer {
   // they fill a register (R_Q 8 would leave half of an AVX-512 register idle: 1.02-1.07x slower
   // than score_rows); fewer rows read B_K in its storage type with score_rows. With at least
   // kColumnMinRows heads, B_V is widened (copied, for f32) the same way and the value update
-  // runs on fp32 rows in L1. Measured on an AVX-512 Xeon (32 heads, 16k tokens, 1 thread, min of 2 alternated runs)
-  // against score_rows and the value update on the cache: bf16 (16,1,1) 1.08x faster at d_h 128,
-  // 1.15x at d_h 64; (8,2,2) 1.02-1.05x; f32 within the spread (0.97-1.0x). The query rows are
-  // padded to multiples of kRowPadding (the widest register) so the workspace does not depend
-  // on the instruction set.
+  // runs on fp32 rows in L1. Measured on an AVX-512 Xeon (32 heads, 16k tokens, 1 thread, min of 2
+  // alternated runs) against score_rows and the value update on the cache: bf16 (16,1,1) 1.08x
+  // faster at d_h 128, 1.15x at d_h 64; (8,2,2) 1.02-1.05x; f32 within the spread (0.97-1.0x). The
+  // query rows are padded to multiples of kRowPadding (the widest register) so the workspace does
+  // not depend on the instruction set.
   static constexpr Index kColumnMinRows = 8;
   static constexpr Index kWidenRows = 32;
   static constexpr Index kRowPadding = 16;
@@ -145,7 +145,7 @@ class TpaScorer {
     const Index rk = shape_.rank_k, rv = shape_.rank_v, rq = shape_.rank_q;
     const float score_scale = 1.0f / (static_cast<float>(rk) * std::sqrt(static_cast<float>(dh)));
 
-    WorkspaceCarver carve(workspace);                      // same order as workspace_floats()
+    WorkspaceCarver carve(workspace);  // same order as workspace_floats()
     const Index hp = padded(h), rqp = padded(rq);
     float* query = carve.take(kQueryTokens * h * dh);      // [count, h, d_h]  (scaled)
     float* factor_a = carve.take(kQueryTokens * rq * h);   // [count, R_Q, h]  (scaled)
@@ -204,9 +204,9 @@ class TpaScorer {
     // Xeon with 16 fill buffers per core) against the schedule before it (a tile's A_V and B_V
     // when it starts, the next tile's A_K and B_K after its softmax, one line per 4 KiB page
     // each, the L2 streamer the rest): 1.06-1.21x faster in every TPA row (d_h 128 and 64, bf16
-    // and f32; (16,1,1) bf16 d_h 128, 16k tokens: 2881 -> 2468 us). Every line of those two halves at once (1.08-1.16x
-    // faster than no software prefetch on an earlier AVX-512 Xeon) stalled this one on its fill
-    // buffers for a tenth of the step, 1.02-1.14x slower than one line per page.
+    // and f32; (16,1,1) bf16 d_h 128, 16k tokens: 2881 -> 2468 us). Every line of those two halves
+    // at once (1.08-1.16x faster than no software prefetch on an earlier AVX-512 Xeon) stalled this
+    // one on its fill buffers for a tenth of the step, 1.02-1.14x slower than one line per page.
     const Index last_token =
         range.horizon(count - 1) < view.length() ? range.horizon(count - 1) : view.length();
     const auto next_tile_ranges = [&](const CacheTile& tile, simd::SpreadPrefetch& out) {
@@ -226,12 +226,11 @@ class TpaScorer {
     // tokens for each group of row registers, and the value update's blocks of heads times
     // blocks of columns, per widened chunk when B_V is widened.
     const Index tile_blocks = [&] {
-      const Index score_groups = (side_padded / simd::kLanes + blocks::kColumnRegisters - 1) /
-                                 blocks::kColumnRegisters;
-      const Index score = columns ? kTileTokens * rk /
-                                        blocks::block_tokens(blocks::kColumnRegisters) *
-                                        score_groups
-                                  : 0;
+      const Index score_groups =
+          (side_padded / simd::kLanes + blocks::kColumnRegisters - 1) / blocks::kColumnRegisters;
+      const Index score =
+          columns ? kTileTokens * rk / blocks::block_tokens(blocks::kColumnRegisters) * score_groups
+                  : 0;
       const int value_rows = widen_values ? blocks::kValueRows : kValueRows;
       const Index chunks = widen_values ? (kTileTokens * rv + kWidenRows - 1) / kWidenRows : 1;
       const Index value = chunks * ((h + value_rows - 1) / value_rows) *
@@ -292,8 +291,8 @@ class TpaScorer {
           for (Index first = 0; first < n * rv; first += kWidenRows) {
             const Index widened = n * rv - first < kWidenRows ? n * rv - first : kWidenRows;
             blocks::accumulate_rows(static_cast<const float*>(values_z) + first * h, 1, h, h,
-                                    widened_rows(b_v_seen + first * dv, widened * dv, rows_f32),
-                                    dv, widened, dv, acc_t, dv, between_blocks);
+                                    widened_rows(b_v_seen + first * dv, widened * dv, rows_f32), dv,
+                                    widened, dv, acc_t, dv, between_blocks);
           }
         } else {
           blocks::accumulate_rows<kValueRows>(static_cast<const float*>(values_z), 1, h, h,
