@@ -221,7 +221,8 @@ class DenseScorer {
     };
     for_each_tile(view, range, count, kTileTokens, [&](const CacheTile& tile) {
       if (columns && tile.seen_by_all(range, count)) {
-        // One KV head: the next tile to L2. Several (MHA and GQA prefill): KV head j + 1's keys
+        // One KV head: the next tile to L2, spread through this tile's register blocks
+        // (next_tile_ranges). Several (MHA and GQA prefill): KV head j + 1's keys
         // and values of this tile (or KV head 0's of the next) while KV head j is attended;
         // the next tile of every KV head (1 MiB for MHA with 32 bf16 heads of 64) would
         // overflow L2. Measured on a Zen 4 core (paper-d64 prefill of 2048 tokens, 1 thread, min
@@ -371,7 +372,7 @@ class DenseScorer {
 
   // The tile after `tile` (at most `tokens` tokens, within its block and before `last`), every
   // plane it reads, as ranges of `out`, which the column path prefetches to L2 a few lines after
-  // each of its register blocks. Measured on an AVX-512 Xeon (16 fill buffers per core; 32
+  // each of its register blocks. Measured on an AVX-512 Xeon (32
   // heads, 16k tokens, 1 thread, min of 2 alternated runs) against the whole next tile at once,
   // one line per 4 KiB page: MQA decode 1.08-1.10x faster in bf16, 1.10-1.20x in f32; MLA 1.04x
   // and 1.20-1.21x (d_h 128 and 64); prefill of 2048 tokens 0.99-1.04x. The whole next tile

@@ -307,9 +307,9 @@ inline void prefetch_to_l2(const void* p, Index bytes) {
 }
 
 // Prefetches to L2 of a few ranges, issued a few lines per step() so that they spread through
-// the arithmetic between steps: a core has few fill buffers (16 on recent Intel cores), and a
-// burst of line prefetches beyond them stalls it until lines arrive, where the same prefetches
-// a few at a time between register blocks overlap the FMAs.
+// the arithmetic between steps: a core has few fill buffers (Intel gives 16 for its recent cores),
+// and a burst of line prefetches beyond them stalls it until lines arrive, where the same
+// prefetches a few at a time between register blocks overlap the FMAs.
 class SpreadPrefetch {
  public:
   static constexpr int kMaxRanges = 4;

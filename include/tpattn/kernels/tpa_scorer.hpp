@@ -53,7 +53,8 @@ class TpaScorer {
  public:
   static constexpr Index kTileTokens = 128;
   static constexpr Index kQueryTokens = 8;
-  // Heads per register block of the value update O += Z^T B_V. 16-bit B_V: 4, as blocks of 8
+  // Heads per register block of the value update O += Z^T B_V read in place from the cache
+  // (fewer than kColumnMinRows heads; more widen B_V first, below). 16-bit B_V: 4, as blocks of 8
   // ran 3-7% slower (d_h 128 and 64, 16k tokens, every TPA row; again 1.04-1.07x slower on a
   // Zen 4 core). fp32 B_V: blocks::kValueRows (8 with 32 registers), 1.06-1.08x faster than 4
   // at d_h 128 and 0.99-1.02x at d_h 64 on that Zen 4 core (32 heads, 16k tokens, 1 thread, min
@@ -62,12 +63,12 @@ class TpaScorer {
   // Query-side rows (R_Q in the factor order, h in the query order) from which the scores run
   // with those rows in SIMD lanes (blocks::score_columns: no lane sums), over B_K widened to
   // fp32 kWidenRows cached rows at a time (16 KiB at d_h 128, so the copy stays in L1), provided
-  // they fill a register (R_Q 8 would leave half of an AVX-512 register idle: 1.02-1.07x slower
+  // they fill a register (R_Q 8 would leave half of an AVX-512 register idle: up to 1.08x slower
   // than score_rows); fewer rows read B_K in its storage type with score_rows. With at least
   // kColumnMinRows heads, B_V is widened (copied, for f32) the same way and the value update
   // runs on fp32 rows in L1. Measured on an AVX-512 Xeon (32 heads, 16k tokens, 1 thread, min of 2
   // alternated runs) against score_rows and the value update on the cache: bf16 (16,1,1) 1.08x
-  // faster at d_h 128, 1.15x at d_h 64; (8,2,2) 1.02-1.05x; f32 within the spread (0.97-1.0x). The
+  // faster at d_h 128, 1.15x at d_h 64; (8,2,2) 1.02-1.05x; f32 within the spread (0.98-1.03x). The
   // query rows are padded to multiples of kRowPadding (the widest register) so the workspace does
   // not depend on the instruction set.
   static constexpr Index kColumnMinRows = 8;
@@ -201,12 +202,13 @@ class TpaScorer {
     // Software prefetch to L2 of the next tile, every plane, a few lines after each register
     // block of this tile's scores and value update (simd::SpreadPrefetch). Measured at the
     // paper's shapes (32 heads, 16k and 64k tokens, 1 thread, min of 2 alternated runs, AVX-512
-    // Xeon with 16 fill buffers per core) against the schedule before it (a tile's A_V and B_V
+    // Xeon) against the schedule before it (a tile's A_V and B_V
     // when it starts, the next tile's A_K and B_K after its softmax, one line per 4 KiB page
     // each, the L2 streamer the rest): 1.06-1.21x faster in every TPA row (d_h 128 and 64, bf16
     // and f32; (16,1,1) bf16 d_h 128, 16k tokens: 2881 -> 2468 us). Every line of those two halves
     // at once (1.08-1.16x faster than no software prefetch on an earlier AVX-512 Xeon) stalled this
-    // one on its fill buffers for a tenth of the step, 1.02-1.14x slower than one line per page.
+    // one on its fill buffers (a sixth of the kernel's samples), 1.02-1.14x slower than one line
+    // per page.
     const Index last_token =
         range.horizon(count - 1) < view.length() ? range.horizon(count - 1) : view.length();
     const auto next_tile_ranges = [&](const CacheTile& tile, simd::SpreadPrefetch& out) {
